@@ -1,0 +1,70 @@
+import pytest
+
+from configurator import configure
+
+
+def settings():
+    return {'learning_rate': 6e-4, 'batch_size': 12, 'compile': True, 'device': 'auto',
+            'top_k': None, 'MAX': 3}
+
+
+def expect_exit(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        configure(settings(), argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1 and message in err
+    return err
+
+
+def test_overrides_are_parsed_and_typed():
+    s = settings()
+    configure(s, ['--learning_rate=1', '--batch_size=4', '--compile=False', '--device=cpu', '--top_k=50'])
+    assert s['learning_rate'] == 1.0 and isinstance(s['learning_rate'], float)
+    assert s['batch_size'] == 4 and s['compile'] is False and s['device'] == 'cpu' and s['top_k'] == 50
+
+
+def test_string_setting_keeps_text():
+    s = settings()
+    configure(s, ['--device=123'])
+    assert s['device'] == '123'
+
+
+def test_config_file_then_override(tmp_path):
+    cfg = tmp_path / 'c.py'
+    cfg.write_text('import math\nbatch_size = 64\nlearning_rate = math.sqrt(4) * 1e-4\n')
+    s = settings()
+    configure(s, [str(cfg), '--batch_size=8'])
+    assert s['batch_size'] == 8 and s['learning_rate'] == pytest.approx(2e-4)
+
+
+def test_unknown_key_suggests_closest(capsys):
+    expect_exit(capsys, ['--lerning_rate=1e-3'], "unknown setting 'lerning_rate'; did you mean 'learning_rate'?")
+
+
+def test_constants_are_not_settings(capsys):
+    expect_exit(capsys, ['--MAX=4'], "unknown setting 'MAX'")
+
+
+def test_wrong_type(capsys):
+    expect_exit(capsys, ['--batch_size=0.5'], "'batch_size' expects int")
+    expect_exit(capsys, ['--compile=maybe'], "'compile' expects bool")
+
+
+def test_missing_value(capsys):
+    expect_exit(capsys, ['--batch_size'], 'has no value')
+
+
+def test_missing_config_file(capsys):
+    expect_exit(capsys, ['config/nope.py'], "cannot read config file 'config/nope.py'")
+
+
+def test_config_file_syntax_error(tmp_path, capsys):
+    cfg = tmp_path / 'bad.py'
+    cfg.write_text('batch_size = (\n')
+    expect_exit(capsys, [str(cfg)], 'is not valid Python')
+
+
+def test_config_file_unknown_key(tmp_path, capsys):
+    cfg = tmp_path / 'typo.py'
+    cfg.write_text('batch_sise = 3\n')
+    expect_exit(capsys, [str(cfg)], "did you mean 'batch_size'?")
