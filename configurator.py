@@ -29,7 +29,7 @@ def check_key(key, settings):
 
 def coerce(key, value, default):
     """Return value converted to the type of default, or fail."""
-    if default is None or type(value) is type(default):
+    if default is None or value is None or type(value) is type(default):
         return value
     if isinstance(default, float) and type(value) is int:
         return float(value)
@@ -74,3 +74,27 @@ def configure(settings, argv=None):
             if isinstance(settings[key], str) and not isinstance(value, str):
                 value = text  # a string setting keeps what was typed, e.g. --start=123
             settings[key] = coerce(key, value, settings[key])
+
+
+def resolve_device(device):
+    """'auto' -> 'cuda' when a GPU is present, else 'cpu'; fail on a device that is not there."""
+    import torch
+    if device == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        fail(f"device {device!r} asked for, but CUDA is not available here; use --device=cpu or --device=auto")
+    if device != 'cpu' and not device.startswith(('cuda', 'mps')):
+        fail(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_dtype(dtype, device):
+    """'auto' -> bfloat16 on a GPU that supports it, float16 on other GPUs, float32 on CPU."""
+    import torch
+    if dtype == 'auto':
+        if not device.startswith('cuda'):
+            return 'float32'
+        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        fail(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    return dtype

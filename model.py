@@ -1,0 +1,371 @@
+"""
+GPT-2 in one file, numerically equal to the Hugging Face reference (GPT2LMHeadModel).
+
+For a sequence of token ids x_1..x_T the model computes
+
+    h_0 = W_E[x_t] + W_pos[t]                       token + position embedding (T, d)
+    h_l = h_{l-1} + Attn(LN(h_{l-1}))               for each of n_layer blocks:
+    h_l = h_l     + MLP(LN(h_l))                    pre-LayerNorm residual blocks
+    logits = LN_f(h_L) @ W_E^T                      the head is tied to the embedding
+
+Attn(x) = concat_heads(softmax(q k^T / sqrt(d_head) + mask) v) W_O with q, k, v = x W_Q, x W_K, x W_V,
+and MLP(x) = GELU(x W_in + b_in) W_out + b_out with the tanh approximation of GELU.
+Besides GPT-2's learned position table, `pos_emb` selects the schemes it is usually
+compared with: a fixed sinusoidal table, rotary embeddings (RoPE) and ALiBi, or none.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from download import download
+
+HF_HUB_URL = 'https://huggingface.co'
+HF_CACHE_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'gulliver-gpt')
+PRETRAINED = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024),
+              'gpt2-large': (36, 20, 1280), 'gpt2-xl': (48, 25, 1600)}  # n_layer, n_head, n_embd
+POS_EMBS = ('learned', 'sinusoidal', 'rope', 'alibi', 'none')
+# Hugging Face stores these four as Conv1D, a Linear whose weight is transposed: (in, out)
+CONV1D_WEIGHTS = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True            # biases in Linear and LayerNorm, as in GPT-2
+    pos_emb: str = 'learned'     # 'learned' | 'sinusoidal' | 'rope' | 'alibi' | 'none'
+    causal: bool = True          # False: bidirectional attention (a BERT-style masked LM)
+    pad_vocab_to: int = 1        # e.g. 64: pad the embedding rows for faster matmuls
+
+    @property
+    def padded_vocab_size(self):
+        return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
+
+
+def sinusoidal_table(n_pos, dim):
+    """PE[t, 2i] = sin(t / 10000^(2i/dim)), PE[t, 2i+1] = cos(t / 10000^(2i/dim))."""
+    angle = torch.arange(n_pos)[:, None] / 10000 ** (torch.arange(0, dim, 2) / dim)
+    table = torch.zeros(n_pos, dim)
+    table[:, 0::2], table[:, 1::2] = torch.sin(angle), torch.cos(angle[:, :dim // 2])
+    return table
+
+
+def rotate(x, cos, sin):
+    """RoPE: rotate each pair (x_2i, x_2i+1) of a head's channels by the angle t * theta_i."""
+    x_even, x_odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1).flatten(-2)
+
+
+def alibi_slopes(n_head):
+    """ALiBi head slopes: the geometric sequence 2^(-8h/n) for h = 1..n (n a power of two),
+    for other n the 2^floor(log2 n) slopes plus every other slope of the next power of two."""
+    def power_of_two(n):
+        return [2 ** (-8 * h / n) for h in range(1, n + 1)]
+    closest = 2 ** math.floor(math.log2(n_head))
+    return torch.tensor(power_of_two(closest) + power_of_two(2 * closest)[0::2][:n_head - closest])
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Draw one token per row of logits (B, V): greedy when temperature is 0; top_k keeps the
+    k likeliest tokens; top_p keeps the smallest set whose probability reaches p (nucleus)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        sorted_probs = F.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float('-inf')))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # W_Q, W_K, W_V
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)      # W_O
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.dropout, self.causal = config.n_head, config.dropout, config.causal
+
+    def forward(self, x, rope=None, alibi=None, cache=None):
+        """x: (B, T, d). rope: (cos, sin) for these T positions. alibi: (n_head, T, T_k) score bias.
+        cache: a dict holding this layer's past keys and values, extended in place."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        if cache is not None:
+            if 'k' in cache:
+                k, v = torch.cat((cache['k'], k), dim=2), torch.cat((cache['v'], v), dim=2)
+            cache['k'], cache['v'] = k, v
+        past = k.size(2) - T
+        mask, is_causal = alibi, self.causal and alibi is None and past == 0
+        if self.causal and alibi is None and past > 0 and T > 1:  # queries T, keys past + T
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate='tanh')))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, alibi=None, cache=None):
+        x = x + self.attn(self.ln_1(x), rope, alibi, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.pos_emb in POS_EMBS, f"pos_emb must be one of {POS_EMBS}"
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        if config.pos_emb == 'learned':
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        if config.pos_emb == 'sinusoidal':
+            self.register_buffer('pos_table', sinusoidal_table(config.block_size, config.n_embd), persistent=False)
+        if config.pos_emb == 'rope':
+            head_dim = config.n_embd // config.n_head
+            angle = torch.arange(config.block_size)[:, None] / 10000 ** (torch.arange(0, head_dim, 2) / head_dim)
+            self.register_buffer('rope_cos', angle.cos(), persistent=False)
+            self.register_buffer('rope_sin', angle.sin(), persistent=False)
+        if config.pos_emb == 'alibi':
+            self.register_buffer('alibi_slopes', alibi_slopes(config.n_head), persistent=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying: one tensor, two uses
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 n_layer)
+            if name.endswith('c_proj.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
+
+    @property
+    def W_E(self):
+        """Token embedding, (vocab_size, d), without the padding rows."""
+        return self.transformer.wte.weight[:self.config.vocab_size]
+
+    @property
+    def W_pos(self):
+        """Learned position embedding, (block_size, d); None for the other pos_emb schemes."""
+        return self.transformer.wpe.weight if self.config.pos_emb == 'learned' else None
+
+    def num_params(self, non_embedding=False):
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.W_pos.numel() if non_embedding and self.W_pos is not None else n
+
+    def alibi_bias(self, T, past, device):
+        """-m_h * (i - j) for query i and key j (causal, -inf above the diagonal); -m_h * |i - j| otherwise."""
+        query = torch.arange(past, past + T, device=device)[:, None]
+        key = torch.arange(past + T, device=device)[None, :]
+        distance = (query - key).float()
+        if self.config.causal:
+            distance = distance.masked_fill(key > query, float('inf'))
+        return -self.alibi_slopes.to(device)[:, None, None] * distance.abs()
+
+    def trunk(self, idx, cache=None):
+        """Token ids (B, T) -> final hidden states LN_f(h_L), (B, T, d). With a cache (a list of
+        one dict per layer), the ids continue the cached sequence and the cache grows by T."""
+        T = idx.size(1)
+        past = cache[0]['k'].size(2) if cache and 'k' in cache[0] else 0
+        assert past + T <= self.config.block_size, f"sequence of {past + T} > block_size {self.config.block_size}"
+        positions = torch.arange(past, past + T, device=idx.device)
+        x = self.transformer.wte(idx)
+        if self.config.pos_emb == 'learned':
+            x = x + self.transformer.wpe(positions)
+        elif self.config.pos_emb == 'sinusoidal':
+            x = x + self.pos_table[positions]
+        rope = (self.rope_cos[positions], self.rope_sin[positions]) if self.config.pos_emb == 'rope' else None
+        alibi = self.alibi_bias(T, past, idx.device).to(x.dtype) if self.config.pos_emb == 'alibi' else None
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, rope, alibi, None if cache is None else cache[i])
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None):
+        """Return (logits (B, T, vocab_size), mean cross-entropy over targets != -1, or None)."""
+        logits = self.lm_head(self.trunk(idx))[..., :self.config.vocab_size]
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True, generator=None):
+        """Yield max_new_tokens next tokens, each (B, 1), continuing idx (B, T); see sample_next.
+        With kv_cache the prompt is run once (prefill), then one token per step; past
+        block_size the context is cropped and recomputed each step."""
+        cache = [{} for _ in self.transformer.h] if kv_cache else None
+        fed = 0  # how many tokens of idx the cache holds
+        for _ in range(max_new_tokens):
+            if idx.size(1) > self.config.block_size:
+                cache = None  # positions would shift: recompute on the cropped context
+            context = idx[:, -self.config.block_size:] if cache is None else idx[:, fed:]
+            logits = self.lm_head(self.trunk(context, cache)[:, -1])[:, :self.config.vocab_size].float()
+            fed = idx.size(1)
+            next_token = sample_next(logits, temperature, top_k, top_p, generator)
+            idx = torch.cat((idx, next_token), dim=1)
+            yield next_token
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True, generator=None):
+        """Return idx (B, T) extended by max_new_tokens sampled tokens; see stream()."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, kv_cache, generator))
+        return torch.cat([idx] + new, dim=1)
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw'):
+        """Return a list of optimizers. Weight decay applies to 2-D weights only (matrices and
+        embeddings), never to biases and LayerNorm gains. 'muon' trains the 2-D matrices of the
+        blocks with Muon (orthogonalised momentum) and everything else with AdamW."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        fused = device_type == 'cuda'
+        if optimizer == 'adamw':
+            groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                      {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+            return [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
+        if optimizer == 'muon':
+            hidden = [p for n, p in self.named_parameters() if n.startswith('transformer.h.') and p.dim() == 2]
+            hidden_ids = {id(p) for p in hidden}
+            rest = [p for p in params if id(p) not in hidden_ids]
+            groups = [{'params': [p for p in rest if p.dim() >= 2], 'weight_decay': weight_decay},
+                      {'params': [p for p in rest if p.dim() < 2], 'weight_decay': 0.0}]
+            # 'match_rms_adamw' scales Muon's update to AdamW's size, so one learning rate serves both
+            return [torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn='match_rms_adamw'),
+                    torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
+        raise ValueError(f"optimizer must be 'adamw' or 'muon', not {optimizer!r}")
+
+    def flops_per_token(self, T=None):
+        """Training FLOPs per token: 6N for the weights (2 forward + 4 backward per multiply-add),
+        plus attention's q k^T and att v, 12 * n_layer * T * d, for a context of T tokens."""
+        c = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * (T or c.block_size) * c.n_embd
+
+    def estimate_mfu(self, tokens_per_s, peak_flops, T=None):
+        """Model FLOPs utilisation: achieved training FLOP/s over the peak FLOP/s."""
+        return self.flops_per_token(T) * tokens_per_s / peak_flops
+
+    # ---- Hugging Face format: config.json + model.safetensors --------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, hub_url=HF_HUB_URL, cache_dir=HF_CACHE_DIR, **overrides):
+        """GPT-2 weights from a local save_pretrained directory or the hub ('gpt2', 'gpt2-medium',
+        'gpt2-large', 'gpt2-xl'), downloaded once into cache_dir. overrides: e.g. dropout=0.1."""
+        from safetensors.torch import load_file
+        if os.path.isdir(name_or_dir):
+            folder = name_or_dir
+        elif name_or_dir in PRETRAINED:
+            folder = os.path.join(cache_dir, name_or_dir)
+            for file in ('config.json', 'model.safetensors'):
+                if not os.path.exists(os.path.join(folder, file)):
+                    print(f"downloading {name_or_dir}/{file} from {hub_url} ...")
+                    download(f"{hub_url}/{name_or_dir}/resolve/main/{file}", os.path.join(folder, file))
+        else:
+            raise ValueError(f"unknown model {name_or_dir!r}: use one of {', '.join(PRETRAINED)} or a directory "
+                             f"with config.json and model.safetensors")
+        with open(os.path.join(folder, 'config.json')) as f:
+            hf = json.load(f)
+        config = GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
+                           n_head=hf['n_head'], n_embd=hf['n_embd'], **overrides)
+        model = cls(config)
+        tensors = load_file(os.path.join(folder, 'model.safetensors'))
+        ours = {n: p for n, p in model.state_dict().items() if n != 'lm_head.weight'}
+        loaded = set()
+        for name, tensor in tensors.items():
+            key = name if name.startswith('transformer.') else 'transformer.' + name
+            if key.endswith(('.attn.bias', '.attn.masked_bias')) or name == 'lm_head.weight':
+                continue  # causal-mask buffers of older files; the head is tied to wte
+            if key not in ours:
+                raise ValueError(f"unexpected tensor {name!r} in {folder}/model.safetensors")
+            if key.endswith(CONV1D_WEIGHTS):
+                tensor = tensor.t()
+            target = ours[key][:tensor.size(0)] if key == 'transformer.wte.weight' else ours[key]
+            if target.shape != tensor.shape:
+                raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(tensor)
+            loaded.add(key)
+        missing = sorted(set(ours) - loaded)
+        if missing:
+            raise ValueError(f"{folder}/model.safetensors lacks {len(missing)} tensors, e.g. {missing[0]!r}")
+        return model
+
+    def save_pretrained(self, folder):
+        """Write config.json and model.safetensors as transformers' GPT2LMHeadModel expects them."""
+        from safetensors.torch import save_file
+        c = self.config
+        if (c.pos_emb, c.bias, c.causal) != ('learned', True, True):
+            raise ValueError("save_pretrained needs the GPT-2 architecture: pos_emb='learned', bias=True, causal=True")
+        os.makedirs(folder, exist_ok=True)
+        tensors = {}
+        for name, tensor in self.state_dict().items():
+            if name == 'lm_head.weight':
+                continue
+            if name == 'transformer.wte.weight':
+                tensor = tensor[:c.vocab_size]
+            tensors[name] = (tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor).contiguous()
+        hf_config = {'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2', 'vocab_size': c.vocab_size,
+                     'n_positions': c.block_size, 'n_ctx': c.block_size, 'n_embd': c.n_embd, 'n_layer': c.n_layer,
+                     'n_head': c.n_head, 'n_inner': None, 'activation_function': 'gelu_new',
+                     'resid_pdrop': c.dropout, 'embd_pdrop': c.dropout, 'attn_pdrop': c.dropout,
+                     'layer_norm_epsilon': 1e-5, 'initializer_range': 0.02, 'bos_token_id': 50256,
+                     'eos_token_id': 50256, 'tie_word_embeddings': True}
+        save_file(tensors, os.path.join(folder, 'model.safetensors.tmp'), metadata={'format': 'pt'})
+        with open(os.path.join(folder, 'config.json.tmp'), 'w') as f:
+            json.dump(hf_config, f, indent=2)
+        for file in ('model.safetensors', 'config.json'):
+            os.replace(os.path.join(folder, file + '.tmp'), os.path.join(folder, file))
+
+
+def load_checkpoint(path, device='cpu'):
+    """Return (model, checkpoint) from a ckpt.pt written by train.py. The checkpoint dict holds
+    'model' (state dict), 'model_args' (GPTConfig fields), 'config' (train.py's settings),
+    'iter_num', 'best_val_loss', and for resuming 'optimizers', 'scaler' and 'rng'."""
+    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    model = GPT(GPTConfig(**checkpoint['model_args']))
+    model.load_state_dict(checkpoint['model'])
+    return model.to(device), checkpoint

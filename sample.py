@@ -1,0 +1,102 @@
+"""
+Generate text from a trained checkpoint, from GPT-2 weights, or from an untrained model.
+
+    $ python sample.py --out_dir=out-gulliver-cpu --start="I walked"       # the model train.py saved
+    $ python sample.py --init_from=scratch --max_new_tokens=30             # what an untrained model says
+    $ python sample.py --init_from=gpt2 --start=FILE:prompt.txt --top_p=0.9
+
+Tokens stream to stdout as they are generated; the speed goes to stderr at the end.
+"""
+import codecs
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from configurator import configure, resolve_device, resolve_dtype
+from download import DownloadError
+from model import GPT, GPTConfig, PRETRAINED, load_checkpoint
+from tokenizer import get_tokenizer
+
+# -----------------------------------------------------------------------------
+init_from = 'resume'   # 'resume' (out_dir/ckpt.pt), 'scratch' (untrained), 'gpt2'..'gpt2-xl', or a HF directory
+out_dir = 'out-gulliver'
+start = '\n'           # the prompt, or FILE:path to read it from a file
+num_samples = 1
+max_new_tokens = 200
+temperature = 0.8      # 0 is greedy
+top_k = 200            # None: no top-k filtering
+top_p = 1.0            # nucleus sampling; 1.0: off
+kv_cache = True
+seed = 1337
+device = 'auto'        # 'auto', 'cpu', 'cuda', 'cuda:1', ...
+dtype = 'auto'         # 'auto', 'float32', 'bfloat16', 'float16'
+compile = False
+# -----------------------------------------------------------------------------
+configure(globals())
+if temperature < 0:
+    sys.exit(f"error: temperature must be >= 0 (0 is greedy), not {temperature}")
+if not 0 < top_p <= 1:
+    sys.exit(f"error: top_p must be in (0, 1], not {top_p}")
+if top_k is not None and top_k < 1:
+    sys.exit(f"error: top_k must be >= 1 or None, not {top_k}")
+if max_new_tokens < 1 or num_samples < 1:
+    sys.exit("error: max_new_tokens and num_samples must be >= 1")
+device = resolve_device(device)
+dtype = resolve_dtype(dtype, device)
+torch.manual_seed(seed)
+
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+try:
+    if init_from == 'resume':
+        if not os.path.exists(ckpt_path):
+            sys.exit(f"error: no checkpoint at {ckpt_path}; run python train.py first, or pass --out_dir or --init_from=gpt2")
+        model, _ = load_checkpoint(ckpt_path, device)
+    elif init_from == 'scratch':  # the checkpoint's architecture if there is one, else GPT-2 small
+        model_args = torch.load(ckpt_path, map_location='cpu', weights_only=True)['model_args'] \
+            if os.path.exists(ckpt_path) else {}
+        model = GPT(GPTConfig(**model_args))
+    elif init_from in PRETRAINED or os.path.isdir(init_from):
+        model = GPT.from_pretrained(init_from)
+    else:
+        sys.exit(f"error: unknown model {init_from!r}; use resume, scratch, {', '.join(PRETRAINED)} or a directory")
+except (DownloadError, ValueError) as e:
+    sys.exit(f"error: {e}")
+except (RuntimeError, OSError, KeyError) as e:
+    sys.exit(f"error: cannot load {ckpt_path} ({type(e).__name__}); the file is damaged, train again or pass another --out_dir")
+
+model.eval().to(device)
+if compile:
+    model = torch.compile(model)
+ctx = torch.autocast(device_type=device.split(':')[0], dtype=getattr(torch, dtype)) if dtype != 'float32' else nullcontext()
+
+enc = get_tokenizer()
+if start.startswith('FILE:'):
+    try:
+        with open(start[5:], encoding='utf-8') as f:
+            start = f.read()
+    except OSError as e:
+        sys.exit(f"error: cannot read the prompt file {start[5:]!r} ({e.strerror})")
+start_ids = enc.encode_ordinary(start) or [enc.eot_token]
+block_size = model.config.block_size
+if len(start_ids) > block_size:
+    print(f"note: the prompt has {len(start_ids)} tokens; keeping the last {block_size} (block_size)", file=sys.stderr)
+    start_ids = start_ids[-block_size:]
+x = torch.tensor([start_ids], dtype=torch.long, device=device)
+
+generator = torch.Generator(device=device).manual_seed(seed)
+tokens_made, t0 = 0, time.time()
+with ctx:
+    for k in range(num_samples):
+        utf8 = codecs.getincrementaldecoder('utf-8')(errors='replace')  # a character may span two tokens
+        sys.stdout.write(start)
+        for token in model.stream(x, max_new_tokens, temperature, top_k, top_p if top_p < 1 else None,
+                                  kv_cache, generator):
+            sys.stdout.write(utf8.decode(enc.decode_single_token_bytes(token.item())))
+            sys.stdout.flush()
+            tokens_made += 1
+        sys.stdout.write(utf8.decode(b'', final=True) + '\n' + ('---------------\n' if k < num_samples - 1 else ''))
+elapsed = time.time() - t0
+print(f"{tokens_made} tokens in {elapsed:.2f} s: {tokens_made / elapsed:.1f} tokens/s", file=sys.stderr)

@@ -1,0 +1,260 @@
+import copy
+import math
+import os
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from conftest import send
+from model import GPT, GPTConfig, alibi_slopes, rotate, sample_next
+
+TINY = dict(block_size=32, vocab_size=50257, n_layer=2, n_head=4, n_embd=32)
+
+
+def tiny(**overrides):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{**TINY, **overrides})).eval()
+
+
+def test_parameter_count_and_loss_at_init():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig())
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808
+    idx, targets = torch.randint(0, 50257, (2, 1, 64))
+    with torch.no_grad():
+        _, loss = model(idx, targets)
+    # LN_f makes each hidden state unit-variance and W_E ~ N(0, 0.02^2), so the logits are about
+    # N(0, s^2) with s^2 = 768 * 0.02^2, and E[loss] = E[log sum exp z] ~ ln V + s^2 / 2 = 10.98
+    expected = math.log(50257) + 768 * 0.02 ** 2 / 2
+    assert abs(loss.item() - expected) < 0.05 and abs(loss.item() - math.log(50257)) < 0.2
+
+
+def test_padded_vocab_never_reaches_the_logits():
+    model = tiny(pad_vocab_to=64)
+    assert model.transformer.wte.weight.shape[0] == 50304 and model.W_E.shape == (50257, 32)
+    logits, _ = model(torch.randint(0, 50257, (1, 8)))
+    assert logits.shape == (1, 8, 50257)
+    out = model.generate(torch.zeros(1, 1, dtype=torch.long), 50, temperature=1.0)
+    assert out.max() < 50257
+
+
+def test_gradient_of_loss_wrt_logits_is_softmax_minus_onehot():
+    model = tiny()
+    idx = torch.randint(0, 50257, (2, 8))
+    targets = torch.randint(0, 50257, (2, 8))
+    logits, _ = model(idx)
+    logits = logits.detach().requires_grad_()
+    loss = F.cross_entropy(logits.view(-1, 50257), targets.view(-1), ignore_index=-1)
+    loss.backward()
+    expected = (F.softmax(logits.detach(), -1) - F.one_hot(targets, 50257)) / targets.numel()
+    assert torch.allclose(logits.grad, expected, atol=1e-9)
+    _, model_loss = model(idx, targets)
+    assert torch.allclose(model_loss, loss)
+
+
+def test_ignore_index_minus_one():
+    model = tiny()
+    idx = torch.randint(0, 50257, (1, 8))
+    targets = idx.clone()
+    targets[0, 4:] = -1
+    logits, loss = model(idx, targets)
+    assert torch.allclose(loss, F.cross_entropy(logits[0, :4], idx[0, :4]))
+
+
+def test_weight_tying_one_tensor_gradient_from_both_uses():
+    model = tiny()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    untied = copy.deepcopy(model)
+    untied.lm_head.weight = torch.nn.Parameter(untied.transformer.wte.weight.detach().clone())
+    idx = torch.randint(0, 50257, (2, 8))
+    model(idx, idx)[1].backward()
+    untied(idx, idx)[1].backward()
+    both = untied.transformer.wte.weight.grad + untied.lm_head.weight.grad
+    assert untied.transformer.wte.weight.grad.abs().sum() > 0 and untied.lm_head.weight.grad.abs().sum() > 0
+    assert torch.allclose(model.transformer.wte.weight.grad, both, atol=1e-7)
+
+
+@pytest.mark.parametrize('pos_emb', ['learned', 'sinusoidal', 'rope', 'alibi', 'none'])
+def test_causality(pos_emb):
+    model = tiny(pos_emb=pos_emb)
+    idx = torch.randint(0, 50257, (1, 16))
+    changed = idx.clone()
+    changed[0, 10] = (idx[0, 10] + 1) % 50257
+    a, b = model(idx)[0], model(changed)[0]
+    assert torch.equal(a[0, :10], b[0, :10]) and not torch.allclose(a[0, 10:], b[0, 10:])
+
+
+def test_bidirectional_attention_sees_later_tokens():
+    model = tiny(causal=False)
+    idx = torch.randint(0, 50257, (1, 16))
+    changed = idx.clone()
+    changed[0, 10] = (idx[0, 10] + 1) % 50257
+    assert not torch.allclose(model(idx)[0][0, :10], model(changed)[0][0, :10])
+
+
+def test_no_position_information_means_permutation_invariance():
+    model = tiny(pos_emb='none', n_layer=1)
+    idx = torch.randint(0, 50257, (1, 12))
+    permuted = torch.cat([idx[:, :11][:, torch.randperm(11)], idx[:, 11:]], dim=1)
+    assert torch.allclose(model(idx)[0][0, -1], model(permuted)[0][0, -1], atol=1e-5)
+    learned = tiny(pos_emb='learned', n_layer=1)
+    assert not torch.allclose(learned(idx)[0][0, -1], learned(permuted)[0][0, -1], atol=1e-5)
+
+
+def test_rope_and_alibi_scores_depend_only_on_relative_offset():
+    model = tiny(pos_emb='rope')
+    torch.manual_seed(1)
+    q, k = torch.randn(8), torch.randn(8)  # one head's query and key, the same at every position
+    T = 20
+    rq = rotate(q.expand(T, 8), model.rope_cos[:T], model.rope_sin[:T])
+    rk = rotate(k.expand(T, 8), model.rope_cos[:T], model.rope_sin[:T])
+    scores = rq @ rk.T
+    for shift in (1, 5):
+        assert torch.allclose(scores[shift:, shift:], scores[:-shift, :-shift], atol=1e-5)
+    assert not torch.allclose(scores[0, 0], scores[5, 0])
+    bias = tiny(pos_emb='alibi').alibi_bias(T, 0, 'cpu')
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    assert torch.equal(bias[:, 3:, 3:], bias[:, :-3, :-3])
+    assert torch.isinf(bias[:, ~causal]).all() and torch.isfinite(bias[:, causal]).all()
+    assert torch.allclose(bias[:, 7, 2], -alibi_slopes(4) * 5)
+    assert torch.allclose(alibi_slopes(8), 2 ** (-torch.arange(1., 9.)))
+
+
+@pytest.mark.parametrize('pos_emb', ['learned', 'sinusoidal', 'rope', 'alibi', 'none'])
+def test_kv_cache_equals_recompute(pos_emb):
+    model = tiny(pos_emb=pos_emb)
+    idx = torch.randint(0, 50257, (2, 7))
+    cache = [{} for _ in model.transformer.h]
+    stepped = [model.trunk(idx[:, :4], cache)] + [model.trunk(idx[:, t:t + 1], cache) for t in range(4, 7)]
+    assert torch.allclose(torch.cat(stepped, dim=1), model.trunk(idx), atol=1e-5)
+    # greedy decoding, past block_size (32) too, where the context is cropped
+    prompt = torch.randint(0, 50257, (1, 5))
+    with_cache = model.generate(prompt, 40, temperature=0, kv_cache=True)
+    without = model.generate(prompt, 40, temperature=0, kv_cache=False)
+    assert torch.equal(with_cache, without)
+
+
+def test_top_k_and_top_p_filtering():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    gen = torch.Generator().manual_seed(0)
+    draws = lambda **kw: {sample_next(logits.expand(2000, 4), generator=gen, **kw)[i].item() for i in range(2000)}
+    assert draws(top_k=2) == {0, 1}
+    assert draws(top_p=0.8) == {0, 1}       # 0.5 + 0.3 reaches 0.8
+    assert draws(top_p=0.81) == {0, 1, 2}
+    assert draws(top_p=0.1) == {0}
+    assert draws() == {0, 1, 2, 3}
+    assert sample_next(logits, temperature=0).item() == 0
+
+
+def test_configure_optimizers_decays_only_matrices():
+    model = tiny()
+    [adamw] = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    decay, no_decay = adamw.param_groups
+    assert decay['weight_decay'] == 0.1 and all(p.dim() == 2 for p in decay['params'])
+    assert no_decay['weight_decay'] == 0.0 and all(p.dim() == 1 for p in no_decay['params'])
+    assert len(decay['params']) + len(no_decay['params']) == len(list(model.parameters()))
+    muon, adamw = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', optimizer='muon')
+    assert all(p.dim() == 2 for p in muon.param_groups[0]['params'])
+    assert len(muon.param_groups[0]['params']) == 4 * 2  # c_attn, c_proj, c_fc, c_proj per block
+    assert any(p is model.transformer.wte.weight for g in adamw.param_groups for p in g['params'])
+
+
+def test_flops_per_token():
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100))
+    n = sum(p.numel() for p in model.parameters()) - 16 * 32
+    assert model.flops_per_token() == 6 * n + 12 * 2 * 16 * 32
+    assert model.estimate_mfu(1000, model.flops_per_token() * 2000) == pytest.approx(0.5)
+
+
+# ---- equality with the Hugging Face reference ---------------------------------------------
+
+@pytest.fixture(scope='module')
+def hf_model_dir(tmp_path_factory):
+    transformers = pytest.importorskip('transformers')
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_positions=64, n_embd=48, n_layer=3, n_head=4, vocab_size=50257)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    folder = tmp_path_factory.mktemp('hf-gpt2')
+    hf.save_pretrained(folder)
+    return hf, str(folder)
+
+
+def test_from_pretrained_matches_transformers(hf_model_dir):
+    hf, folder = hf_model_dir
+    model = GPT.from_pretrained(folder).eval()
+    idx = torch.randint(0, 50257, (2, 40))
+    with torch.no_grad():
+        assert torch.allclose(model(idx)[0], hf(idx).logits, atol=1e-4)
+        ours = model.generate(idx[:1, :6], 20, temperature=0)[0, 6:]
+        theirs = hf.generate(idx[:1, :6], attention_mask=torch.ones(1, 6, dtype=torch.long), max_new_tokens=20,
+                             do_sample=False, pad_token_id=50256)[0, 6:]
+    assert torch.equal(ours, theirs)
+
+
+def test_save_pretrained_opens_in_transformers(tmp_path):
+    transformers = pytest.importorskip('transformers')
+    model = tiny()
+    model.save_pretrained(tmp_path)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, 50257, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(model(idx)[0], hf(idx).logits, atol=1e-4)
+
+
+def hub_style_file(folder, extra=None, drop=None):
+    """Rewrite a save_pretrained file the way the hub's gpt2 file names tensors: no prefix,
+    causal-mask buffers included."""
+    from safetensors.torch import load_file, save_file
+    tensors = {k.removeprefix('transformer.'): v for k, v in load_file(os.path.join(folder, 'model.safetensors')).items()}
+    tensors['h.0.attn.bias'] = torch.ones(1, 1, 64, 64).tril()
+    tensors['h.0.attn.masked_bias'] = torch.tensor(-1e4)
+    tensors.update(extra or {})
+    if drop:
+        del tensors[drop]
+    save_file(tensors, os.path.join(folder, 'model.safetensors'), metadata={'format': 'pt'})
+
+
+def copy_dir(src, dst):
+    os.makedirs(dst)
+    for name in ('config.json', 'model.safetensors'):
+        with open(os.path.join(src, name), 'rb') as f, open(os.path.join(dst, name), 'wb') as g:
+            g.write(f.read())
+    return str(dst)
+
+
+def test_hub_naming_and_buffers_load(hf_model_dir, tmp_path):
+    hf, folder = hf_model_dir
+    hub = copy_dir(folder, tmp_path / 'hub')
+    hub_style_file(hub)
+    idx = torch.randint(0, 50257, (1, 10))
+    with torch.no_grad():
+        assert torch.allclose(GPT.from_pretrained(hub)(idx)[0], hf(idx).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize('change, message', [
+    (dict(extra={'h.0.attn.surprise': torch.zeros(3)}), "unexpected tensor 'h.0.attn.surprise'"),
+    (dict(drop='h.1.mlp.c_fc.bias'), 'lacks 1 tensors'),
+])
+def test_unexpected_or_missing_tensors_fail_clearly(hf_model_dir, tmp_path, change, message):
+    hub = copy_dir(hf_model_dir[1], tmp_path / 'bad')
+    hub_style_file(hub, **change)
+    with pytest.raises(ValueError, match=message):
+        GPT.from_pretrained(hub)
+
+
+def test_hub_download_through_a_local_server(hf_model_dir, http_server, tmp_path):
+    hf, folder = hf_model_dir
+    url, routes, hits = http_server
+    for name in ('config.json', 'model.safetensors'):
+        body = open(os.path.join(folder, name), 'rb').read()
+        routes[f'/gpt2/resolve/main/{name}'] = lambda r, body=body: send(r, 200, body, 'application/octet-stream')
+    model = GPT.from_pretrained('gpt2', hub_url=url, cache_dir=str(tmp_path))
+    idx = torch.randint(0, 50257, (1, 10))
+    with torch.no_grad():
+        assert torch.allclose(model(idx)[0], hf(idx).logits, atol=1e-4)
+    assert len(hits) == 2
+    GPT.from_pretrained('gpt2', hub_url=url, cache_dir=str(tmp_path))  # cached: no more requests
+    assert len(hits) == 2
+    with pytest.raises(ValueError, match='unknown model'):
+        GPT.from_pretrained('gpt3')
