@@ -16,6 +16,7 @@ compared with: a fixed sinusoidal table, rotary embeddings (RoPE) and ALiBi, or 
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -200,6 +201,16 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.W_pos.numel() if non_embedding and self.W_pos is not None else n
 
+    def crop_block_size(self, block_size):
+        """Shorten the context, e.g. to fine-tune GPT-2 (1024) with block_size 256."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        if self.config.pos_emb == 'learned':
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+        for name in ('pos_table', 'rope_cos', 'rope_sin'):
+            if hasattr(self, name):
+                setattr(self, name, getattr(self, name)[:block_size])
+
     def alibi_bias(self, T, past, device):
         """-m_h * (i - j) for query i and key j (causal, -inf above the diagonal); -m_h * |i - j| otherwise."""
         query = torch.arange(past, past + T, device=device)[:, None]
@@ -359,6 +370,24 @@ class GPT(nn.Module):
             json.dump(hf_config, f, indent=2)
         for file in ('model.safetensors', 'config.json'):
             os.replace(os.path.join(folder, file + '.tmp'), os.path.join(folder, file))
+
+
+def measure_matmul_flops(device='cpu', dtype=torch.float32, n=2048, seconds=0.5):
+    """The machine's own matmul throughput (FLOP/s) for square n x n products: the peak MFU is measured against."""
+    generator = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG alone
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=generator) for _ in range(2))
+    for _ in range(3):
+        a @ b  # warm-up
+    sync = torch.cuda.synchronize if str(device).startswith('cuda') else (lambda: None)
+    sync()
+    runs, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        runs += 1
+        if runs % 8 == 0:
+            sync()
+    sync()
+    return 2 * n ** 3 * runs / (time.perf_counter() - t0)
 
 
 def load_checkpoint(path, device='cpu'):

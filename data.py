@@ -1,0 +1,54 @@
+"""
+Batches from the token files prepare.py writes: train.bin and val.bin are uint16 GPT-2 ids,
+memory-mapped once and read as windows of block_size + 1 tokens.
+
+Two ways to choose the windows: random offsets (each batch independent, so some tokens are
+seen many times before others are seen once: after drawing D target tokens from n, the
+expected covered fraction is 1 - (1 - 1/n)^D ~ 1 - exp(-D/n)), or epochs of a shuffled
+permutation of the non-overlapping windows 0, T, 2T, ..., each used once per epoch.
+"""
+import os
+
+import numpy as np
+
+from tokenizer import EOT_TOKEN
+
+MASK_TOKEN = EOT_TOKEN  # the masked LM's [MASK]: <|endoftext|> never occurs inside the book
+
+
+def open_split(data_dir, split):
+    """The token ids of data_dir/{split}.bin as a read-only uint16 memmap."""
+    return np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+
+
+def random_offsets(rng, n_tokens, block_size, batch_size):
+    """batch_size window starts drawn uniformly from [0, n_tokens - block_size - 1]."""
+    return rng.integers(0, n_tokens - block_size, size=batch_size)
+
+
+def epoch_offsets(state, rng, n_tokens, block_size, batch_size):
+    """The next batch_size windows of the epoch; state = {'order': array, 'pos': int} is updated.
+    A new epoch starts (a fresh shuffle) when the current one has fewer than batch_size left."""
+    if state['pos'] + batch_size > len(state['order']):
+        state['order'], state['pos'] = rng.permutation(np.arange(0, n_tokens - block_size, block_size)), 0
+    offsets = state['order'][state['pos']:state['pos'] + batch_size]
+    state['pos'] += batch_size
+    return offsets
+
+
+def windows(tokens, offsets, block_size):
+    """x = tokens[i : i+T], y = tokens[i+1 : i+T+1] for each offset i, as int64 arrays (B, T)."""
+    x = np.stack([tokens[i:i + block_size] for i in offsets]).astype(np.int64)
+    y = np.stack([tokens[i + 1:i + 1 + block_size] for i in offsets]).astype(np.int64)
+    return x, y
+
+
+def mask_tokens(x, rng, vocab_size, rate=0.15):
+    """BERT's corruption: choose `rate` of the positions as targets; of those, 80% become
+    MASK_TOKEN, 10% a random token, 10% stay. Returns (inputs, targets) with targets -1
+    (ignored by the loss) at the positions not chosen."""
+    chosen = rng.random(x.shape) < rate
+    action = rng.random(x.shape)
+    inputs = np.where(chosen & (action < 0.8), MASK_TOKEN, x)
+    inputs = np.where(chosen & (action >= 0.8) & (action < 0.9), rng.integers(0, vocab_size, x.shape), inputs)
+    return inputs, np.where(chosen, x, -1)

@@ -1,0 +1,179 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, run_script
+from data import MASK_TOKEN, epoch_offsets, mask_tokens, random_offsets, windows
+from model import load_checkpoint
+
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8', '--eval_iters=2',
+        '--learning_rate=3e-3', '--warmup_iters=5', '--sample_tokens=8']
+
+
+def events(out_dir, kind=None):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        rows = [json.loads(line) for line in f]
+    return [r for r in rows if kind is None or r['event'] == kind]
+
+
+@pytest.fixture(scope='module')
+def small_data(tmp_path_factory):
+    """A data_dir with 6,000 train and 1,000 val tokens (a repeating pattern), enough for tiny runs."""
+    folder = tmp_path_factory.mktemp('small')
+    rng = np.random.default_rng(0)
+    pattern = rng.integers(0, 500, 50)
+    for split, n in (('train', 6000), ('val', 1000)):
+        np.resize(pattern, n).astype(np.uint16).tofile(folder / f'{split}.bin')
+    (folder / 'meta.json').write_text(json.dumps({'vocab_size': 50257}))
+    return str(folder)
+
+
+def test_windows_shift_and_bounds():
+    tokens = np.arange(1000, dtype=np.uint16)
+    rng = np.random.default_rng(0)
+    offsets = np.concatenate([random_offsets(rng, len(tokens), 16, 64) for _ in range(200)])
+    assert offsets.min() == 0 and offsets.max() == 1000 - 16 - 1
+    x, y = windows(tokens, offsets[:64], 16)
+    assert x.shape == y.shape == (64, 16) and x.dtype == y.dtype == np.int64
+    assert np.array_equal(y, x + 1) and np.array_equal(x[:, 0], offsets[:64])
+
+
+def test_epoch_sampler_uses_every_window_once_per_epoch():
+    rng, state = np.random.default_rng(0), {'order': np.zeros(0, dtype=np.int64), 'pos': 0}
+    n, T, B = 1000, 16, 4  # 62 windows: 15 batches per epoch, 2 windows left out of each
+    for epoch in range(3):
+        seen = np.concatenate([epoch_offsets(state, rng, n, T, B) for _ in range(15)])
+        assert len(set(seen.tolist())) == 60 and set(seen.tolist()) <= set(range(0, n - T, T))
+    assert (epoch_offsets(state, rng, n, T, B) % T == 0).all()
+
+
+def test_random_offsets_coverage_follows_the_formula():
+    n, T, B = 20_000, 64, 8
+    rng, covered, drawn = np.random.default_rng(1), np.zeros(n, dtype=bool), 0
+    for _ in range(40):
+        offsets = random_offsets(rng, n, T, B)
+        covered[(offsets[:, None] + 1 + np.arange(T)).ravel()] = True
+        drawn += B * T
+    assert abs(covered.mean() - (1 - math.exp(-drawn / n))) < 0.03
+
+
+def test_mask_tokens_follows_bert():
+    x = np.random.default_rng(0).integers(0, 50000, (200, 500))
+    inputs, targets = mask_tokens(x, np.random.default_rng(1), 50257)
+    chosen = targets != -1
+    assert abs(chosen.mean() - 0.15) < 0.005 and np.array_equal(targets[chosen], x[chosen])
+    assert np.array_equal(inputs[~chosen], x[~chosen])
+    assert abs((inputs[chosen] == MASK_TOKEN).mean() - 0.8) < 0.01
+    assert abs((inputs[chosen] == x[chosen]).mean() - 0.1) < 0.01
+
+
+def test_loss_falls_on_the_book_and_writes_outputs(book_data, tmp_path):
+    out = tmp_path / 'out'
+    result = run_script('train.py', *TINY, f'--data_dir={book_data}', f'--out_dir={out}', '--max_iters=60',
+                        '--eval_interval=30', '--log_interval=10', '--snapshot_interval=30')
+    assert result.returncode == 0, result.stderr
+    evals = events(out, 'eval')
+    assert [e['iter'] for e in evals] == [0, 30, 60]
+    assert evals[0]['val_loss'] > 10.5 and evals[-1]['val_loss'] < evals[0]['val_loss'] - 2.5
+    assert 'ETA' in result.stdout and 'tokens/s' in result.stdout and 'MFU' in result.stdout
+    assert [s['iter'] for s in events(out, 'sample')] == [0, 60]
+    for e in evals[1:]:  # the measured coverage of random offsets against 1 - exp(-drawn / n)
+        assert abs(e['coverage'] - e['coverage_predicted']) < 0.03
+    snaps = sorted(os.listdir(out / 'snapshots'))
+    assert snaps == ['iter_000000.npz', 'iter_000030.npz', 'iter_000060.npz']
+    snap = np.load(out / 'snapshots' / snaps[-1])
+    assert snap['W_E'].shape == (50257, 32) and snap['W_E'].dtype == np.float16 and snap['W_pos'].shape == (32, 32)
+    model, ckpt = load_checkpoint(out / 'ckpt.pt')
+    assert ckpt['iter_num'] == 60 and not any(k.startswith(('_orig_mod.', 'module.')) for k in ckpt['model'])
+    assert np.array_equal(snap['W_E'], model.W_E.detach().half().numpy())
+    assert os.path.getsize(out / 'loss.png') > 10_000
+
+
+def test_resume_is_bit_exact(small_data, tmp_path):
+    common = [*TINY, f'--data_dir={small_data}', '--dropout=0.1', '--log_interval=1', '--eval_interval=20',
+              '--lr_decay_iters=40', '--sample_tokens=0']
+    straight, split = tmp_path / 'straight', tmp_path / 'split'
+    assert run_script('train.py', *common, f'--out_dir={straight}', '--max_iters=40').returncode == 0
+    assert run_script('train.py', *common, f'--out_dir={split}', '--max_iters=20').returncode == 0
+    resumed = run_script('train.py', *common, f'--out_dir={split}', '--max_iters=40', '--init_from=resume')
+    assert resumed.returncode == 0, resumed.stderr
+    losses = lambda d: [(e['iter'], e['loss']) for e in events(d, 'train')]
+    assert losses(straight) == losses(split) and len(losses(split)) == 40
+    a, b = torch.load(straight / 'ckpt.pt', weights_only=True), torch.load(split / 'ckpt.pt', weights_only=True)
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+
+
+def test_epoch_sampler_covers_every_window(small_data, tmp_path):
+    # 6,000 tokens, block 32: 187 windows; batch 187 makes one epoch a single step
+    result = run_script('train.py', *TINY, f'--data_dir={small_data}', f'--out_dir={tmp_path}', '--sampler=epoch',
+                        '--batch_size=187', '--max_iters=1', '--eval_interval=1', '--sample_tokens=0')
+    assert result.returncode == 0, result.stderr
+    rng = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['rng']
+    assert rng['covered'].sum().item() == 187 * 32 and rng['tokens_drawn'] == 187 * 32
+    assert sorted(rng['epoch_order'].tolist()) == list(range(0, 187 * 32, 32))
+
+
+def test_masked_lm_objective(book_data, tmp_path):
+    result = run_script('train.py', *TINY, f'--data_dir={book_data}', f'--out_dir={tmp_path}', '--objective=mlm',
+                        '--max_iters=40', '--eval_interval=40')
+    assert result.returncode == 0, result.stderr
+    evals = events(tmp_path, 'eval')
+    assert evals[-1]['val_loss'] < evals[0]['val_loss'] - 2
+    model, ckpt = load_checkpoint(tmp_path / 'ckpt.pt')
+    assert model.config.causal is False and events(tmp_path, 'sample') == []
+
+
+def test_ddp_two_cpu_processes(small_data, tmp_path):
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             'train.py', *TINY, f'--data_dir={small_data}', f'--out_dir={tmp_path}', '--max_iters=4',
+                             '--eval_interval=4', '--gradient_accumulation_steps=2', '--sample_tokens=0'],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [ddp] = events(tmp_path, 'ddp')
+    assert ddp['world_size'] == 2 and ddp['first_offsets'][0] != ddp['first_offsets'][1]
+    assert len(events(tmp_path, 'start')) == 1  # only rank 0 logs
+    assert load_checkpoint(tmp_path / 'ckpt.pt')[1]['iter_num'] == 4
+
+
+def start_training(small_data, out, *extra):
+    return subprocess.Popen([sys.executable, 'train.py', *TINY, f'--data_dir={small_data}', f'--out_dir={out}',
+                             '--max_iters=100000', '--log_interval=1', '--sample_tokens=0', *extra],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED='1'))
+
+
+def wait_for_line(process, text):
+    for line in process.stdout:
+        if text in line:
+            return
+    raise AssertionError(f"no line with {text!r}")
+
+
+def test_ctrl_c_saves_and_exits_cleanly(small_data, tmp_path):
+    process = start_training(small_data, tmp_path, '--eval_interval=100000')
+    wait_for_line(process, 'iter 5:')
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert 'Traceback' not in err and 'saved' in out
+    assert load_checkpoint(tmp_path / 'ckpt.pt')[1]['iter_num'] >= 5
+
+
+def test_kill_during_checkpoint_writes_keeps_a_loadable_checkpoint(small_data, tmp_path):
+    # a checkpoint after every step: SIGKILL lands during writes more often than not
+    for delay in (0.05, 0.2, 0.45):
+        process = start_training(small_data, tmp_path, '--eval_interval=1', '--eval_iters=1',
+                                 *(['--init_from=resume'] if (tmp_path / 'ckpt.pt').exists() else []))
+        wait_for_line(process, 'saved')
+        time.sleep(delay)
+        process.kill()
+        process.communicate()
+        load_checkpoint(tmp_path / 'ckpt.pt')  # raises if the file is damaged

@@ -1,0 +1,430 @@
+"""
+Train GPT-2 on the book. One process on a GPU or the CPU:
+
+    $ python train.py config/gulliver.py          # GPU: GPT-2 small, 500 iterations
+    $ python train.py config/gulliver_cpu.py      # CPU: a small model in under 5 minutes
+
+several GPUs (or CPU processes, over gloo) with DDP:
+
+    $ torchrun --standalone --nproc_per_node=4 train.py config/gulliver.py
+
+Resume with --init_from=resume; fine-tune GPT-2 with --init_from=gpt2. Ctrl-C saves and exits.
+"""
+import ctypes
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from torch.distributed import destroy_process_group, init_process_group
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import configure, resolve_device, resolve_dtype
+from data import epoch_offsets, mask_tokens, open_split, random_offsets, windows
+from download import DownloadError
+from model import GPT, GPTConfig, PRETRAINED, measure_matmul_flops
+from tokenizer import get_tokenizer
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = 'out'
+eval_interval = 250
+log_interval = 10
+eval_iters = 50
+eval_only = False
+always_save_checkpoint = True
+init_from = 'scratch'   # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'
+snapshot_interval = 0   # save W_E and W_pos every this many iterations (0: never)
+sample_tokens = 48      # a sample of this many tokens at iteration 0 and at the end
+# data
+data_dir = 'data/gulliver'
+sampler = 'random'      # 'random': random offsets; 'epoch': every non-overlapping window once per epoch
+objective = 'clm'       # 'clm': next-token prediction (GPT); 'mlm': masked tokens, bidirectional (BERT-style)
+gradient_accumulation_steps = 1
+batch_size = 12
+block_size = 1024
+# model
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0
+bias = True
+pos_emb = 'learned'     # 'learned', 'sinusoidal', 'rope', 'alibi', 'none'
+pad_vocab_to = 64       # pad the embedding rows to a multiple of this (logits are sliced back)
+# optimizer
+optimizer = 'adamw'     # 'adamw' or 'muon'
+learning_rate = 6e-4
+max_iters = 5000
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0         # 0: no clipping
+# learning-rate schedule: linear warm-up, then cosine decay to min_lr
+decay_lr = True
+warmup_iters = 100
+lr_decay_iters = 5000
+min_lr = 6e-5
+# system
+backend = 'nccl'        # DDP backend on CUDA; the CPU uses gloo
+device = 'auto'         # 'auto', 'cpu', 'cuda', 'cuda:1', ...
+dtype = 'auto'          # 'auto' (bfloat16 or float16 on CUDA, float32 on CPU), 'float32', 'bfloat16', 'float16'
+compile = None          # None: on for CUDA, off for the CPU
+peak_flops = 0.0        # FLOP/s that MFU is measured against; 0: measure this machine's matmul peak
+seed = 1337
+# -----------------------------------------------------------------------------
+configure(globals())
+config = {k: v for k, v in globals().items() if k.islower() and not k.startswith('_')
+          and isinstance(v, (int, float, bool, str, type(None)))}
+
+
+def fail(message):
+    sys.exit(f"error: {message}")
+
+
+for name, value, allowed in (('sampler', sampler, ('random', 'epoch')), ('objective', objective, ('clm', 'mlm')),
+                             ('optimizer', optimizer, ('adamw', 'muon')),
+                             ('pos_emb', pos_emb, ('learned', 'sinusoidal', 'rope', 'alibi', 'none')),
+                             ('init_from', init_from, ('scratch', 'resume', *PRETRAINED))):
+    if value not in allowed:
+        fail(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters',
+             'log_interval', 'n_layer', 'n_head', 'n_embd'):
+    if globals()[name] < 1:
+        fail(f"{name} must be a positive integer, not {globals()[name]}")
+if learning_rate < 0 or min_lr < 0 or max_iters < 0:
+    fail("learning_rate, min_lr and max_iters must be >= 0")
+
+# distributed set-up: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+ddp = 'RANK' in os.environ
+rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+master = rank == 0
+device = resolve_device(device)
+if ddp:
+    if device.startswith('cuda'):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    init_process_group(backend=backend if device.startswith('cuda') else 'gloo')
+    if gradient_accumulation_steps % world_size:
+        fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be a multiple of the {world_size} processes")
+    gradient_accumulation_steps //= world_size
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+dtype = resolve_dtype(dtype, device)
+compile = device_type == 'cuda' if compile is None else compile
+torch.manual_seed(seed + rank)
+random.seed(seed + rank)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+if device_type == 'cpu' and sys.platform.startswith('linux'):
+    # glibc returns freed memory to the OS and maps big blocks afresh each step, so the step
+    # spends its time in page faults; keeping freed memory in the process avoids that.
+    libc = ctypes.CDLL('libc.so.6')
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
+
+# -----------------------------------------------------------------------------
+# data: each split is memory-mapped once; batches are windows at random offsets
+meta_path = os.path.join(data_dir, 'meta.json')
+if not os.path.exists(os.path.join(data_dir, 'train.bin')) or not os.path.exists(meta_path):
+    fail(f"no {data_dir}/train.bin; run python prepare.py first (or pass --data_dir)")
+with open(meta_path) as f:
+    meta = json.load(f)
+data = {split: open_split(data_dir, split) for split in ('train', 'val')}
+shortest = min(len(d) for d in data.values())
+if block_size + 1 > shortest:
+    fail(f"block_size {block_size} needs at least {block_size + 1} tokens per split, but {data_dir} has "
+         f"{shortest} in its smaller split; lower --block_size")
+if sampler == 'epoch' and (len(data['train']) - 1) // block_size < batch_size:
+    fail(f"sampler='epoch' needs at least batch_size ({batch_size}) windows of {block_size} train tokens; "
+         f"lower --batch_size or --block_size")
+train_rng = np.random.default_rng(seed + rank)
+epoch_state = {'order': np.zeros(0, dtype=np.int64), 'pos': 0}  # sampler='epoch'
+covered = np.zeros(len(data['train']), dtype=bool)               # train tokens used as targets so far
+tokens_drawn = 0
+
+
+def get_batch(split, rng=train_rng):
+    """A batch (x, y) of batch_size windows of block_size tokens on the device. Batches of the
+    training stream (rng is train_rng) follow `sampler` and count towards coverage; evaluation
+    passes a generator of its own."""
+    global tokens_drawn
+    n = len(data[split])
+    training = rng is train_rng
+    if training and sampler == 'epoch':
+        offsets = epoch_offsets(epoch_state, rng, n, block_size, batch_size)
+    else:
+        offsets = random_offsets(rng, n, block_size, batch_size)
+    if training:
+        covered[(offsets[:, None] + 1 + np.arange(block_size)).ravel()] = True
+        tokens_drawn += batch_size * block_size
+    x, y = windows(data[split], offsets, block_size)
+    if objective == 'mlm':
+        x, y = mask_tokens(x, rng, meta['vocab_size'])
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    if device_type == 'cuda':
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x, y
+
+
+# -----------------------------------------------------------------------------
+# model
+model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                  vocab_size=meta['vocab_size'], dropout=dropout, pos_emb=pos_emb, causal=objective == 'clm',
+                  pad_vocab_to=pad_vocab_to)
+iter_num, best_val_loss, checkpoint = 0, 1e9, None
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if init_from == 'scratch':
+    model = GPT(GPTConfig(**model_args))
+elif init_from == 'resume':
+    if not os.path.exists(ckpt_path):
+        fail(f"no checkpoint at {ckpt_path} to resume from; train with --init_from=scratch first")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        model_args = {**checkpoint['model_args'], 'dropout': dropout}
+        model = GPT(GPTConfig(**model_args))
+        model.load_state_dict(checkpoint['model'])
+    except (RuntimeError, OSError, KeyError, EOFError) as e:
+        fail(f"cannot load {ckpt_path} ({type(e).__name__}); the file is damaged: delete it or train from scratch")
+    iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+else:
+    try:
+        model = GPT.from_pretrained(init_from, dropout=dropout, pad_vocab_to=pad_vocab_to)
+    except (DownloadError, ValueError) as e:
+        fail(str(e))
+    model_args = asdict(model.config)
+if model.config.vocab_size != meta['vocab_size']:
+    fail(f"the model's vocab_size {model.config.vocab_size} differs from {meta_path} ({meta['vocab_size']})")
+if block_size > model.config.block_size:
+    fail(f"block_size {block_size} is larger than the model's context ({model.config.block_size})")
+if block_size < model.config.block_size:
+    model.crop_block_size(block_size)
+    model_args['block_size'] = block_size
+model.to(device)
+optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer)
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+if checkpoint is not None:
+    for opt, state in zip(optimizers, checkpoint['optimizers']):
+        opt.load_state_dict(state)
+    scaler.load_state_dict(checkpoint['scaler'])
+    rng = checkpoint['rng']
+    random.setstate((rng['python'][0], tuple(rng['python'][1]), rng['python'][2]))
+    torch.set_rng_state(rng['torch'])
+    if device_type == 'cuda' and rng['cuda'] is not None:
+        torch.cuda.set_rng_state(rng['cuda'])
+    train_rng.bit_generator.state = rng['sampler']
+    epoch_state = {'order': rng['epoch_order'].numpy(), 'pos': rng['epoch_pos']}
+    covered, tokens_drawn = rng['covered'].numpy().copy(), rng['tokens_drawn']
+    checkpoint = None  # free the memory
+raw_model = model  # the plain GPT: what checkpoints save, never a compiled or DDP wrapper
+if compile:
+    print("compiling the model ...")
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
+if not peak_flops:
+    peak_flops = measure_matmul_flops(device, torch.float32 if dtype == 'float32' else getattr(torch, dtype))
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over eval_iters batches of each split, drawn with a fixed generator."""
+    out = {}
+    model.eval()
+    for split in ('train', 'val'):
+        rng = np.random.default_rng(seed + 1_000_003)  # the same batches at every evaluation
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            X, Y = get_batch(split, rng)
+            with ctx:
+                losses[k] = model(X, Y)[1].item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def get_lr(it):
+    """Linear warm-up to learning_rate, then cosine decay to min_lr at lr_decay_iters."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def log_event(event, **fields):
+    """Append one event to out_dir/log.jsonl (rank 0 only)."""
+    if master:
+        log_file.write(json.dumps({'event': event, **fields}) + '\n')
+        log_file.flush()
+
+
+@torch.no_grad()
+def sample_text():
+    """sample_tokens tokens from the model after a newline, with a fixed seed."""
+    raw_model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    start = torch.tensor([get_tokenizer().encode_ordinary('\n')], device=device)
+    with ctx:
+        out = raw_model.generate(start, sample_tokens, temperature=0.8, top_k=200, generator=generator)
+    raw_model.train()
+    return get_tokenizer().decode(out[0, 1:].tolist())
+
+
+def save_atomic(path, save):
+    """save(tmp_path), then os.replace: a crash mid-write leaves the previous file intact."""
+    tmp = path + '.tmp'
+    save(tmp)
+    os.replace(tmp, path)
+
+
+def save_snapshot():
+    """W_E and W_pos in fp16, for the embedding-dynamics study in analyze.py."""
+    arrays = {'W_E': raw_model.W_E.detach().cpu().half().numpy()}
+    if raw_model.W_pos is not None:
+        arrays['W_pos'] = raw_model.W_pos.detach().cpu().half().numpy()
+    os.makedirs(os.path.join(out_dir, 'snapshots'), exist_ok=True)
+    path = os.path.join(out_dir, 'snapshots', f'iter_{iter_num:06d}.npz')
+    save_atomic(path, lambda tmp: np.savez(open(tmp, 'wb'), **arrays))
+
+
+def save_checkpoint():
+    state = {
+        'model': raw_model.state_dict(), 'model_args': model_args, 'config': config,
+        'optimizers': [opt.state_dict() for opt in optimizers], 'scaler': scaler.state_dict(),
+        'iter_num': iter_num, 'best_val_loss': best_val_loss,
+        'rng': {'python': random.getstate(), 'torch': torch.get_rng_state(),
+                'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
+                'sampler': train_rng.bit_generator.state, 'epoch_order': torch.from_numpy(epoch_state['order']),
+                'epoch_pos': epoch_state['pos'], 'covered': torch.from_numpy(covered), 'tokens_drawn': tokens_drawn},
+    }
+    save_atomic(ckpt_path, lambda tmp: torch.save(state, tmp))
+
+
+def plot_losses():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    events = [json.loads(line) for line in open(os.path.join(out_dir, 'log.jsonl'))]
+    train = [(e['iter'], e['loss']) for e in events if e['event'] == 'train']
+    evals = [e for e in events if e['event'] == 'eval']
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), lw=0.8, alpha=0.6, label='train (batch)')
+    ax.plot([e['iter'] for e in evals], [e['train_loss'] for e in evals], 'o-', label='train (eval)')
+    ax.plot([e['iter'] for e in evals], [e['val_loss'] for e in evals], 'o-', label='val (eval)')
+    ax.set(xlabel='iteration', ylabel='cross-entropy (nats)', title=f'{out_dir}: loss')
+    ax.legend()
+    fig.tight_layout()
+    save_atomic(os.path.join(out_dir, 'loss.png'), lambda tmp: fig.savefig(tmp, format='png', dpi=120))
+    plt.close(fig)
+
+
+stop_requested = False
+
+
+def request_stop(signum, frame):
+    global stop_requested
+    stop_requested = True
+    print("\ninterrupted: finishing this step, then saving a checkpoint", flush=True)
+
+
+signal.signal(signal.SIGINT, request_stop)
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a')
+    n_params = raw_model.num_params()
+    print(f"{n_params / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per iteration, device {device}, "
+          f"dtype {dtype}, compile {compile}, MFU peak {peak_flops / 1e12:.2f} TFLOP/s")
+    log_event('start', iter=iter_num, params=n_params, tokens_per_iter=tokens_per_iter, device=device, dtype=dtype,
+              peak_flops=peak_flops, world_size=world_size, config=config)
+if ddp:  # each process draws its own offsets: gather the first batch of each to show it
+    first = torch.from_numpy(np.random.default_rng(seed + rank).integers(0, len(data['train']) - block_size, batch_size))
+    gathered = [torch.zeros_like(first) for _ in range(world_size)]
+    torch.distributed.all_gather(gathered, first)
+    log_event('ddp', world_size=world_size, first_offsets=[g.tolist() for g in gathered])
+if master and iter_num == 0 and objective == 'clm' and sample_tokens:
+    text = sample_text()
+    print(f"sample at iteration 0: {text!r}")
+    log_event('sample', iter=0, text=text)
+
+n_train = len(data['train'])
+start_iter, t_start = iter_num, time.time()
+t0 = time.time()
+while True:
+    lr = get_lr(iter_num) if decay_lr else learning_rate
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group['lr'] = lr
+
+    last = iter_num >= max_iters or stop_requested or eval_only
+    if master and snapshot_interval and (iter_num % snapshot_interval == 0 or last):
+        save_snapshot()
+    if master and (iter_num % eval_interval == 0 or last):
+        losses = estimate_loss()
+        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        log_event('eval', iter=iter_num, train_loss=losses['train'], val_loss=losses['val'],
+                  coverage=float(covered.mean()), coverage_predicted=1 - math.exp(-tokens_drawn / n_train))
+        improved = losses['val'] < best_val_loss
+        best_val_loss = min(best_val_loss, losses['val'])
+        if iter_num > start_iter and (improved or always_save_checkpoint or stop_requested):
+            save_checkpoint()
+            print(f"saved {ckpt_path}")
+    if last:
+        break
+
+    # one optimizer step: gradient_accumulation_steps forward/backward passes, then clip and update
+    for micro_step in range(gradient_accumulation_steps):
+        X, Y = get_batch('train')
+        sync = not ddp or micro_step == gradient_accumulation_steps - 1  # all-reduce only on the last
+        with ctx, (nullcontext() if sync else model.no_sync()):
+            logits, loss = model(X, Y)
+            loss = loss / gradient_accumulation_steps
+        scaler.scale(loss).backward()
+    for opt in optimizers:
+        scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip else float('inf'))
+    if torch.isfinite(grad_norm) or scaler.is_enabled():  # the scaler skips non-finite steps itself
+        for opt in optimizers:
+            scaler.step(opt)
+    else:
+        print(f"iter {iter_num}: non-finite loss or gradient; update skipped")
+        log_event('skipped', iter=iter_num, loss=loss.item() * gradient_accumulation_steps)
+    scaler.update()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+
+    iter_num += 1
+    if master and iter_num % log_interval == 0:
+        dt = (time.time() - t0) / log_interval
+        t0 = time.time()
+        loss_value = loss.item() * gradient_accumulation_steps  # the one host sync, every log_interval
+        tokens_per_s = tokens_per_iter / dt
+        mfu = raw_model.estimate_mfu(tokens_per_s, peak_flops * world_size, block_size)
+        eta = (time.time() - t_start) / (iter_num - start_iter) * (max_iters - iter_num)
+        print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
+              f"{tokens_per_s:,.0f} tokens/s, MFU {mfu:.1%}, coverage {covered.mean():.1%} "
+              f"(predicted {1 - math.exp(-tokens_drawn / n_train):.1%}), ETA {eta:.0f} s", flush=True)
+        log_event('train', iter=iter_num, loss=loss_value, lr=lr, ms_per_iter=dt * 1000, tokens_per_s=tokens_per_s,
+                  mfu=mfu, grad_norm=grad_norm.item(), coverage=float(covered.mean()))
+
+if master:
+    if objective == 'clm' and sample_tokens and not eval_only:
+        text = sample_text()
+        print(f"sample at iteration {iter_num}: {text!r}")
+        log_event('sample', iter=iter_num, text=text)
+    log_event('end', iter=iter_num, best_val_loss=best_val_loss, seconds=time.time() - t_start)
+    log_file.close()
+    plot_losses()
+    print(f"done in {time.time() - t_start:.0f} s; best val loss {best_val_loss:.4f}; "
+          f"checkpoint {ckpt_path}, log {out_dir}/log.jsonl, plot {out_dir}/loss.png")
+if ddp:
+    destroy_process_group()
