@@ -1,0 +1,170 @@
+"""
+Speed, measured against this machine's own limits. Each measurement is one table row, also
+appended to out_file as a JSON line.
+
+    $ python bench.py                      # CPU: fp32 and bf16, the GPT-2 small shape and the CPU config
+    $ python bench.py --device=cuda        # GPU: bf16, compiled, fused AdamW, block_size 1024
+
+Rows: the matmul peak and memory bandwidth; a training step (forward + backward + optimizer)
+in tokens/s and MFU for the GPT-2 small shape and for config/gulliver_cpu.py, eager against
+compiled and fp32 against bf16; get_batch against a loader that reopens the file every batch;
+generation with and without the KV cache beside the memory-bandwidth limit.
+"""
+import ctypes
+import json
+import os
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from configurator import configure, resolve_device
+from data import random_offsets, windows
+from model import GPT, GPTConfig, measure_matmul_flops
+
+# -----------------------------------------------------------------------------
+device = 'auto'
+n_layer, n_head, n_embd = 12, 12, 768     # the "GPT-2 small" rows
+batch_size = 0            # 0: 4 on CPU, 16 on CUDA
+block_size = 0            # 0: 256 on CPU, 1024 on CUDA
+cpu_config = 'config/gulliver_cpu.py'     # the small-model rows train with this config's shape and dtype
+data_dir = 'data/gulliver'                # for the get_batch rows (random tokens if absent)
+steps = 5                 # timed steps per training row, after warm-up
+warmup = 2
+new_tokens = 256          # generation rows
+compile = True            # include torch.compile rows
+out_file = 'bench.jsonl'
+# -----------------------------------------------------------------------------
+configure(globals())
+device = resolve_device(device)
+cuda = device.startswith('cuda')
+batch_size = batch_size or (16 if cuda else 4)
+block_size = block_size or (1024 if cuda else 256)
+sync = torch.cuda.synchronize if cuda else (lambda: None)
+if not os.path.exists(cpu_config):
+    sys.exit(f"error: no config file {cpu_config}; pass --cpu_config=path")
+small = {}
+exec(open(cpu_config).read(), {}, small)
+rows = []
+
+
+def row(name, **values):
+    """Print one table row and append it to out_file."""
+    rows.append({'name': name, 'device': device, **values})
+    shown = ', '.join(f"{k} {v:,.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+    print(f"{name:<44} {shown}", flush=True)
+    with open(out_file, 'a') as f:
+        f.write(json.dumps(rows[-1]) + '\n')
+
+
+def measure_bandwidth(n_bytes=1 << 28, repeats=5):
+    """Memory bandwidth in bytes/s: a large copy reads and writes n_bytes each."""
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    sync()
+    return 2 * n_bytes * repeats / (time.perf_counter() - t0)
+
+
+def train_step_speed(config, dtype, compiled, B, T):
+    """(tokens/s, seconds/step) of forward + backward + AdamW on random tokens, after warm-up."""
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    [opt] = model.configure_optimizers(0.1, 3e-4, (0.9, 0.95), 'cuda' if cuda else 'cpu')
+    step_model = torch.compile(model) if compiled else model
+    ctx = torch.autocast('cuda' if cuda else 'cpu', dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
+    x, y = torch.randint(0, config.vocab_size, (2, B, T), device=device)
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync()
+            t0 = time.perf_counter()
+        with ctx:
+            loss = step_model(x, y)[1]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync()
+    seconds = (time.perf_counter() - t0) / steps
+    return B * T / seconds, seconds, model
+
+
+peak = {dt: measure_matmul_flops(device, getattr(torch, dt)) for dt in ('float32', 'bfloat16')}
+bandwidth = measure_bandwidth()
+row('peak matmul fp32', tflops=peak['float32'] / 1e12)
+row('peak matmul bf16', tflops=peak['bfloat16'] / 1e12, vs_fp32=peak['bfloat16'] / peak['float32'])
+row('memory bandwidth (copy)', gb_per_s=bandwidth / 1e9)
+
+# --- training steps: the baseline first, then the allocator setting train.py uses on the CPU
+shapes = [('GPT-2 small', GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size),
+           batch_size, block_size)]
+small_config = GPTConfig(n_layer=small['n_layer'], n_head=small['n_head'], n_embd=small['n_embd'],
+                         block_size=small['block_size'], pad_vocab_to=small.get('pad_vocab_to', 64))
+baseline_config = GPTConfig(n_layer=small['n_layer'], n_head=small['n_head'], n_embd=small['n_embd'],
+                            block_size=small['block_size'], pad_vocab_to=1)
+if not cuda:  # plain eager fp32, no padding, glibc's default allocator: the CPU config's baseline
+    base_speed, base_seconds, _ = train_step_speed(baseline_config, 'float32', False, small['batch_size'],
+                                                   small['block_size'])
+    row('CPU config: plain eager fp32 (baseline)', tokens_per_s=base_speed, ms_per_step=base_seconds * 1000)
+    ctypes.CDLL('libc.so.6').mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD, as train.py sets it
+    ctypes.CDLL('libc.so.6').mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+    shapes.append(('CPU config', small_config, small['batch_size'], small['block_size']))
+variants = [('eager', 'float32'), ('eager', 'bfloat16')] + ([('compiled', 'float32'), ('compiled', 'bfloat16')]
+                                                          if compile else [])
+if cuda:
+    variants = [v for v in variants if v[1] == 'bfloat16']
+for shape_name, config, B, T in shapes:
+    for mode, dtype in variants:
+        speed, seconds, model = train_step_speed(config, dtype, mode == 'compiled', B, T)
+        mfu = model.estimate_mfu(speed, peak[dtype], T)
+        extra = {'vs_baseline': speed / base_speed} if shape_name == 'CPU config' and not cuda else {}
+        row(f"{shape_name}: {mode} {dtype}, B={B} T={T}", tokens_per_s=speed, ms_per_step=seconds * 1000,
+            mfu=mfu, **extra)
+
+# --- data: get_batch on the memmap opened once, against reopening the file for every batch
+data_file = os.path.join(data_dir, 'train.bin')
+if not os.path.exists(data_file):  # no prepared book: time the same reads on random tokens
+    data_file = os.path.join(tempfile.mkdtemp(), 'train.bin')
+    np.random.default_rng(0).integers(0, 50257, 200_000).astype(np.uint16).tofile(data_file)
+B, T = small['batch_size'], small['block_size']
+rng = np.random.default_rng(0)
+tokens = np.memmap(data_file, dtype=np.uint16, mode='r')
+t0 = time.perf_counter()
+for _ in range(200):
+    torch.from_numpy(windows(tokens, random_offsets(rng, len(tokens), T, B), T)[0])
+opened_once = (time.perf_counter() - t0) / 200
+t0 = time.perf_counter()
+for _ in range(200):
+    reopened = np.memmap(data_file, dtype=np.uint16, mode='r')
+    torch.from_numpy(windows(reopened, random_offsets(rng, len(reopened), T, B), T)[0])
+reopening = (time.perf_counter() - t0) / 200
+if not cuda:
+    step_seconds = B * T / max(r['tokens_per_s'] for r in rows if r['name'].startswith('CPU config:'))
+    row('get_batch (memmap opened once)', us_per_batch=opened_once * 1e6, fraction_of_step=opened_once / step_seconds)
+row('get_batch (memmap reopened per batch)', us_per_batch=reopening * 1e6, vs_opened_once=reopening / opened_once)
+
+# --- generation, batch 1: the KV cache against recomputing the context, and the bandwidth limit
+model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)).to(device).eval()
+weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # read once per token
+limit = bandwidth / weight_bytes
+prompt = torch.randint(0, 50257, (1, 16), device=device)
+speeds = {}
+for kv_cache in (True, False):
+    for _ in model.stream(prompt, 4, temperature=0, kv_cache=kv_cache):
+        pass  # warm-up
+    sync()
+    t0 = time.perf_counter()
+    for _ in model.stream(prompt, new_tokens, temperature=0, kv_cache=kv_cache):
+        pass
+    sync()
+    speeds[kv_cache] = new_tokens / (time.perf_counter() - t0)
+row(f'generate {new_tokens} tokens, no cache', tokens_per_s=speeds[False])
+row(f'generate {new_tokens} tokens, KV cache', tokens_per_s=speeds[True], vs_no_cache=speeds[True] / speeds[False],
+    bandwidth_limit_tokens_per_s=limit, of_limit=speeds[True] / limit)
