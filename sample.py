@@ -9,6 +9,7 @@ Tokens stream to stdout as they are generated; the speed goes to stderr at the e
 """
 import codecs
 import os
+import pickle
 import sys
 import time
 from contextlib import nullcontext
@@ -64,7 +65,7 @@ try:
         sys.exit(f"error: unknown model {init_from!r}; use resume, scratch, {', '.join(PRETRAINED)} or a directory")
 except (DownloadError, ValueError) as e:
     sys.exit(f"error: {e}")
-except (RuntimeError, OSError, KeyError) as e:
+except (RuntimeError, OSError, KeyError, EOFError, pickle.UnpicklingError) as e:
     sys.exit(f"error: cannot load {ckpt_path} ({type(e).__name__}); the file is damaged, train again or pass another --out_dir")
 
 model.eval().to(device)

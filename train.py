@@ -14,6 +14,7 @@ import ctypes
 import json
 import math
 import os
+import pickle
 import random
 import signal
 import sys
@@ -191,7 +192,7 @@ elif init_from == 'resume':
         model_args = {**checkpoint['model_args'], 'dropout': dropout}
         model = GPT(GPTConfig(**model_args))
         model.load_state_dict(checkpoint['model'])
-    except (RuntimeError, OSError, KeyError, EOFError) as e:
+    except (RuntimeError, OSError, KeyError, EOFError, pickle.UnpicklingError) as e:
         fail(f"cannot load {ckpt_path} ({type(e).__name__}); the file is damaged: delete it or train from scratch")
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
 else:

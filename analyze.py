@@ -1,0 +1,575 @@
+"""
+What a trained GPT-2 put in its embeddings: the geometry of the position table W_pos and the
+token table W_E, how layer-0 attention uses them, how they formed during training and how
+stable they are across seeds. Writes report.md (tables, figures inline), report.json and PNGs.
+
+    $ python analyze.py --out_dir=out-gulliver              # a checkpoint written by train.py
+    $ python analyze.py --init_from=gpt2                    # the pretrained GPT-2 weights
+    $ python analyze.py --wpe_file=W_pos.npy                # any position table (T, d), T >= 8
+    $ python analyze.py --out_dir=out-gulliver --compare_out_dir=out-gulliver-seed2
+    $ python analyze.py --compare out-gulliver out-mlm out-sgns out-glove
+
+The studies themselves are plain functions of arrays in geometry.py (and qk_decomposition,
+logit_lens below, which need the model); this script loads, checks, wires and reports.
+"""
+import glob
+import json
+import math
+import os
+import pickle
+import sys
+import time
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+import matplotlib
+matplotlib.use('Agg')  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from configurator import configure, resolve_device
+from download import DownloadError
+from geometry import (analogy, anisotropy, cosine_matrix, mean_cos_by_distance, nearest_neighbours, norm_vs_frequency,
+                      pca, positional_geometry, similarity, spearman)
+from model import GPT, PRETRAINED, load_checkpoint
+from tokenizer import VOCAB_SIZE, get_tokenizer
+
+# -----------------------------------------------------------------------------
+init_from = 'resume'      # 'resume' (out_dir/ckpt.pt), 'gpt2'..'gpt2-xl', or a Hugging Face directory
+out_dir = 'out-gulliver'  # with init_from='resume': ckpt.pt, log.jsonl and snapshots/
+wpe_file = ''             # a .npy position table (T, d) to analyse instead of a model
+wte_file = ''             # a .npy token table (50257, d) to analyse instead of a model
+data_dir = ''             # train.bin and val.bin; '': the checkpoint's data_dir, else data/gulliver
+report_dir = 'report'     # where report.md, report.json and the figures go
+compare_out_dir = ''      # the same model trained with another seed: how stable is the geometry?
+compare = []              # `--compare DIR DIR ...`: directories with ckpt.pt or W_E.npy, W_E side by side
+probes = ''               # more probe words, comma-separated; each is looked up as ' word' (as in running text)
+eval_tokens = 2048        # val tokens for the logit lens and the layer-0 attention decomposition
+top_n = 3000              # at most this many of the most frequent tokens in RSA, CKA and neighbour overlap
+device = 'auto'           # 'auto', 'cpu', 'cuda', ...
+# -----------------------------------------------------------------------------
+PROBE_WORDS = [' king', ' queen', ' man', ' woman', ' ship', ' sea', ' horse', ' giant', ' small']
+ANALOGIES = [(' man', ' king', ' woman', ' queen'), (' man', ' men', ' woman', ' women'),  # a : b :: c : d
+             (' he', ' his', ' she', ' her'), (' great', ' greater', ' small', ' smaller'),
+             (' England', ' English', ' France', ' French')]
+MIN_COUNT = 5  # tokens seen fewer times in train.bin are left out of the comparisons between tables
+SIMILARITIES = {'cka': 'linear CKA', 'rsa': 'RSA (Spearman of the cosines)', 'nn_overlap_10': 'neighbour overlap @10',
+                'procrustes_cos': 'mean cosine after Procrustes'}
+TERMS = ['token-token', 'position-position', 'token-position', 'position-token', 'bias']
+FREQUENCY_BINS = [(0, 0, 'unseen'), (1, 9, '1-9'), (10, 99, '10-99'), (100, 999, '100-999'), (1000, math.inf, '1000+')]
+
+
+def position_table(model):
+    """The table added to the token embeddings: the learned W_pos, the sinusoidal one, or None."""
+    return model.W_pos if model.W_pos is not None else getattr(model, 'pos_table', None)
+
+
+@torch.no_grad()
+def qk_decomposition(model, x):
+    """Layer-0 query-key scores on token ids x (B, T), split exactly into five parts; each part's
+    share of the within-query score variance per head, and max |sum of parts - model's scores|."""
+    block, d, H = model.transformer.h[0], model.config.n_embd, model.config.n_head
+    dh, T, ln = d // H, x.size(1), block.ln_1
+    W, b = block.attn.c_attn.weight, block.attn.c_attn.bias  # rows: W_Q, W_K, W_V; q = LN(h) W_Q^T + b_Q
+    W_Q, W_K, zero = W[:d], W[d:2 * d], torch.zeros(d, device=W.device)
+    beta = ln.bias if ln.bias is not None else zero
+    b_Q = beta @ W_Q.T + (b[:d] if b is not None else zero)  # LN's beta goes through W_Q into the bias
+    b_K = beta @ W_K.T + (b[d:2 * d] if b is not None else zero)
+    mask = torch.ones(T, T, dtype=torch.bool, device=W.device)
+    mask = mask.tril() if model.config.causal else mask
+
+    def heads(v):  # (B, T, d) -> (B, H, T, dh)
+        return v.view(-1, T, H, dh).transpose(1, 2)
+
+    def centre(s):  # subtract each query's mean over the keys it sees: softmax ignores that part
+        s = s.masked_fill(~mask, 0)
+        return (s - s.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True)).masked_fill(~mask, 0)
+
+    p = position_table(model)[:T]
+    cov, var, error, largest = torch.zeros(len(TERMS), H, device=W.device), torch.zeros(H, device=W.device), 0.0, 0.0
+    for xb in x.split(1):
+        e = model.transformer.wte(xb)
+        # LN(e + p) = gamma*(e - mean e)/sigma + gamma*(p - mean p)/sigma + beta exactly, sigma = std(e + p)
+        sigma = torch.sqrt((e + p).var(-1, unbiased=False, keepdim=True) + ln.eps)
+        e_n = ln.weight * (e - e.mean(-1, keepdim=True)) / sigma
+        p_n = ln.weight * (p - p.mean(-1, keepdim=True)) / sigma
+        qe, qp, ke, kp = heads(e_n @ W_Q.T), heads(p_n @ W_Q.T), heads(e_n @ W_K.T), heads(p_n @ W_K.T)
+        qb, kb = b_Q.view(H, 1, dh), b_K.view(H, 1, dh)
+        parts = torch.stack([qe @ ke.mT, qp @ kp.mT, qe @ kp.mT, qp @ ke.mT,
+                             qb @ (ke + kp).mT + (qe + qp) @ kb.mT + qb @ kb.mT]) / math.sqrt(dh)
+        q, k, _ = block.attn.c_attn(ln(e + p)).split(d, dim=2)  # the model's own layer-0 scores
+        scores = heads(q) @ heads(k).mT / math.sqrt(dh)
+        error = max(error, (parts.sum(0) - scores).abs().max().item())
+        largest = max(largest, scores.abs().max().item())
+        total = centre(scores)
+        # share_i = Cov(part_i, score) / Var(score): the shares of the five parts add up to 1
+        cov += (centre(parts) * total).sum((1, 3, 4))
+        var += (total ** 2).sum((0, 2, 3))
+    share = (cov / var).T.cpu()
+    return {'terms': TERMS, 'share_by_head': share.tolist(), 'share_mean': share.mean(0).tolist(),
+            'max_abs_error': error, 'max_abs_score': largest, 'tokens': x.numel()}
+
+
+@torch.no_grad()
+def logit_lens(model, x, y):
+    """Next-token loss of decoding the residual stream after the embeddings (entry 0) and after each
+    block through the final LayerNorm and the tied head; the last entry is the model's own loss."""
+    residuals = []
+    hooks = [m.register_forward_hook(lambda module, inputs, output: residuals.append(output))
+             for m in [model.transformer.drop, *model.transformer.h]]
+    losses = torch.zeros(len(hooks))
+    for xb, yb in zip(x.split(1), y.split(1)):
+        residuals.clear()
+        model.trunk(xb)
+        for layer, h in enumerate(residuals):
+            logits = model.lm_head(model.transformer.ln_f(h))[..., :model.config.vocab_size]
+            losses[layer] += F.cross_entropy(logits.flatten(0, 1), yb.flatten()).item()
+    for hook in hooks:
+        hook.remove()
+    return (losses / len(x)).tolist()
+
+
+def token_studies(W, counts, probe_ids, enc):
+    """Neighbours of the probe tokens and analogies (both among the tokens seen in training),
+    norm vs log frequency, and anisotropy, for one token table W (V, d)."""
+    seen = np.flatnonzero(counts > 0)
+    ids = {w: enc.encode_ordinary(w)[0] for analogy_words in ANALOGIES for w in analogy_words}
+    analogies = []
+    for a, b, c, answer in ANALOGIES:
+        result = analogy(W, ids[a], ids[b], ids[c], ids[answer], 5, np.union1d(seen, ids[answer]))
+        analogies.append({'analogy': f'{b.strip()} - {a.strip()} + {c.strip()}', 'expected': answer,
+                          'expected_count': int(counts[ids[answer]]), **result,
+                          'top': [enc.decode([i]) for i in result['top']],
+                          'top_excluding_inputs': [enc.decode([i]) for i in result['top_excluding_inputs']]})
+    return {'neighbours': {w: [(enc.decode([j]), c) for j, c in nearest_neighbours(W, i, 10, seen)]
+                           for w, i in probe_ids.items()},
+            'probe_counts': {w: int(counts[i]) for w, i in probe_ids.items()},
+            'analogies': analogies, 'candidates': len(seen), 'norm_frequency': norm_vs_frequency(W, counts),
+            'anisotropy': anisotropy(W), 'anisotropy_seen': anisotropy(W[seen])}
+
+
+# ---- loading: every check happens here, before anything is written -------------------------
+
+def load_matrix(path, name, min_rows=1, rows=None):
+    """A finite float matrix (n, d) from a .npy file; anything else exits with one line."""
+    try:
+        M = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        sys.exit(f"error: --{name}: no such file {path}")
+    except (OSError, ValueError, EOFError):
+        sys.exit(f"error: --{name}: {path} is not a .npy file of numbers (write one with numpy.save)")
+    if not isinstance(M, np.ndarray):
+        sys.exit(f"error: --{name}: {path} holds several arrays (.npz); save one matrix with numpy.save")
+    if M.ndim != 2:
+        sys.exit(f"error: --{name}: expected a matrix (rows, d), got shape {M.shape}")
+    if M.dtype.kind != 'f':
+        sys.exit(f"error: --{name}: expected a float matrix, got dtype {M.dtype}")
+    if len(M) < min_rows or (rows is not None and len(M) != rows):
+        sys.exit(f"error: --{name}: expected {rows or f'at least {min_rows}'} rows, got {len(M)}")
+    if not np.isfinite(M).all():
+        sys.exit(f"error: --{name}: {path} has {int((~np.isfinite(M)).sum())} NaN or infinite entries")
+    return M.astype(np.float32)
+
+
+def load_model(init_from, out_dir, device):
+    """(model in eval mode, train.py's settings or {}) from out_dir/ckpt.pt or GPT-2 weights."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    try:
+        if init_from == 'resume':
+            if not os.path.exists(path):
+                sys.exit(f"error: no checkpoint at {path}; run train.py, or pass --out_dir or --init_from=gpt2")
+            model, checkpoint = load_checkpoint(path, device)
+            return model.eval(), checkpoint.get('config', {})
+        if init_from in PRETRAINED or os.path.isdir(init_from):
+            return GPT.from_pretrained(init_from).to(device).eval(), {}
+    except (DownloadError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    except (RuntimeError, OSError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
+        sys.exit(f"error: cannot load {path if init_from == 'resume' else init_from} ({type(e).__name__}); damaged?")
+    sys.exit(f"error: unknown model {init_from!r}; use resume, {', '.join(PRETRAINED)} or a directory")
+
+
+def load_tables(path, name):
+    """(W_E, W_pos or None, train.py's settings or {}) from a directory with ckpt.pt or W_E.npy."""
+    if os.path.exists(os.path.join(path, 'ckpt.pt')):
+        model, config = load_model('resume', path, 'cpu')
+        P = position_table(model)
+        return model.W_E.detach().numpy(), None if P is None else P.detach().numpy(), config
+    if os.path.exists(os.path.join(path, 'W_E.npy')):
+        return load_matrix(os.path.join(path, 'W_E.npy'), name, rows=VOCAB_SIZE), None, {}
+    sys.exit(f"error: --{name}: {path} holds neither ckpt.pt nor W_E.npy; pass directories written by train.py or embeddings.py")
+
+
+def load_tokens(data_dir, split):
+    """The uint16 token ids of data_dir/{split}.bin."""
+    path = os.path.join(data_dir, f'{split}.bin')
+    if not os.path.exists(path):
+        sys.exit(f"error: no {path}; run prepare.py first, or pass --data_dir")
+    ids = np.fromfile(path, dtype=np.uint16)
+    if len(ids) < 2 or ids.max() >= VOCAB_SIZE:
+        sys.exit(f"error: {path} is not a token file written by prepare.py")
+    return ids
+
+
+def load_snapshots(folder, counts):
+    """Per-token drift |W_E(t) - W_E(0)| by frequency, and the W_pos cosine-vs-distance curve, at each
+    snapshot (np.savez files iter_*.npz with W_E and, for a learned table, W_pos)."""
+    paths = sorted(glob.glob(os.path.join(folder, 'iter_*.npz')))
+    if len(paths) < 2:
+        return None
+    out = {'iters': [], 'drift_median': {label: [] for *_, label in FREQUENCY_BINS}, 'pos_mean_cos_by_distance': []}
+    W0 = None
+    for path in paths:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                W, P = z['W_E'][:VOCAB_SIZE].astype(np.float32), z['W_pos'].astype(np.float32) if 'W_pos' in z else None
+            out['iters'].append(int(os.path.basename(path)[5:-4]))
+        except (OSError, ValueError, KeyError, EOFError):
+            sys.exit(f"error: {path} is not a snapshot written by train.py (np.savez with W_E)")
+        W0 = W if W0 is None else W0
+        drift = np.linalg.norm(W - W0, axis=1)
+        for lo, hi, label in FREQUENCY_BINS:
+            in_bin = (counts >= lo) & (counts <= hi)
+            out['drift_median'][label].append(float(np.median(drift[in_bin])) if in_bin.any() else None)
+        if P is not None:
+            out['pos_mean_cos_by_distance'].append(mean_cos_by_distance(P))
+    seen = counts > 0
+    out['drift_spearman_log_count'] = spearman(drift[seen], np.log(counts[seen]))
+    return out
+
+
+def read_log(path):
+    """The train and eval events of log.jsonl (a last line still being written, with no newline yet, is left out)."""
+    try:
+        with open(path) as f:
+            events = [json.loads(line) for line in f if line.endswith('\n')]
+    except json.JSONDecodeError as e:
+        sys.exit(f"error: {path} has a line that is not JSON ({e.msg}); is it a log.jsonl written by train.py?")
+    return [e for e in events if e.get('event') == 'train'], [e for e in events if e.get('event') == 'eval']
+
+
+def frequent_tokens(counts):
+    """Ids (ascending) of the top_n most frequent tokens, of those seen at least MIN_COUNT times."""
+    order = np.argsort(-counts, kind='stable')
+    return np.sort(order[counts[order] >= MIN_COUNT][:top_n])
+
+
+def compare_argv(argv):
+    """Rewrite `--compare a b c` (the directories up to the next --setting) as --compare=['a', 'b', 'c']."""
+    if '--compare' not in argv:
+        return argv
+    i = j = argv.index('--compare')
+    while j + 1 < len(argv) and not argv[j + 1].startswith('--'):
+        j += 1
+    if j == i:
+        sys.exit("error: --compare needs directories after it, e.g. --compare out-gulliver out-sgns")
+    return argv[:i] + [f"--compare={argv[i + 1:j + 1]!r}"] + argv[j + 1:]
+
+
+# ---- figures and report ---------------------------------------------------------------------
+
+def save(fig, name):
+    """Write a figure into report_dir; return the markdown that shows it."""
+    fig.savefig(os.path.join(report_dir, name), dpi=110)
+    plt.close(fig)
+    figures.append(name)
+    return f'![{name}]({name})\n'
+
+
+def plot_lines(name, title, xlabel, ylabel, lines, **axes):
+    """A figure of curves, lines = [(x, y, style, label or None), ...]; returns its markdown."""
+    fig, ax = plt.subplots(figsize=(6.5, 4), layout='constrained')
+    for x, y, style, label in lines:
+        ax.plot(x, y, style, ms=3, label=label)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel, **axes)
+    if any(label for *_, label in lines):
+        ax.legend()
+    return save(fig, name)
+
+
+def heatmap(ax, fig, M, title, xlabels, ylabels, label, **imshow):
+    """An annotated matrix with its colour bar."""
+    im = ax.imshow(M, aspect='auto', **imshow)
+    fig.colorbar(im, ax=ax, label=label)
+    ax.set(title=title, xticks=range(len(xlabels)), yticks=range(len(ylabels)), yticklabels=ylabels)
+    ax.set_xticklabels(xlabels, rotation=30, ha='right')
+    for (i, j), v in np.ndenumerate(M):
+        r, g, b, _ = im.cmap(im.norm(v))  # dark text on light cells, light text on dark ones
+        ax.text(j, i, f'{v:.2f}', ha='center', va='center', fontsize=8, color='k' if r + 2 * g + b > 2 else 'w')
+
+
+def table(header, rows):
+    return '\n'.join(['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)] +
+                     ['| ' + ' | '.join(f'{c:.4g}' if isinstance(c, float) else str(c) for c in row) + ' |'
+                      for row in rows]) + '\n'
+
+
+def show(token):
+    """A token in markdown: quoted, with newlines and table bars escaped."""
+    return '`' + repr(token).replace('|', '\\|').replace('`', "'") + '`'
+
+
+def positional_section(P):
+    """The positional studies of a table P (T, d), with their figures: (json, markdown)."""
+    g, k, T = positional_geometry(P), np.arange(len(P)), len(P)
+    ratios, alpha, r2 = g['pca_explained_variance'], g['exp_fit']['alpha'], g['exp_fit']['r2']
+    dc, line = g['delta_consecutive_cos_mean'], g['linear_fit_r2']
+    md = ['## Positional embeddings (W_pos, %d x %d)\n' % P.shape, table(['quantity', 'value'], [
+        ['norm of p_t: min / mean / max', ' / '.join(f"{f(g['norms']):.3f}" for f in (np.min, np.mean, np.max))],
+        ['mean cos at distance 1 / T/4 / T/2', ' / '.join(f"{g['mean_cos_by_distance'][j]:.3f}" for j in (1, T // 4, T // 2))],
+        ['fit cos ~ exp(-alpha k)', f'alpha = {alpha:.4g}, R^2 = {r2:.3f}'],
+        ['variance of PC1, PC2, PC3', ', '.join(f'{r:.1%}' for r in ratios[:3])],
+        ['components for 80% / 90% of the variance', f"{g['n_components_80']} / {g['n_components_90']}"],
+        ['abs corr(PC score, t) for PC1, PC2, PC3', ', '.join(f'{c:.3f}' for c in g['pc_abs_corr_with_position'][:3])],
+        ['mean cos(delta_t, delta_t+1), delta_t = p_t+1 - p_t', f'{dc:.3f}'],
+        ['variance explained by the line p_t = a + t b', f'{line:.1%}']]),
+        f"The steps delta_t are {'nearly parallel' if dc > 0.9 else 'far from parallel'} (mean cosine {dc:.2f}) and the "
+        f"best line a + t b explains {line:.0%} of the variance: the picture p_t ~ a + t b "
+        f"{'holds' if line > 0.9 else 'does not hold'} for this table.\n",
+        plot_lines('positional_norms.png', 'W_pos: norm of each position', 'position t', '||p_t||',
+                   [(k, g['norms'], '-', None)]),
+        plot_lines('positional_cos_by_distance.png', 'W_pos: cosine similarity vs distance', 'distance k',
+                   'mean cos(p_t, p_t+k)', [(k, g['mean_cos_by_distance'], '-', 'mean over t'),
+                                            (k, np.exp(-alpha * k), '--', f'exp(-{alpha:.3g} k), R^2 = {r2:.2f}')])]
+    fig, ax = plt.subplots(figsize=(5.5, 4.5), layout='constrained')
+    fig.colorbar(ax.imshow(cosine_matrix(P), cmap='RdBu_r', vmin=-1, vmax=1), ax=ax, label='cos(p_i, p_j)')
+    ax.set(title='W_pos: cosine similarity of positions', xlabel='position j', ylabel='position i')
+    md.append(save(fig, 'positional_cosine.png'))
+    scores = pca(np.asarray(P, np.float64))[1]
+    pairs = [(i, j) for i, j in ((0, 1), (1, 2)) if j < scores.shape[1]]
+    if pairs:
+        fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4.2), layout='constrained', squeeze=False)
+        for ax, (i, j) in zip(axes[0], pairs):
+            points = ax.scatter(scores[:, i], scores[:, j], c=k, cmap='viridis', s=10)
+            ax.set(title=f'W_pos: PC{i + 1} vs PC{j + 1}', xlabel=f'PC{i + 1} ({ratios[i]:.0%} of variance)',
+                   ylabel=f'PC{j + 1} ({ratios[j]:.0%} of variance)')
+        fig.colorbar(points, ax=axes[0].tolist(), label='position t')
+        md.append(save(fig, 'positional_pca.png'))
+    fig, ax = plt.subplots(figsize=(6.5, 4), layout='constrained')
+    n = np.arange(1, min(len(ratios), max(30, g['n_components_90'] + 5)) + 1)
+    ax.bar(n, ratios[:len(n)], label='each component')
+    ax.plot(n, np.cumsum(ratios)[:len(n)], 'o-', color='C1', ms=3, label='cumulative (dotted: 80%, 90%)')
+    ax.axhline(0.8, color='grey', ls=':'), ax.axhline(0.9, color='grey', ls=':')
+    ax.set(title='W_pos: PCA explained variance', xlabel='principal component', ylabel='fraction of variance',
+           ylim=(0, 1.02))
+    ax.legend()
+    return g, md + [save(fig, 'positional_explained_variance.png')]
+
+
+def attention_section(qk):
+    share = np.array(qk['share_by_head'])
+    fig, ax = plt.subplots(figsize=(7, 1.4 + 0.45 * len(share)), layout='constrained')
+    heatmap(ax, fig, share, 'Layer 0: share of the within-query score variance', TERMS,
+            [f'head {h}' for h in range(len(share))], 'Cov(part, score) / Var(score)', cmap='RdBu_r', vmin=-1, vmax=1)
+    return ['### Layer-0 attention: what the query-key scores are made of\n',
+            "LN(e + p) = gamma*e_c/sigma + gamma*p_c/sigma + beta with one sigma, so each score q_i.k_j splits exactly "
+            "into five parts. A cell is the part's share Cov(part, score) / Var(score) of the score variance within a "
+            "query (softmax ignores what is the same for all of a query's keys); a head's shares add up to 1. "
+            f"Over {qk['tokens']} val tokens the parts add back to the model's own scores within "
+            f"{qk['max_abs_error']:.1e} (largest score {qk['max_abs_score']:.1f}).\n",
+            table(['head'] + TERMS, [[h, *(f'{v:.3f}' for v in row)] for h, row in enumerate(share)] +
+                  [['mean', *(f'{v:.3f}' for v in qk['share_mean'])]]), save(fig, 'attention_layer0.png')]
+
+
+def token_markdown(studies):
+    """Tables of the token studies of one or more tables, {label: token_studies(...)}."""
+    first, columns = next(iter(studies.values())), list(studies.values())
+    ranks = [a['rank_excluding_inputs'] for s in columns for a in s['analogies']]
+    return [f"Neighbours are searched among the {first['candidates']} tokens seen in train.bin (counts in brackets), "
+            "analogies among these and the expected word.\n",
+            table(['probe', *studies], [[f"{show(w)} ({first['probe_counts'][w]})",
+                                         *(', '.join(show(t) for t, _ in s['neighbours'][w][:6]) for s in columns)]
+                                        for w in first['neighbours']]),
+            "Analogies by 3CosAdd: the rank of the expected word with the input words excluded / included, "
+            "and the top word.\n",
+            table(['analogy', 'expected', *studies], [
+                [a['analogy'], f"{show(a['expected'])} ({a['expected_count']})",
+                 *(f"{s['analogies'][i]['rank_excluding_inputs']} / {s['analogies'][i]['rank']}, "
+                   f"{show(s['analogies'][i]['top_excluding_inputs'][0])}" for s in columns)]
+                for i, a in enumerate(first['analogies'])]),
+            f"The expected word comes first in {ranks.count(1)} of {len(ranks)} cases; the median rank is "
+            f"{int(np.median(ranks))} of {first['candidates']} (chance: about {first['candidates'] // 2}).\n",
+            table(['', *studies], [[label, *(s[key][sub] for s in columns)] for label, key, sub in (
+                ('Spearman(norm, log count), seen tokens', 'norm_frequency', 'spearman_seen'),
+                ('mean norm, seen tokens', 'norm_frequency', 'mean_norm_seen'),
+                ('mean norm, never-seen tokens', 'norm_frequency', 'mean_norm_unseen'),
+                ('anisotropy, all rows: raw', 'anisotropy', 'raw'),
+                ('anisotropy, all rows: centred', 'anisotropy', 'centred'),
+                ('anisotropy, seen rows: raw', 'anisotropy_seen', 'raw'),
+                ('anisotropy, seen rows: centred', 'anisotropy_seen', 'centred'))])]
+
+
+def token_section(W, counts, probe_ids, enc):
+    """The token studies of W_E with the norm-vs-frequency scatter: (json, markdown)."""
+    studies = token_studies(W, counts, probe_ids, enc)
+    nf, norms, seen = studies['norm_frequency'], np.linalg.norm(W, axis=1), counts > 0
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), layout='constrained')
+    ax.scatter(counts[seen], norms[seen], s=4, alpha=0.4, label=f"seen in train.bin ({nf['n_seen']})")
+    ax.scatter(np.full((~seen).sum(), 0.5), norms[~seen], s=4, alpha=0.2, color='C3',
+               label=f"never seen ({nf['n_unseen']}), drawn at 0.5")
+    ax.set(xscale='log', xlabel='count in train.bin', ylabel='||W_E[i]||',
+           title=f"W_E: norm vs frequency (Spearman {nf['spearman_seen']:.2f} over seen tokens)")
+    ax.legend()
+    return studies, ['## Token embeddings (W_E)\n', *token_markdown({'this model': studies}),
+                     save(fig, 'token_norm_frequency.png')]
+
+
+def dynamics_section(snapshots):
+    iters = snapshots['iters']
+    md = ['## During training\n', f"Spearman(drift at the last snapshot, log count) over the tokens seen: "
+          f"{snapshots['drift_spearman_log_count']:.3f}.\n",
+          plot_lines('dynamics_drift.png', 'W_E: drift from init, median by token frequency', 'iteration',
+                     'median ||W_E(t) - W_E(0)||',
+                     [(iters, v, 'o-', f'count {label}') for label, v in snapshots['drift_median'].items()])]
+    if snapshots['pos_mean_cos_by_distance']:
+        fig, ax = plt.subplots(figsize=(6.5, 4), layout='constrained')
+        for curve, colour in zip(snapshots['pos_mean_cos_by_distance'], plt.cm.viridis(np.linspace(0, 1, len(iters)))):
+            ax.plot(curve, color=colour, lw=1)
+        fig.colorbar(plt.cm.ScalarMappable(plt.Normalize(iters[0], iters[-1]), 'viridis'), ax=ax, label='iteration')
+        ax.set(title='W_pos: cosine vs distance during training', xlabel='distance k', ylabel='mean cos(p_t, p_t+k)')
+        md.append(save(fig, 'dynamics_positional.png'))
+    return md
+
+
+def compare_section(names, tables, counts, probe_ids, enc):
+    """Token studies of each W_E, and CKA, RSA, neighbour overlap, Procrustes between each pair: (json, markdown)."""
+    tokens = frequent_tokens(counts)
+    studies = {name: token_studies(W, counts, probe_ids, enc) for name, W in zip(names, tables)}
+    pairs = {(i, j): similarity(tables[i][tokens], tables[j][tokens])
+             for i in range(len(names)) for j in range(i + 1, len(names))}
+    fig, axes = plt.subplots(2, 2, figsize=(12, 10), layout='constrained')
+    for ax, (key, title) in zip(axes.flat, SIMILARITIES.items()):
+        M = np.eye(len(names))
+        for (i, j), s in pairs.items():
+            M[i, j] = M[j, i] = s[key]
+        heatmap(ax, fig, M, title, names, names, key, cmap='RdBu_r', vmin=-1, vmax=1)
+    fig.suptitle(f'W_E compared over the {len(tokens)} most frequent tokens seen at least {MIN_COUNT} times')
+    md = [f"# Token embeddings compared: {', '.join(names)}\n", '## Each table on its own\n',
+          *token_markdown(studies),
+          f'## Between tables, over the {len(tokens)} most frequent tokens seen at least {MIN_COUNT} times\n',
+          similarity_table([f'{names[i]} vs {names[j]}' for i, j in pairs], pairs.values()), save(fig, 'compare.png')]
+    return {'models': names, 'tokens_compared': len(tokens), 'token_studies': studies,
+            'pairs': [{'a': names[i], 'b': names[j], **s} for (i, j), s in pairs.items()]}, md
+
+
+def similarity_table(names, sims):
+    return table(['', *SIMILARITIES.values()], [[name, *(s[key] for key in SIMILARITIES)] for name, s in zip(names, sims)])
+
+
+def plain(o):
+    """report.json values: numpy to lists and numbers, NaN and inf to None (JSON has neither)."""
+    if isinstance(o, dict):
+        return {str(k): plain(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple, np.ndarray)):
+        return [plain(v) for v in o]
+    if isinstance(o, (float, np.floating)):
+        return float(o) if math.isfinite(o) else None
+    return int(o) if isinstance(o, np.integer) else o
+
+
+def write_atomic(path, text):
+    with open(path + '.tmp', 'w') as f:
+        f.write(text)
+    os.replace(path + '.tmp', path)
+
+
+if __name__ == '__main__':
+    configure(globals(), compare_argv(sys.argv[1:]))
+    t0, enc, figures, report, notes = time.time(), get_tokenizer(), [], {}, []
+    device = resolve_device(device)
+    probe_words = PROBE_WORDS + [' ' + w.strip() for w in probes.split(',') if w.strip()]
+    probe_ids = {w: enc.encode_ordinary(w)[0] for w in probe_words if len(enc.encode_ordinary(w)) == 1}
+    notes += [f'probe {w!r} is not a single GPT-2 token; skipped' for w in probe_words if w not in probe_ids]
+    model, W_E, W_pos, config, other, log, snapshots = None, None, None, {}, None, None, None
+    # load and check everything first, so that bad input leaves no partial report behind
+    if compare:
+        if len(compare) < 2:
+            sys.exit("error: --compare needs at least two directories, e.g. --compare out-gulliver out-sgns")
+        loaded = [load_tables(d, 'compare') for d in compare]
+        config = next((c for _, _, c in loaded if 'data_dir' in c), {})
+    elif wpe_file or wte_file:
+        W_pos = load_matrix(wpe_file, 'wpe_file', min_rows=8) if wpe_file else None
+        W_E = load_matrix(wte_file, 'wte_file', rows=VOCAB_SIZE) if wte_file else None
+    else:
+        model, config = load_model(init_from, out_dir, device)
+        W_E, P = model.W_E.detach().cpu().numpy(), position_table(model)
+        W_pos = None if P is None else P.detach().cpu().numpy()
+    data_dir = data_dir or config.get('data_dir') or 'data/gulliver'
+    counts = np.bincount(load_tokens(data_dir, 'train'), minlength=VOCAB_SIZE) if W_E is not None or compare else None
+    if model is not None:
+        val = load_tokens(data_dir, 'val')
+        T = min(model.config.block_size, len(val) - 1)
+        ids = torch.from_numpy(val[:max(1, min(eval_tokens, len(val) - 1) // T) * T + 1].astype(np.int64)).to(device)
+        x, y = ids[:-1].view(-1, T), ids[1:].view(-1, T)  # consecutive val chunks and their next tokens
+    if compare_out_dir:
+        if W_E is None:
+            sys.exit("error: --compare_out_dir compares token tables; give a checkpoint or --wte_file as well")
+        other = load_tables(compare_out_dir, 'compare_out_dir')
+    if (compare or other) and len(frequent_tokens(counts)) < 11:
+        sys.exit(f"error: fewer than 11 tokens occur {MIN_COUNT}+ times in {data_dir}/train.bin; too few to compare")
+    if model is not None and init_from == 'resume':
+        log_path = os.path.join(out_dir, 'log.jsonl')
+        log = read_log(log_path) if os.path.exists(log_path) else None
+        snapshots = load_snapshots(os.path.join(out_dir, 'snapshots'), counts)
+
+    os.makedirs(report_dir, exist_ok=True)
+    if compare:
+        report['compare'], md = compare_section([os.path.normpath(d) for d in compare], [W for W, _, _ in loaded],
+                                                counts, probe_ids, enc)
+        report['compare']['data_dir'] = data_dir
+    else:
+        source = wpe_file or wte_file or (out_dir if init_from == 'resume' else init_from)
+        report['source'] = {'source': source, 'data_dir': None if counts is None else data_dir,
+                            'model_args': None if model is None else vars(model.config),
+                            'objective': config.get('objective')}
+        md = [f'# Embedding geometry of {source}\n']
+        if log is not None and log[0]:
+            train, evals = log
+            report['loss'] = {'last_iter': train[-1]['iter'], 'last_train_loss': train[-1]['loss'],
+                              'last_val_loss': evals[-1]['val_loss'] if evals else None,
+                              'best_val_loss': min(e['val_loss'] for e in evals) if evals else None}
+            md += ['## Training\n', table(list(report['loss']), [list(report['loss'].values())]),
+                   plot_lines('loss.png', 'Training loss', 'iteration', 'cross-entropy (nats)',
+                              [([e['iter'] for e in train], [e['loss'] for e in train], '-', 'train (one batch)')] +
+                              [([e['iter'] for e in evals], [e[key] for e in evals], 'o-', key.replace('_', ' '))
+                               for key in ('train_loss', 'val_loss')])]
+        if W_pos is not None:
+            report['positional'], section = positional_section(W_pos)
+            md += section
+            if model is not None:
+                report['attention_layer0'] = qk_decomposition(model, x)
+                md += attention_section(report['attention_layer0'])
+        else:
+            notes.append('no position table is added to the embeddings (pos_emb rope, alibi or none): '
+                         'positional studies skipped')
+        if W_E is not None:
+            report['tokens'], section = token_section(W_E, counts, probe_ids, enc)
+            md += section
+        if model is not None and model.config.causal:
+            losses = logit_lens(model, x, y)
+            report['logit_lens'] = {'loss_by_layer': losses, 'tokens': x.numel()}
+            md += ['## Logit lens\n', table(['layer (0 = embeddings)', 'val loss'], list(enumerate(losses))),
+                   plot_lines('logit_lens.png', 'Logit lens: each layer decoded through LN_f and the tied head',
+                              'layer (0 = embeddings)', 'val loss (nats)', [(range(len(losses)), losses, 'o-', None)],
+                              xticks=range(len(losses)))]
+        elif model is not None:
+            notes.append('logit lens skipped: it measures next-token loss, and this model is a masked LM')
+        if snapshots is not None:
+            report['dynamics'] = snapshots
+            md += dynamics_section(snapshots)
+        if other is not None:
+            tokens = frequent_tokens(counts)
+            report['stability'] = {'compare_out_dir': compare_out_dir, 'tokens_compared': len(tokens),
+                                   'W_E': similarity(W_E[tokens], other[0][tokens])}
+            if W_pos is not None and other[1] is not None:
+                n = min(len(W_pos), len(other[1]))
+                report['stability']['W_pos'] = similarity(W_pos[:n], other[1][:n])
+            names = [k for k in ('W_E', 'W_pos') if k in report['stability']]
+            md += [f'## Across seeds: this run vs {compare_out_dir}\n', f'W_E over the {len(tokens)} most frequent '
+                   f'tokens seen at least {MIN_COUNT} times; W_pos over all positions.\n',
+                   similarity_table(names, [report['stability'][k] for k in names])]
+    md += ['## Notes\n', *(f'- {n}\n' for n in notes)] if notes else []
+    report.update(figures=figures, notes=notes, seconds=round(time.time() - t0, 1))
+    write_atomic(os.path.join(report_dir, 'report.json'), json.dumps(plain(report), indent=1) + '\n')
+    write_atomic(os.path.join(report_dir, 'report.md'), '\n'.join(md))
+    print(f"wrote {report_dir}/report.md, report.json and {len(figures)} figures in {time.time() - t0:.1f} s")

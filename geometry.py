@@ -1,0 +1,189 @@
+"""
+The geometry of an embedding matrix, as plain numpy functions: each takes arrays (rows are
+vectors: W_E is (V, d), W_pos is (T, d)) and returns numbers, lists or dicts, so any of them
+can be pasted into a notebook. analyze.py wires them to models and writes the report.
+"""
+import numpy as np
+
+
+def unit_rows(X):
+    """Each row scaled to length 1 (an all-zero row stays zero)."""
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    return X / np.where(norms > 0, norms, 1)
+
+
+def cosine_matrix(X):
+    """cos(x_i, x_j) for every pair of rows, (n, n)."""
+    U = unit_rows(X)
+    return U @ U.T
+
+
+def pearson(x, y):
+    """Pearson correlation of two 1-D arrays (nan when one is constant)."""
+    x, y = np.asarray(x, np.float64) - np.mean(x), np.asarray(y, np.float64) - np.mean(y)
+    denominator = np.sqrt((x @ x) * (y @ y))
+    return float(x @ y / denominator) if denominator > 0 else float('nan')
+
+
+def rankdata(x):
+    """Ranks 1..n, ties sharing their average rank (as Spearman's rho needs)."""
+    x = np.asarray(x)
+    order = np.argsort(x, kind='stable')
+    sorted_x = x[order]
+    first = np.r_[True, sorted_x[1:] != sorted_x[:-1]]  # where each run of equal values starts
+    starts = np.flatnonzero(first)
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x))
+    ranks[order] = ((starts + 1 + ends) / 2)[np.cumsum(first) - 1]  # mean of ranks starts+1 .. ends
+    return ranks
+
+
+def spearman(x, y):
+    """Spearman rank correlation: the Pearson correlation of the ranks."""
+    return pearson(rankdata(x), rankdata(y))
+
+
+# ---- positional embeddings ------------------------------------------------------------------
+
+def mean_cos_by_distance(P):
+    """Entry k: the mean over t of cos(p_t, p_{t+k}), k = 0 .. T-1."""
+    C = cosine_matrix(P)
+    return np.array([np.diagonal(C, k).mean() for k in range(len(P))])
+
+
+def exp_fit(curve):
+    """Least-squares fit of curve[k] ~ exp(-alpha k) by a fine search over alpha; {alpha, r2}."""
+    k = np.arange(len(curve))
+    alphas = np.geomspace(1e-5, 10, 4000)  # steps of 0.35%
+    sse = ((curve[None, :] - np.exp(-alphas[:, None] * k[None, :])) ** 2).sum(1)
+    best = int(np.argmin(sse))
+    total = ((curve - curve.mean()) ** 2).sum()
+    return {'alpha': float(alphas[best]), 'r2': float(1 - sse[best] / total) if total > 0 else float('nan')}
+
+
+def pca(X):
+    """PCA of the mean-centred rows: (explained-variance ratios, scores (n, n_components))."""
+    U, S, _ = np.linalg.svd(X - X.mean(0), full_matrices=False)
+    total = (S ** 2).sum()
+    return S ** 2 / total if total > 0 else np.full(len(S), np.nan), U * S
+
+
+def n_components(ratios, fraction):
+    """How many leading components explain at least this fraction of the variance."""
+    return int(np.searchsorted(np.cumsum(ratios), fraction - 1e-12) + 1)
+
+
+def linear_fit_r2(P):
+    """Variance of P explained by the best straight line p_t = a + t b (least squares per column)."""
+    t = np.arange(len(P)) - (len(P) - 1) / 2
+    Pc = P - P.mean(0)
+    b = t @ Pc / (t @ t)
+    total = (Pc ** 2).sum()
+    return float(1 - ((Pc - np.outer(t, b)) ** 2).sum() / total) if total > 0 else float('nan')
+
+
+def delta_consecutive_cos(P):
+    """Mean over t of cos(D_t, D_{t+1}), D_t = p_{t+1} - p_t: near 1 when the steps are parallel."""
+    D = unit_rows(np.diff(P, axis=0))
+    return float((D[:-1] * D[1:]).sum(1).mean())
+
+
+def positional_geometry(P):
+    """Every number the report gives for a position table P (T, d)."""
+    P = np.asarray(P, np.float64)
+    curve = mean_cos_by_distance(P)
+    ratios, scores = pca(P)
+    n_pc = min(10, int((ratios > 1e-12).sum()))  # components that are not numerically zero
+    t = np.arange(len(P))
+    return {'norms': np.linalg.norm(P, axis=1), 'mean_cos_by_distance': curve, 'exp_fit': exp_fit(curve),
+            'pca_explained_variance': ratios, 'n_components_80': n_components(ratios, 0.8),
+            'n_components_90': n_components(ratios, 0.9),
+            'pc_abs_corr_with_position': [abs(pearson(scores[:, i], t)) for i in range(n_pc)],
+            'delta_consecutive_cos_mean': delta_consecutive_cos(P), 'linear_fit_r2': linear_fit_r2(P)}
+
+
+# ---- token embeddings -----------------------------------------------------------------------
+
+def anisotropy(W):
+    """Mean cosine over all pairs of distinct rows, raw and after removing the mean row (rows that
+    are all zero, e.g. untrained ones, have no direction and are left out)."""
+    def mean_pair_cos(X):
+        # sum over i != j of u_i . u_j = |sum_i u_i|^2 - n, so no n x n matrix is needed
+        U = unit_rows(X[np.linalg.norm(X, axis=1) > 0]).astype(np.float64)
+        s, n = U.sum(0), len(U)
+        return float((s @ s - n) / (n * (n - 1)))
+    return {'raw': mean_pair_cos(W), 'centred': mean_pair_cos(W - W.mean(0))}
+
+
+def nearest_neighbours(W, i, k=10, candidates=None):
+    """The k rows nearest to row i by cosine (row i itself excluded): [(index, cos), ...]."""
+    candidates = np.arange(len(W)) if candidates is None else candidates
+    candidates = candidates[candidates != i]
+    cos = unit_rows(W[candidates]) @ unit_rows(W[i:i + 1])[0]
+    top = np.argsort(-cos)[:k]
+    return [(int(candidates[j]), float(cos[j])) for j in top]
+
+
+def analogy(W, a, b, c, answer, k=5, candidates=None):
+    """a : b :: c : ? by 3CosAdd, the rows nearest to u_b - u_a + u_c (unit rows u). Returns the top k
+    and the rank of the expected answer (1 = best), with and without excluding a, b and c."""
+    candidates = np.arange(len(W)) if candidates is None else candidates
+    U = unit_rows(W[[a, b, c]])
+    cos = unit_rows(W[candidates]) @ (U[1] - U[0] + U[2])
+    out = {}
+    for key, excluded in (('', []), ('_excluding_inputs', [a, b, c])):
+        cos = np.where(np.isin(candidates, excluded), -np.inf, cos)
+        answer_cos = cos[candidates == answer]
+        out['top' + key] = [int(candidates[j]) for j in np.argsort(-cos)[:k]]
+        out['rank' + key] = int((cos > answer_cos[0]).sum() + 1) if len(answer_cos) else None
+    return out
+
+
+def norm_vs_frequency(W, counts):
+    """Spearman correlation of row norm with log count over the tokens seen; unseen ones apart."""
+    norms, seen = np.linalg.norm(W, axis=1), counts > 0
+    return {'spearman_seen': spearman(norms[seen], np.log(counts[seen])), 'n_seen': int(seen.sum()),
+            'n_unseen': int((~seen).sum()), 'mean_norm_seen': float(norms[seen].mean()),
+            'mean_norm_unseen': float(norms[~seen].mean()) if (~seen).any() else None}
+
+
+# ---- two embeddings of the same items (seeds, objectives) -----------------------------------
+
+def procrustes_cos(A, B):
+    """Mean cos(u_i R, v_i) after the orthogonal R that best maps the unit rows u of A onto those
+    v of B (R = U V^T from the SVD of A^T B; dimensions may differ)."""
+    Au, Bu = unit_rows(A.astype(np.float64)), unit_rows(B.astype(np.float64))
+    U, _, Vt = np.linalg.svd(Au.T @ Bu, full_matrices=False)
+    return float((unit_rows(Au @ U @ Vt) * Bu).sum(1).mean())
+
+
+def linear_cka(A, B):
+    """Linear CKA = |A^T B|_F^2 / (|A^T A|_F |B^T B|_F) on column-centred A and B: 1 for a rotated
+    (or uniformly scaled) copy, near 0 for unrelated matrices."""
+    A, B = A - A.mean(0), B - B.mean(0)
+    A, B = A.astype(np.float64), B.astype(np.float64)
+    return float(np.linalg.norm(A.T @ B) ** 2 / (np.linalg.norm(A.T @ A) * np.linalg.norm(B.T @ B)))
+
+
+def rsa(A, B):
+    """Representational similarity: Spearman correlation of the upper triangles of the two
+    cosine-similarity matrices."""
+    upper = np.triu_indices(len(A), 1)
+    return spearman(cosine_matrix(A)[upper], cosine_matrix(B)[upper])
+
+
+def nn_overlap(A, B, k=10):
+    """Mean over rows of |N_A(i) & N_B(i)| / k, N(i) the k nearest rows by cosine. Cosine
+    neighbours are unchanged by any rotation, so this is the same before or after Procrustes."""
+    def neighbours(X):
+        C = cosine_matrix(X)
+        np.fill_diagonal(C, -np.inf)
+        return np.argpartition(-C, k, axis=1)[:, :k]
+    nA, nB = neighbours(A), neighbours(B)
+    return float((nA[:, :, None] == nB[:, None, :]).any(2).sum(1).mean() / k)
+
+
+def similarity(A, B):
+    """All four comparisons of two embeddings of the same n items (rows in the same order)."""
+    return {'procrustes_cos': procrustes_cos(A, B), 'cka': linear_cka(A, B), 'rsa': rsa(A, B),
+            'nn_overlap_10': nn_overlap(A, B, 10)}

@@ -1,0 +1,317 @@
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from analyze import compare_argv, load_matrix, logit_lens, qk_decomposition
+from conftest import run_script
+from geometry import (analogy, anisotropy, cosine_matrix, exp_fit, linear_cka, mean_cos_by_distance,
+                      nearest_neighbours, nn_overlap, positional_geometry, procrustes_cos, rankdata, rsa,
+                      similarity, spearman)
+from model import GPT, GPTConfig
+from tokenizer import get_tokenizer
+
+POSITIONAL_KEYS = {'norms', 'mean_cos_by_distance', 'exp_fit', 'pca_explained_variance', 'n_components_80',
+                   'n_components_90', 'pc_abs_corr_with_position', 'delta_consecutive_cos_mean', 'linear_fit_r2'}
+TEXT = ("The king and the queen walked by the sea. A man and a woman rode a horse to the ship. The giant was "
+        "not small, said the king to the men and women. He took his hat and she took her book. England is "
+        "great and France is greater; the English and the French are smaller. ")
+
+
+def random_orthogonal(d, rng):
+    return np.linalg.qr(rng.standard_normal((d, d)))[0]
+
+
+def helix(T, freqs):
+    """p_t = (cos w_1 t, sin w_1 t, cos w_2 t, sin w_2 t, ...): cos(p_t, p_t+k) = mean_j cos(w_j k)."""
+    t = np.arange(T)[:, None]
+    return np.concatenate([np.cos(t * np.array(freqs)), np.sin(t * np.array(freqs))], axis=1)
+
+
+# ---- synthetic geometry with known answers ---------------------------------------------------
+
+def test_straight_line_is_one_direction():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(16), rng.standard_normal(16)
+    P = a + np.arange(64)[:, None] * b + 1e-4 * rng.standard_normal((64, 16))
+    g = positional_geometry(P)
+    assert set(g) == POSITIONAL_KEYS
+    assert g['delta_consecutive_cos_mean'] > 0.999
+    assert g['linear_fit_r2'] > 0.9999
+    assert g['pca_explained_variance'][0] > 0.99 and g['n_components_80'] == 1 and g['n_components_90'] == 1
+    assert g['pc_abs_corr_with_position'][0] > 0.9999
+    assert np.allclose(g['norms'], np.linalg.norm(P, axis=1))
+
+
+def test_helix_cosine_depends_only_on_distance_as_the_closed_form_says():
+    freqs = [0.05, 0.2, 0.7]
+    P = helix(100, freqs)
+    C = cosine_matrix(P)
+    for k in (1, 7, 40):
+        assert np.allclose(np.diagonal(C, k), np.diagonal(C, k)[0], atol=1e-12)  # Toeplitz
+    expected = np.cos(np.outer(np.arange(100), freqs)).mean(1)
+    assert np.allclose(mean_cos_by_distance(P), expected, atol=1e-12)
+    g = positional_geometry(P)
+    assert g['n_components_90'] <= 6 and abs(g['linear_fit_r2']) < 0.2
+    assert g['delta_consecutive_cos_mean'] < 0.9  # a curve, not a line
+
+
+def test_isotropic_gaussian_has_no_structure():
+    rng = np.random.default_rng(1)
+    W = rng.standard_normal((4000, 64))
+    aniso = anisotropy(W)
+    assert abs(aniso['raw']) < 0.003 and abs(aniso['centred']) < 0.003
+    g = positional_geometry(W[:256])
+    assert abs(np.mean(g['mean_cos_by_distance'][1:100])) < 0.01
+    assert g['linear_fit_r2'] < 0.02 and g['pca_explained_variance'][0] < 0.1
+    assert max(g['pc_abs_corr_with_position']) < 0.3
+    # differences of independent vectors: cos(p1 - p0, p2 - p1) has mean -1/2
+    assert abs(g['delta_consecutive_cos_mean'] + 0.5) < 0.05
+
+
+def test_anisotropy_matches_brute_force_and_sees_a_shared_direction():
+    rng = np.random.default_rng(2)
+    W = rng.standard_normal((50, 8)) + np.array([3.0] + [0.0] * 7)
+    C = cosine_matrix(W)
+    assert np.isclose(anisotropy(W)['raw'], C[~np.eye(50, dtype=bool)].mean())
+    # x = 3 e_1 + noise in 8 dimensions: cos(x_i, x_j) ~ 9 / (9 + 8)
+    assert abs(anisotropy(W)['raw'] - 9 / 17) < 0.05 and abs(anisotropy(W)['centred']) < 0.05
+    # all-zero rows (tokens an embedding never trained) have no direction and do not count
+    assert np.isclose(anisotropy(np.vstack([W, np.zeros((30, 8))]))['raw'], anisotropy(W)['raw'])
+
+
+def test_exp_fit_recovers_the_decay_rate():
+    curve = np.exp(-0.05 * np.arange(200))
+    fit = exp_fit(curve)
+    assert abs(fit['alpha'] - 0.05) < 0.0005 and fit['r2'] > 0.9999
+    assert exp_fit(np.cos(0.1 * np.arange(200)))['r2'] < 0.5  # an oscillation is no exponential
+
+
+def test_ranks_with_ties_and_spearman():
+    assert rankdata(np.array([10, 20, 20, 30, 20])).tolist() == [1, 3, 3, 5, 3]
+    x = np.random.default_rng(3).standard_normal(100)
+    assert np.isclose(spearman(x, np.exp(x)), 1) and np.isclose(spearman(x, -x ** 3), -1)
+    assert np.isclose(spearman([1, 2, 3, 4], [1, 3, 2, 4]), 0.8)
+
+
+@pytest.mark.parametrize('d_out', [16, 24])
+def test_rotated_copy_is_the_same_geometry(d_out):
+    rng = np.random.default_rng(4)
+    A = rng.standard_normal((300, 16))
+    B = A @ random_orthogonal(d_out, rng)[:16]  # a rotation, into more dimensions when d_out > 16
+    s = similarity(A, B)
+    assert np.isclose(s['procrustes_cos'], 1) and np.isclose(s['cka'], 1)
+    assert s['nn_overlap_10'] == 1 and np.isclose(s['rsa'], 1)
+
+
+def test_independent_random_matrices_are_unrelated():
+    rng = np.random.default_rng(5)
+    A, B = rng.standard_normal((1000, 16)), rng.standard_normal((1000, 16))
+    assert linear_cka(A, B) < 0.05
+    assert abs(rsa(A, B)) < 0.02
+    assert nn_overlap(A, B) < 0.05
+    assert procrustes_cos(A, B) < 0.3
+    # a copy with some noise sits in between
+    noisy = A + 0.5 * rng.standard_normal(A.shape)
+    assert 0.5 < linear_cka(A, noisy) < 0.95 and 0.2 < nn_overlap(A, noisy) < 0.9
+
+
+def test_analogy_and_neighbours_on_a_constructed_embedding():
+    rng = np.random.default_rng(6)
+    royal, person, male, female = 4 * random_orthogonal(32, rng)[:4]
+    W = 0.3 * rng.standard_normal((40, 32))
+    W[:4] = [royal + male, royal + female, person + male, person + female]  # king, queen, man, woman
+    king, queen, man, woman = range(4)
+    result = analogy(W, man, king, woman, queen, k=3)
+    assert result['top_excluding_inputs'][0] == queen and result['rank_excluding_inputs'] == 1
+    assert queen in result['top'][:2] and result['rank'] <= 2
+    assert analogy(W, man, king, woman, 10)['rank_excluding_inputs'] > 1
+    neighbours = nearest_neighbours(W, king, k=2)
+    assert {i for i, _ in neighbours} == {queen, man} and king not in [i for i, _ in nearest_neighbours(W, king, 39)]
+    assert np.isclose(neighbours[0][1], 0.5, atol=0.1)
+    # searching only some candidates
+    assert [i for i, _ in nearest_neighbours(W, king, 1, candidates=np.array([0, 2, 7]))] == [man]
+
+
+# ---- the model studies -----------------------------------------------------------------------
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = GPTConfig(**{**dict(n_layer=2, n_head=2, n_embd=32, block_size=32), **overrides})
+    return GPT(config).eval()
+
+
+def test_layer0_decomposition_adds_up_to_the_models_scores():
+    model = tiny_model(n_head=4, block_size=16)
+    block = model.transformer.h[0]
+    with torch.no_grad():  # non-trivial LayerNorm and biases, so that every part is present
+        for p, std in ((block.ln_1.weight, 1), (block.ln_1.bias, 0.3), (block.attn.c_attn.weight, 0.3),
+                       (block.attn.c_attn.bias, 0.3), (model.transformer.wpe.weight, 0.02)):
+            p.normal_(std=std)
+    x = torch.randint(0, 50257, (3, 16))
+    r = qk_decomposition(model, x)
+    assert r['max_abs_error'] < 1e-5 and r['max_abs_score'] > 0.1
+    share = np.array(r['share_by_head'])
+    assert share.shape == (4, 5) and np.allclose(share.sum(1), 1, atol=1e-4)
+    assert np.all(np.abs(share) > 1e-3)
+    with torch.no_grad():  # no positions: the three position parts vanish
+        model.transformer.wpe.weight.zero_()
+    share = np.array(qk_decomposition(model, x)['share_by_head'])
+    assert np.allclose(share[:, 1:4], 0, atol=1e-6) and np.allclose(share[:, [0, 4]].sum(1), 1, atol=1e-4)
+
+
+def test_logit_lens_ends_at_the_models_own_loss():
+    model = tiny_model()
+    x, y = torch.randint(0, 50257, (2, 2, 32))
+    losses = logit_lens(model, x, y)
+    assert len(losses) == 3
+    assert abs(losses[-1] - model(x, y)[1].item()) < 1e-4
+
+
+def test_compare_argv_and_matrix_checks(tmp_path):
+    assert compare_argv(['cfg.py', '--compare', 'a', 'b/', '--top_n=5']) == ['cfg.py', "--compare=['a', 'b/']", '--top_n=5']
+    assert compare_argv(['--out_dir=x']) == ['--out_dir=x']
+    with pytest.raises(SystemExit, match='^error: --compare needs directories'):
+        compare_argv(['--compare', '--top_n=5'])
+    np.save(tmp_path / 'short.npy', np.zeros((7, 4), np.float32))
+    np.save(tmp_path / 'ints.npy', np.zeros((10, 4), np.int64))
+    for name, message in (('short.npy', 'at least 8 rows, got 7'), ('ints.npy', 'expected a float matrix')):
+        with pytest.raises(SystemExit) as e:
+            load_matrix(str(tmp_path / name), 'wpe_file', min_rows=8)
+        assert str(e.value).startswith('error: ') and message in str(e.value)
+    assert load_matrix(str(tmp_path / 'short.npy'), 'wpe_file').dtype == np.float32
+
+
+# ---- analyze.py end to end -------------------------------------------------------------------
+
+def save_checkpoint(model, path, data_dir):
+    torch.save({'model': model.state_dict(), 'model_args': dataclasses.asdict(model.config),
+                'config': {'data_dir': str(data_dir), 'seed': 0, 'objective': 'clm'},
+                'iter_num': 0, 'best_val_loss': 9.9}, path)
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+    """A tiny checkpoint with log.jsonl and two snapshots, and a data_dir written from TEXT."""
+    root = tmp_path_factory.mktemp('analyze')
+    enc = get_tokenizer()
+    data_dir, out_dir = root / 'data', root / 'out'
+    os.makedirs(data_dir)
+    os.makedirs(out_dir / 'snapshots')
+    np.array(enc.encode_ordinary(TEXT * 8), np.uint16).tofile(data_dir / 'train.bin')
+    np.array(enc.encode_ordinary(TEXT * 2), np.uint16).tofile(data_dir / 'val.bin')
+    model = tiny_model()
+    np.savez(out_dir / 'snapshots' / 'iter_000000.npz', W_E=model.W_E.detach().half().numpy(),
+             W_pos=model.W_pos.detach().half().numpy())
+    with torch.no_grad():
+        model.transformer.wte.weight[enc.encode_ordinary(TEXT)] += 0.1
+        model.transformer.wpe.weight.copy_(torch.from_numpy(helix(32, [0.1, 0.3]).repeat(8, axis=1)))
+    np.savez(out_dir / 'snapshots' / 'iter_000100.npz', W_E=model.W_E.detach().half().numpy(),
+             W_pos=model.W_pos.detach().half().numpy())
+    save_checkpoint(model, out_dir / 'ckpt.pt', data_dir)
+    with open(out_dir / 'log.jsonl', 'w') as f:
+        for i in range(0, 101, 10):
+            f.write(json.dumps({'event': 'train', 'iter': i, 'loss': 11 - i / 20, 'lr': 1e-3}) + '\n')
+        f.write(json.dumps({'event': 'eval', 'iter': 100, 'train_loss': 6.0, 'val_loss': 6.5}) + '\n')
+        f.write('{"event": "train", "it')  # cut short, as while train.py is still writing
+    Q = torch.from_numpy(random_orthogonal(32, np.random.default_rng(7))).float()
+    os.makedirs(root / 'rotated')  # W_E.npy: the checkpoint's W_E, rotated
+    np.save(root / 'rotated' / 'W_E.npy', (model.W_E @ Q).detach().numpy())
+    os.makedirs(root / 'seed2')  # a checkpoint whose W_E and W_pos are rotated copies
+    other = tiny_model(seed=1)
+    with torch.no_grad():
+        other.transformer.wte.weight.copy_(model.transformer.wte.weight @ Q)
+        other.transformer.wpe.weight.copy_(model.transformer.wpe.weight @ Q)
+    save_checkpoint(other, root / 'seed2' / 'ckpt.pt', data_dir)
+    return root, model
+
+
+def test_analyze_checkpoint_end_to_end(run):
+    root, model = run
+    report_dir = root / 'report'
+    result = run_script('analyze.py', f'--out_dir={root / "out"}', f'--report_dir={report_dir}',
+                        f'--compare_out_dir={root / "seed2"}', '--probes=Lilliput,hat', '--device=cpu', timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((report_dir / 'report.json').read_text())
+    assert {'source', 'loss', 'positional', 'attention_layer0', 'tokens', 'logit_lens', 'dynamics', 'stability',
+            'figures', 'notes'} <= set(report)
+    assert POSITIONAL_KEYS <= set(report['positional'])
+    expected = np.cos(np.outer(np.arange(32), [0.1, 0.3])).mean(1)  # the helix planted in W_pos
+    assert np.allclose(report['positional']['mean_cos_by_distance'], expected, atol=1e-5)
+    assert report['attention_layer0']['max_abs_error'] < 1e-5
+    assert np.allclose(np.sum(report['attention_layer0']['share_by_head'], 1), 1, atol=1e-3)
+    assert len(report['logit_lens']['loss_by_layer']) == 3
+    assert report['loss'] == {'last_iter': 100, 'last_train_loss': 6.0, 'last_val_loss': 6.5, 'best_val_loss': 6.5}
+    tokens = report['tokens']
+    assert set(tokens['neighbours']) == {' king', ' queen', ' man', ' woman', ' ship', ' sea', ' horse', ' giant',
+                                         ' small', ' hat'}
+    assert any("' Lilliput' is not a single GPT-2 token" in n for n in report['notes'])
+    seen = len(set(get_tokenizer().encode_ordinary(TEXT)))
+    assert tokens['norm_frequency']['n_seen'] == seen and tokens['candidates'] == seen
+    # the seen rows got +0.1 in every coordinate, so they are longer than the untouched ones
+    assert tokens['norm_frequency']['mean_norm_seen'] > tokens['norm_frequency']['mean_norm_unseen']
+    assert report['dynamics']['iters'] == [0, 100]
+    assert report['dynamics']['drift_median']['unseen'] == [0, 0] and report['dynamics']['drift_median']['1-9'][1] > 0.4
+    for table, rsa_tol in (('W_E', 1e-4), ('W_pos', 5e-3)):  # the helix's many tied cosines round apart
+        assert abs(report['stability'][table]['rsa'] - 1) < rsa_tol
+        for key in ('procrustes_cos', 'cka', 'nn_overlap_10'):
+            assert abs(report['stability'][table][key] - 1) < 1e-4, (table, key)
+    assert report['stability']['tokens_compared'] == (np.bincount(get_tokenizer().encode_ordinary(TEXT * 8)) >= 5).sum()
+    for name in report['figures']:
+        assert (report_dir / name).stat().st_size > 5000
+    assert {'positional_cosine.png', 'positional_pca.png', 'attention_layer0.png', 'token_norm_frequency.png',
+            'logit_lens.png', 'dynamics_drift.png', 'dynamics_positional.png', 'loss.png'} <= set(report['figures'])
+    md = (report_dir / 'report.md').read_text()
+    assert '![positional_cosine.png](positional_cosine.png)' in md and '| king - man + woman |' in md
+    # the logit lens' last layer is the model's own val loss on the same tokens
+    val = torch.from_numpy(np.fromfile(root / 'data' / 'val.bin', np.uint16).astype(np.int64))
+    n = (len(val) - 1) // 32 * 32
+    _, loss = model(val[:n].view(-1, 32), val[1:n + 1].view(-1, 32))
+    assert abs(report['logit_lens']['loss_by_layer'][-1] - loss.item()) < 1e-4
+
+
+def test_wpe_file_alone(tmp_path):
+    np.save(tmp_path / 'W_pos.npy', helix(40, [0.05, 0.4]).astype(np.float16))
+    result = run_script('analyze.py', f'--wpe_file={tmp_path / "W_pos.npy"}', f'--report_dir={tmp_path / "r"}', timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / 'r' / 'report.json').read_text())
+    assert set(report) == {'source', 'positional', 'figures', 'notes', 'seconds'}
+    expected = np.cos(np.outer(np.arange(40), [0.05, 0.4])).mean(1)
+    assert np.allclose(report['positional']['mean_cos_by_distance'], expected, atol=2e-3)  # float16 input
+    assert report['positional']['n_components_90'] <= 4
+    assert len(report['figures']) == 5 and all((tmp_path / 'r' / f).exists() for f in report['figures'])
+
+
+def test_compare_a_checkpoint_with_a_rotated_w_e(run, tmp_path):
+    root, _ = run
+    result = run_script('analyze.py', '--compare', str(root / 'out'), str(root / 'rotated'),
+                        f'--report_dir={tmp_path}', timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / 'report.json').read_text())['compare']
+    names = [os.path.normpath(root / 'out'), os.path.normpath(root / 'rotated')]
+    assert report['models'] == names and len(report['pairs']) == 1
+    pair = report['pairs'][0]
+    assert abs(pair['cka'] - 1) < 1e-4 and pair['nn_overlap_10'] == 1 and abs(pair['procrustes_cos'] - 1) < 1e-4
+    a, b = (report['token_studies'][n] for n in names)
+    assert [t for t, _ in a['neighbours'][' king'][:3]] == [t for t, _ in b['neighbours'][' king'][:3]]
+    assert np.allclose([c for _, c in a['neighbours'][' king']], [c for _, c in b['neighbours'][' king']], atol=1e-4)
+    assert [x['rank_excluding_inputs'] for x in a['analogies']] == [x['rank_excluding_inputs'] for x in b['analogies']]
+    assert (tmp_path / 'compare.png').stat().st_size > 10000 and 'compare.png' in (tmp_path / 'report.md').read_text()
+
+
+@pytest.mark.parametrize('matrix, message', [
+    (None, 'no such file'),
+    (np.zeros(16, np.float32), 'expected a matrix (rows, d), got shape (16,)'),
+    (np.where(np.eye(10, 4) == 1, np.nan, 0.5), '4 NaN or infinite entries'),
+])
+def test_bad_wpe_file_is_one_line_and_writes_nothing(tmp_path, matrix, message):
+    path = tmp_path / 'W_pos.npy'
+    if matrix is not None:
+        np.save(path, matrix)
+    result = run_script('analyze.py', f'--wpe_file={path}', f'--report_dir={tmp_path / "r"}', timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.startswith('error: ') and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / 'r').exists()
