@@ -27,6 +27,7 @@ import matplotlib
 matplotlib.use('Agg')  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from atomic import write_atomic
 from configurator import configure, resolve_device
 from download import DownloadError
 from geometry import (analogy, anisotropy, cosine_matrix, mean_cos_by_distance, nearest_neighbours, norm_vs_frequency,
@@ -467,12 +468,6 @@ def plain(o):
     return int(o) if isinstance(o, np.integer) else o
 
 
-def write_atomic(path, text):
-    with open(path + '.tmp', 'w') as f:
-        f.write(text)
-    os.replace(path + '.tmp', path)
-
-
 if __name__ == '__main__':
     configure(globals(), compare_argv(sys.argv[1:]))
     t0, enc, figures, report, notes = time.time(), get_tokenizer(), [], {}, []
@@ -570,6 +565,6 @@ if __name__ == '__main__':
                    similarity_table(names, [report['stability'][k] for k in names])]
     md += ['## Notes\n', *(f'- {n}\n' for n in notes)] if notes else []
     report.update(figures=figures, notes=notes, seconds=round(time.time() - t0, 1))
-    write_atomic(os.path.join(report_dir, 'report.json'), json.dumps(plain(report), indent=1) + '\n')
-    write_atomic(os.path.join(report_dir, 'report.md'), '\n'.join(md))
+    write_atomic({os.path.join(report_dir, 'report.json'): (json.dumps(plain(report), indent=1) + '\n').encode(),
+                  os.path.join(report_dir, 'report.md'): '\n'.join(md).encode()})
     print(f"wrote {report_dir}/report.md, report.json and {len(figures)} figures in {time.time() - t0:.1f} s")

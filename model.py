@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from atomic import write_atomic
 from download import download
 
 HF_HUB_URL = 'https://huggingface.co'
@@ -366,11 +367,8 @@ class GPT(nn.Module):
                      'resid_pdrop': c.dropout, 'embd_pdrop': c.dropout, 'attn_pdrop': c.dropout,
                      'layer_norm_epsilon': 1e-5, 'initializer_range': 0.02, 'bos_token_id': 50256,
                      'eos_token_id': 50256, 'tie_word_embeddings': True}
-        save_file(tensors, os.path.join(folder, 'model.safetensors.tmp'), metadata={'format': 'pt'})
-        with open(os.path.join(folder, 'config.json.tmp'), 'w') as f:
-            json.dump(hf_config, f, indent=2)
-        for file in ('model.safetensors', 'config.json'):
-            os.replace(os.path.join(folder, file + '.tmp'), os.path.join(folder, file))
+        write_atomic({os.path.join(folder, 'model.safetensors'): lambda tmp: save_file(tensors, tmp, metadata={'format': 'pt'}),
+                      os.path.join(folder, 'config.json'): json.dumps(hf_config, indent=2).encode()})
 
 
 def measure_matmul_flops(device='cpu', dtype=torch.float32, n=2048, seconds=0.5):

@@ -12,11 +12,11 @@ import json
 import os
 import re
 import sys
-import tempfile
 from urllib.parse import urlparse
 
 import numpy as np
 
+from atomic import write_atomic
 from configurator import configure
 from download import DownloadError, download
 from tokenizer import EOT_TOKEN, RANKS_SHA256, VOCAB_SIZE, get_tokenizer
@@ -115,22 +115,6 @@ def split_tokens(ids, split, val_fraction, chunk_tokens, seed):
     train = np.concatenate([c for c, v in zip(chunks, is_val) if not v])
     val = np.concatenate([c for c, v in zip(chunks, is_val) if v])
     return train, val
-
-
-def write_atomic(files):
-    """Write {path: bytes} through temp files; replace the old files only once all are written."""
-    temps = {}
-    try:
-        for path, data in files.items():
-            fd, temps[path] = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.tmp-')
-            with os.fdopen(fd, 'wb') as f:
-                f.write(data)
-        for path, tmp in temps.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in temps.values():
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
 
 def sha256(data):

@@ -27,6 +27,7 @@ import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from atomic import write_atomic
 from configurator import configure, resolve_device, resolve_dtype
 from data import epoch_offsets, mask_tokens, open_split, random_offsets, windows
 from download import DownloadError
@@ -280,13 +281,6 @@ def sample_text():
     return get_tokenizer().decode(out[0, 1:].tolist())
 
 
-def save_atomic(path, save):
-    """save(tmp_path), then os.replace: a crash mid-write leaves the previous file intact."""
-    tmp = path + '.tmp'
-    save(tmp)
-    os.replace(tmp, path)
-
-
 def save_snapshot():
     """W_E and W_pos in fp16, for the embedding-dynamics study in analyze.py."""
     arrays = {'W_E': raw_model.W_E.detach().cpu().half().numpy()}
@@ -294,7 +288,7 @@ def save_snapshot():
         arrays['W_pos'] = raw_model.W_pos.detach().cpu().half().numpy()
     os.makedirs(os.path.join(out_dir, 'snapshots'), exist_ok=True)
     path = os.path.join(out_dir, 'snapshots', f'iter_{iter_num:06d}.npz')
-    save_atomic(path, lambda tmp: np.savez(open(tmp, 'wb'), **arrays))
+    write_atomic({path: lambda tmp: np.savez(tmp, **arrays)})
 
 
 def save_checkpoint():
@@ -307,7 +301,7 @@ def save_checkpoint():
                 'sampler': train_rng.bit_generator.state, 'epoch_order': torch.from_numpy(epoch_state['order']),
                 'epoch_pos': epoch_state['pos'], 'covered': torch.from_numpy(covered), 'tokens_drawn': tokens_drawn},
     }
-    save_atomic(ckpt_path, lambda tmp: torch.save(state, tmp))
+    write_atomic({ckpt_path: lambda tmp: torch.save(state, tmp)})
 
 
 def plot_losses():
@@ -325,7 +319,7 @@ def plot_losses():
     ax.set(xlabel='iteration', ylabel='cross-entropy (nats)', title=f'{out_dir}: loss')
     ax.legend()
     fig.tight_layout()
-    save_atomic(os.path.join(out_dir, 'loss.png'), lambda tmp: fig.savefig(tmp, format='png', dpi=120))
+    write_atomic({os.path.join(out_dir, 'loss.png'): lambda tmp: fig.savefig(tmp, format='png', dpi=120)})
     plt.close(fig)
 
 

@@ -1,0 +1,84 @@
+"""Every command in README.md's fenced bash blocks is run here, with tiny overrides, in a
+scratch folder that links the project's files, or is named below with the reason it is not."""
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from conftest import BOOK, ROOT
+
+TINY = {
+    'prepare.py': ['--source={book}'],
+    'train.py': ['--n_layer=1', '--n_head=1', '--n_embd=16', '--block_size=16', '--batch_size=2', '--max_iters=2',
+                 '--eval_interval=1', '--eval_iters=1', '--sample_tokens=4', '--snapshot_interval=1', '--compile=False',
+                 '--device=cpu'],
+    'sample.py': ['--max_new_tokens=4', '--device=cpu'],
+    'analyze.py': [],
+    'embeddings.py': ['--dim=8', '--epochs=1'],
+    'bench.py': ['--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=2', '--new_tokens=4',
+                 '--steps=1', '--warmup=1', '--compile=False'],
+}
+NOT_RUN = {  # command prefix -> why this test does not run it
+    'make demo': 'the whole pipeline, minutes long; run by hand and in the README numbers',
+    'make test': 'this very test suite',
+    'make data': 'downloads the book from the internet',
+    'torchrun': 'needs several GPUs; tests/test_train.py runs DDP with 2 CPU processes',
+    'python train.py config/finetune_gulliver.py': 'downloads GPT-2 weights; tests/test_model.py tests that path',
+    'python sample.py --init_from=gpt2': 'downloads GPT-2 weights; tests/test_model.py tests that path',
+    'python analyze.py --init_from=gpt2': 'downloads GPT-2 weights; tests/test_model.py tests that path',
+    'python bench.py --device=cuda': 'needs a GPU',
+    'python train.py config/gulliver.py': 'GPT-2 small on a GPU; the same code runs here with the CPU configs',
+    'pip install': 'installs packages',
+}
+
+
+def readme_commands():
+    text = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
+    commands = []
+    for block in re.findall(r'```bash\n(.*?)```', text, re.DOTALL):
+        for line in block.splitlines():
+            line = line.split(' # ')[0].strip()
+            if line and not line.startswith('#'):
+                commands.append(line)
+    return commands
+
+
+def tiny_command(command):
+    words = shlex.split(command)
+    script = next((w for w in words if w.endswith('.py')), None)
+    extra = [a.format(book=BOOK) for a in TINY.get(script, [])]
+    if script == 'prepare.py':
+        words = [w for w in words if not w.startswith('--source=')]
+    return ' '.join(shlex.quote(w) for w in words + extra)
+
+
+@pytest.fixture(scope='module')
+def scratch(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('readme')
+    for name in os.listdir(ROOT):
+        if name not in ('data', '.git', 'tests') and not name.startswith('out'):
+            os.symlink(os.path.join(ROOT, name), folder / name)
+    return folder
+
+
+def test_readme_has_commands():
+    commands = readme_commands()
+    assert len(commands) >= 10
+    assert 'make test' in commands and 'make demo' in commands
+
+
+def test_readme_commands_run(scratch, book_path):
+    ran = 0
+    for command in readme_commands():
+        if any(command.startswith(prefix) for prefix in NOT_RUN):
+            continue
+        assert command.startswith('python '), f"README command neither run nor explained: {command}"
+        result = subprocess.run(tiny_command(command).replace('python ', f'{sys.executable} ', 1), shell=True,
+                                cwd=scratch, capture_output=True, text=True, timeout=300,
+                                executable='/bin/bash')
+        assert result.returncode == 0, f"{command}\n{result.stderr[-2000:]}"
+        ran += 1
+    assert ran >= 8
