@@ -7,6 +7,14 @@ import os
 import tempfile
 
 
+def move_into_place(tmp, path):
+    """Give a mkstemp file (mode 0600) the usual mode for new files, then rename it to path."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def write_atomic(files):
     """files: {path: bytes, or a function that writes the file at the path it is given}."""
     temps = {}
@@ -20,7 +28,7 @@ def write_atomic(files):
             if not isinstance(content, bytes):
                 content(temps[path])
         for path, tmp in temps.items():
-            os.replace(tmp, path)
+            move_into_place(tmp, path)
     finally:
         for tmp in temps.values():
             if os.path.exists(tmp):

@@ -13,6 +13,8 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from atomic import move_into_place
+
 
 class DownloadError(Exception):
     """A download that failed; the message is one line, fit to show a user."""
@@ -54,7 +56,7 @@ def download(url, path, timeout=30, retries=3, backoff=0.5, chunk_bytes=1 << 20)
             expected = response.headers.get('Content-Length')
             if expected is not None and 'Content-Encoding' not in response.headers and received < int(expected):
                 raise DownloadError(f"{url}: got {received} of {expected} bytes (truncated)")
-        os.replace(tmp_path, path)
+        move_into_place(tmp_path, path)
         return response.headers
     finally:
         if os.path.exists(tmp_path):

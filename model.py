@@ -53,12 +53,14 @@ class GPTConfig:
         return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
 
 
-def sinusoidal_table(n_pos, dim):
-    """PE[t, 2i] = sin(t / 10000^(2i/dim)), PE[t, 2i+1] = cos(t / 10000^(2i/dim))."""
+def sinusoidal_table(n_pos, dim, std=0.02):
+    """PE[t, 2i] = sin(t / 10000^(2i/dim)), PE[t, 2i+1] = cos(t / 10000^(2i/dim)), scaled by
+    std * sqrt(2) so that its entries have the RMS of a learned table at init (the token
+    embeddings start at std 0.02: an unscaled table, RMS 0.71, would drown them)."""
     angle = torch.arange(n_pos)[:, None] / 10000 ** (torch.arange(0, dim, 2) / dim)
     table = torch.zeros(n_pos, dim)
     table[:, 0::2], table[:, 1::2] = torch.sin(angle), torch.cos(angle[:, :dim // 2])
-    return table
+    return table * std * math.sqrt(2)
 
 
 def rotate(x, cos, sin):

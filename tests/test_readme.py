@@ -6,6 +6,7 @@ import shlex
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import BOOK, ROOT
@@ -61,6 +62,7 @@ def scratch(tmp_path_factory):
     for name in os.listdir(ROOT):
         if name not in ('data', '.git', 'tests') and not name.startswith('out'):
             os.symlink(os.path.join(ROOT, name), folder / name)
+    np.save(folder / 'W_pos.npy', np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32))
     return folder
 
 

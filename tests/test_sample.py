@@ -1,0 +1,46 @@
+import dataclasses
+
+import torch
+
+from conftest import run_script
+from model import GPT, GPTConfig
+
+
+def tiny_checkpoint(folder):
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
+    model = GPT(config)
+    folder.mkdir()
+    torch.save({'model': model.state_dict(), 'model_args': dataclasses.asdict(config), 'config': {},
+                'iter_num': 0, 'best_val_loss': 9.9}, folder / 'ckpt.pt')
+    return model
+
+
+def test_same_seed_same_text_and_streaming(tmp_path):
+    tiny_checkpoint(tmp_path / 'out')
+    args = ['sample.py', f'--out_dir={tmp_path / "out"}', '--max_new_tokens=12', '--start=Hello', '--num_samples=2']
+    first, second = run_script(*args, '--seed=7'), run_script(*args, '--seed=7')
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout and first.stdout.startswith('Hello') and '---------------' in first.stdout
+    assert run_script(*args, '--seed=8').stdout != first.stdout
+    assert 'tokens/s' in first.stderr and '24 tokens' in first.stderr
+
+
+def test_greedy_sample_matches_generate(tmp_path):
+    from tokenizer import get_tokenizer
+    model = tiny_checkpoint(tmp_path / 'out').eval()
+    enc = get_tokenizer()
+    prompt = torch.tensor([enc.encode_ordinary('Hello')])
+    expected = enc.decode(model.generate(prompt, 10, temperature=0)[0].tolist())
+    result = run_script('sample.py', f'--out_dir={tmp_path / "out"}', '--max_new_tokens=10', '--start=Hello',
+                        '--temperature=0')
+    assert result.stdout == expected + '\n'
+
+
+def test_over_long_prompt_is_cropped_with_a_note(tmp_path):
+    tiny_checkpoint(tmp_path / 'out')
+    prompt = tmp_path / 'prompt.txt'
+    prompt.write_text(' word' * 40)
+    result = run_script('sample.py', f'--out_dir={tmp_path / "out"}', f'--start=FILE:{prompt}', '--max_new_tokens=3')
+    assert result.returncode == 0, result.stderr
+    assert 'the prompt has 40 tokens; keeping the last 16' in result.stderr
