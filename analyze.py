@@ -16,7 +16,6 @@ import glob
 import json
 import math
 import os
-import pickle
 import sys
 import time
 
@@ -32,7 +31,7 @@ from configurator import configure, resolve_device
 from download import DownloadError
 from geometry import (analogy, anisotropy, cosine_matrix, mean_cos_by_distance, nearest_neighbours, norm_vs_frequency,
                       pca, positional_geometry, similarity, spearman)
-from model import GPT, PRETRAINED, load_checkpoint
+from model import load_model
 from tokenizer import VOCAB_SIZE, get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -172,28 +171,19 @@ def load_matrix(path, name, min_rows=1, rows=None):
     return M.astype(np.float32)
 
 
-def load_model(init_from, out_dir, device):
-    """(model in eval mode, train.py's settings or {}) from out_dir/ckpt.pt or GPT-2 weights."""
-    path = os.path.join(out_dir, 'ckpt.pt')
+def load_eval_model(init_from, out_dir, device):
+    """(model in eval mode, train.py's settings or {}), or exit with one line."""
     try:
-        if init_from == 'resume':
-            if not os.path.exists(path):
-                sys.exit(f"error: no checkpoint at {path}; run train.py, or pass --out_dir or --init_from=gpt2")
-            model, checkpoint = load_checkpoint(path, device)
-            return model.eval(), checkpoint.get('config', {})
-        if init_from in PRETRAINED or os.path.isdir(init_from):
-            return GPT.from_pretrained(init_from).to(device).eval(), {}
+        model, checkpoint = load_model(init_from, out_dir, device)
     except (DownloadError, ValueError) as e:
         sys.exit(f"error: {e}")
-    except (RuntimeError, OSError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
-        sys.exit(f"error: cannot load {path if init_from == 'resume' else init_from} ({type(e).__name__}); damaged?")
-    sys.exit(f"error: unknown model {init_from!r}; use resume, {', '.join(PRETRAINED)} or a directory")
+    return model.eval(), checkpoint.get('config', {})
 
 
 def load_tables(path, name):
     """(W_E, W_pos or None, train.py's settings or {}) from a directory with ckpt.pt or W_E.npy."""
     if os.path.exists(os.path.join(path, 'ckpt.pt')):
-        model, config = load_model('resume', path, 'cpu')
+        model, config = load_eval_model('resume', path, 'cpu')
         P = position_table(model)
         return model.W_E.detach().numpy(), None if P is None else P.detach().numpy(), config
     if os.path.exists(os.path.join(path, 'W_E.npy')):
@@ -486,7 +476,7 @@ if __name__ == '__main__':
         W_pos = load_matrix(wpe_file, 'wpe_file', min_rows=8) if wpe_file else None
         W_E = load_matrix(wte_file, 'wte_file', rows=VOCAB_SIZE) if wte_file else None
     else:
-        model, config = load_model(init_from, out_dir, device)
+        model, config = load_eval_model(init_from, out_dir, device)
         W_E, P = model.W_E.detach().cpu().numpy(), position_table(model)
         W_pos = None if P is None else P.detach().cpu().numpy()
     data_dir = data_dir or config.get('data_dir') or 'data/gulliver'

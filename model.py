@@ -16,6 +16,7 @@ compared with: a fixed sinusoidal table, rotary embeddings (RoPE) and ALiBi, or 
 import json
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass
 
@@ -389,6 +390,26 @@ def measure_matmul_flops(device='cpu', dtype=torch.float32, n=2048, seconds=0.5)
             sync()
     sync()
     return 2 * n ** 3 * runs / (time.perf_counter() - t0)
+
+
+def load_model(init_from, out_dir, device='cpu'):
+    """(model, checkpoint dict or {}) for sample.py and analyze.py: init_from is 'resume'
+    (out_dir/ckpt.pt), 'scratch' (untrained, with the checkpoint's shape if there is one,
+    else GPT-2 small), a GPT-2 name or a Hugging Face directory. Raises ValueError (one line)."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if init_from in PRETRAINED or (init_from not in ('resume', 'scratch') and os.path.isdir(init_from)):
+        return GPT.from_pretrained(init_from).to(device), {}
+    if init_from not in ('resume', 'scratch'):
+        raise ValueError(f"unknown model {init_from!r}; use resume, scratch, {', '.join(PRETRAINED)} or a directory")
+    if init_from == 'resume' and not os.path.exists(path):
+        raise ValueError(f"no checkpoint at {path}; run python train.py first, or pass --out_dir or --init_from=gpt2")
+    try:
+        if init_from == 'resume':
+            return load_checkpoint(path, device)
+        model_args = torch.load(path, map_location='cpu', weights_only=True)['model_args'] if os.path.exists(path) else {}
+        return GPT(GPTConfig(**model_args)).to(device), {}
+    except (RuntimeError, OSError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"cannot load {path} ({type(e).__name__}); the file is damaged: train again or pass another --out_dir")
 
 
 def load_checkpoint(path, device='cpu'):

@@ -8,8 +8,6 @@ Generate text from a trained checkpoint, from GPT-2 weights, or from an untraine
 Tokens stream to stdout as they are generated; the speed goes to stderr at the end.
 """
 import codecs
-import os
-import pickle
 import sys
 import time
 from contextlib import nullcontext
@@ -18,7 +16,7 @@ import torch
 
 from configurator import configure, resolve_device, resolve_dtype
 from download import DownloadError
-from model import GPT, GPTConfig, PRETRAINED, load_checkpoint
+from model import load_model
 from tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -49,24 +47,10 @@ device = resolve_device(device)
 dtype = resolve_dtype(dtype, device)
 torch.manual_seed(seed)
 
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 try:
-    if init_from == 'resume':
-        if not os.path.exists(ckpt_path):
-            sys.exit(f"error: no checkpoint at {ckpt_path}; run python train.py first, or pass --out_dir or --init_from=gpt2")
-        model, _ = load_checkpoint(ckpt_path, device)
-    elif init_from == 'scratch':  # the checkpoint's architecture if there is one, else GPT-2 small
-        model_args = torch.load(ckpt_path, map_location='cpu', weights_only=True)['model_args'] \
-            if os.path.exists(ckpt_path) else {}
-        model = GPT(GPTConfig(**model_args))
-    elif init_from in PRETRAINED or os.path.isdir(init_from):
-        model = GPT.from_pretrained(init_from)
-    else:
-        sys.exit(f"error: unknown model {init_from!r}; use resume, scratch, {', '.join(PRETRAINED)} or a directory")
+    model, _ = load_model(init_from, out_dir, device)
 except (DownloadError, ValueError) as e:
     sys.exit(f"error: {e}")
-except (RuntimeError, OSError, KeyError, EOFError, pickle.UnpicklingError) as e:
-    sys.exit(f"error: cannot load {ckpt_path} ({type(e).__name__}); the file is damaged, train again or pass another --out_dir")
 
 model.eval().to(device)
 if compile:
