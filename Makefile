@@ -13,7 +13,7 @@ install:
 	@$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
 
 test: install
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n auto --dist worksteal --durations=15 tests
 
 data:
 	@if [ -f $(DATA)/train.bin ]; then echo "== $(DATA)/train.bin exists: reusing it (delete $(DATA) to rebuild)"; \

@@ -512,6 +512,7 @@ if __name__ == '__main__':
             train, evals = log
             report['loss'] = {'last_iter': train[-1]['iter'], 'last_train_loss': train[-1]['loss'],
                               'last_val_loss': evals[-1]['val_loss'] if evals else None,
+                              'last_val_bpb': evals[-1].get('val_bpb') if evals else None,
                               'best_val_loss': min(e['val_loss'] for e in evals) if evals else None}
             md += ['## Training\n', table(list(report['loss']), [list(report['loss'].values())]),
                    plot_lines('loss.png', 'Training loss', 'iteration', 'cross-entropy (nats)',

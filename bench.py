@@ -5,12 +5,14 @@ appended to out_file as a JSON line.
     $ python bench.py                      # CPU: fp32 and bf16, the GPT-2 small shape and the CPU config
     $ python bench.py --device=cuda        # GPU: bf16, compiled, fused AdamW, block_size 1024
 
-Rows: the matmul peak and memory bandwidth; a training step (forward + backward + optimizer)
-in tokens/s and MFU for the GPT-2 small shape and for config/gulliver_cpu.py, eager against
-compiled and fp32 against bf16; get_batch against a loader that reopens the file every batch;
-generation with and without the KV cache beside the memory-bandwidth limit.
+Rows: the matmul peak and memory bandwidth; the dtype train.py's 'auto' picks on this CPU; a
+training step (forward + backward + optimizer) in tokens/s and MFU for the GPT-2 small shape
+and for the shape of cpu_config, eager against compiled and fp32 against bf16; get_batch
+against a loader that reopens the file every batch; generation with and without the KV cache
+beside the memory-bandwidth limit. Every row takes its sizes from the settings below (the small
+model's from cpu_config). Where this CPU emulates bf16 (its bf16 matmul peak is below fp32's),
+the bf16 training rows are left out: they would take hours and say only that.
 """
-import ctypes
 import json
 import os
 import sys
@@ -23,7 +25,8 @@ import torch
 
 from configurator import configure, resolve_device
 from data import random_offsets, windows
-from model import GPT, GPTConfig, measure_matmul_flops
+from machine import choose_cpu_dtype, keep_freed_memory, measure_matmul_flops
+from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 device = 'auto'
@@ -101,6 +104,7 @@ bandwidth = measure_bandwidth()
 row('peak matmul fp32', tflops=peak['float32'] / 1e12)
 row('peak matmul bf16', tflops=peak['bfloat16'] / 1e12, vs_fp32=peak['bfloat16'] / peak['float32'])
 row('memory bandwidth (copy)', gb_per_s=bandwidth / 1e9)
+dtypes = ['float32', 'bfloat16'] if peak['bfloat16'] > peak['float32'] else ['float32']
 
 # --- training steps: the baseline first, then the allocator setting train.py uses on the CPU
 shapes = [('GPT-2 small', GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size),
@@ -109,17 +113,19 @@ small_config = GPTConfig(n_layer=small['n_layer'], n_head=small['n_head'], n_emb
                          block_size=small['block_size'], pad_vocab_to=small.get('pad_vocab_to', 64))
 baseline_config = GPTConfig(n_layer=small['n_layer'], n_head=small['n_head'], n_embd=small['n_embd'],
                             block_size=small['block_size'], pad_vocab_to=1)
-if not cuda:  # plain eager fp32, no padding, glibc's default allocator: the CPU config's baseline
+if not cuda:  # the CPU config's baseline: plain eager fp32, no padding, glibc's default allocator
     base_speed, base_seconds, _ = train_step_speed(baseline_config, 'float32', False, small['batch_size'],
                                                    small['block_size'])
     row('CPU config: plain eager fp32 (baseline)', tokens_per_s=base_speed, ms_per_step=base_seconds * 1000)
-    ctypes.CDLL('libc.so.6').mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD, as train.py sets it
-    ctypes.CDLL('libc.so.6').mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+    keep_freed_memory()  # as train.py does on the CPU
+    # what train.py's dtype='auto' picks for the small model, and the timings it picks on
+    choice, head_seconds, probe_tokens = choose_cpu_dtype(small_config.n_embd, small_config.padded_vocab_size,
+                                                          small['batch_size'] * small['block_size'])
+    row('dtype auto (vocabulary head probe)', chosen=choice, tokens=probe_tokens,
+        float32_ms=head_seconds['float32'] * 1000, bfloat16_ms=head_seconds['bfloat16'] * 1000)
     shapes.append(('CPU config', small_config, small['batch_size'], small['block_size']))
-variants = [('eager', 'float32'), ('eager', 'bfloat16')] + ([('compiled', 'float32'), ('compiled', 'bfloat16')]
-                                                          if compile else [])
-if cuda:
-    variants = [v for v in variants if v[1] == 'bfloat16']
+variants = [(mode, dtype) for mode in (['eager', 'compiled'] if compile else ['eager'])
+            for dtype in (['bfloat16'] if cuda else dtypes)]
 for shape_name, config, B, T in shapes:
     for mode, dtype in variants:
         speed, seconds, model = train_step_speed(config, dtype, mode == 'compiled', B, T)

@@ -2,11 +2,15 @@
 Batches from the token files prepare.py writes: train.bin and val.bin are uint16 GPT-2 ids,
 memory-mapped once and read as windows of block_size + 1 tokens.
 
+A loss is in nats per token; bits_per_byte turns it into bits per UTF-8 byte of the text,
+which does not depend on the tokenizer (prepare.py stores each split's byte count).
+
 Two ways to choose the windows: random offsets (each batch independent, so some tokens are
 seen many times before others are seen once: after drawing D target tokens from n, the
 expected covered fraction is 1 - (1 - 1/n)^D ~ 1 - exp(-D/n)), or epochs of a shuffled
 permutation of the non-overlapping windows 0, T, 2T, ..., each used once per epoch.
 """
+import math
 import os
 
 import numpy as np
@@ -52,3 +56,9 @@ def mask_tokens(x, rng, vocab_size, rate=0.15):
     inputs = np.where(chosen & (action < 0.8), MASK_TOKEN, x)
     inputs = np.where(chosen & (action >= 0.8) & (action < 0.9), rng.integers(0, vocab_size, x.shape), inputs)
     return inputs, np.where(chosen, x, -1)
+
+
+def bits_per_byte(loss, n_tokens, n_bytes):
+    """A mean loss in nats per token over a text of n_tokens tokens and n_bytes UTF-8 bytes, in
+    bits per byte: loss * n_tokens / n_bytes / ln 2 (the total nats, over the bytes, in bits)."""
+    return loss * n_tokens / n_bytes / math.log(2)

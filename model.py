@@ -17,7 +17,6 @@ import json
 import math
 import os
 import pickle
-import time
 from dataclasses import dataclass
 
 import torch
@@ -372,24 +371,6 @@ class GPT(nn.Module):
                      'eos_token_id': 50256, 'tie_word_embeddings': True}
         write_atomic({os.path.join(folder, 'model.safetensors'): lambda tmp: save_file(tensors, tmp, metadata={'format': 'pt'}),
                       os.path.join(folder, 'config.json'): json.dumps(hf_config, indent=2).encode()})
-
-
-def measure_matmul_flops(device='cpu', dtype=torch.float32, n=2048, seconds=0.5):
-    """The machine's own matmul throughput (FLOP/s) for square n x n products: the peak MFU is measured against."""
-    generator = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG alone
-    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=generator) for _ in range(2))
-    for _ in range(3):
-        a @ b  # warm-up
-    sync = torch.cuda.synchronize if str(device).startswith('cuda') else (lambda: None)
-    sync()
-    runs, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        runs += 1
-        if runs % 8 == 0:
-            sync()
-    sync()
-    return 2 * n ** 3 * runs / (time.perf_counter() - t0)
 
 
 def load_model(init_from, out_dir, device='cpu'):

@@ -133,9 +133,13 @@ def main():
     if len(val_ids) < 2 or len(train_ids) < 2:
         raise ValueError(f"{source} has only {len(ids)} tokens, too few to split; pass a longer text")
     train_bytes, val_bytes = train_ids.tobytes(), val_ids.tobytes()
+    encoding = get_tokenizer()
     meta = {
         'vocab_size': VOCAB_SIZE, 'eot_token': EOT_TOKEN, 'dtype': 'uint16',
         'train_tokens': len(train_ids), 'val_tokens': len(val_ids), 'total_tokens': len(ids),
+        # UTF-8 bytes of text per split, for losses in bits per byte (data.bits_per_byte)
+        'train_bytes': len(encoding.decode_bytes(train_ids.tolist())),
+        'val_bytes': len(encoding.decode_bytes(val_ids.tolist())),
         'split': split, 'val_fraction': val_fraction,
         'chunk_tokens': chunk_tokens if split == 'interleaved' else None,
         'seed': seed if split == 'interleaved' else None, 'source': source,

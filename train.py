@@ -2,15 +2,22 @@
 Train GPT-2 on the book. One process on a GPU or the CPU:
 
     $ python train.py config/gulliver.py          # GPU: GPT-2 small, 500 iterations
-    $ python train.py config/gulliver_cpu.py      # CPU: a small model in under 5 minutes
+    $ python train.py config/gulliver_cpu.py      # CPU: a small model in 5 minutes, on any CPU
 
 several GPUs (or CPU processes, over gloo) with DDP:
 
     $ torchrun --standalone --nproc_per_node=4 train.py config/gulliver.py
 
 Resume with --init_from=resume; fine-tune GPT-2 with --init_from=gpt2. Ctrl-C saves and exits.
+
+A run ends after max_iters iterations or max_seconds of wall time, whichever comes first, and
+the learning-rate schedule runs on that progress (schedule.py), so a budgeted run finishes its
+decay on a slow machine and a fast one alike. The budget counts the training loop, evaluations
+and checkpoints included, but not the start-up before it (loading data, building and compiling
+the model, the machine probes) nor the final evaluation, checkpoint and sample after it.
+Losses are in nats per token; val_bpb = val loss / ln 2 * val tokens / val bytes is the same
+in bits per UTF-8 byte of text, which compares across tokenizers.
 """
-import ctypes
 import json
 import math
 import os
@@ -29,9 +36,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from atomic import write_atomic
 from configurator import configure, resolve_device, resolve_dtype
-from data import epoch_offsets, mask_tokens, open_split, random_offsets, windows
+from data import bits_per_byte, epoch_offsets, mask_tokens, open_split, random_offsets, windows
 from download import DownloadError
-from model import GPT, GPTConfig, PRETRAINED, measure_matmul_flops
+from machine import choose_cpu_dtype, keep_freed_memory, measure_matmul_flops
+from model import GPT, GPTConfig, PRETRAINED
+from schedule import learning_rate_at, training_progress
 from tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -63,20 +72,20 @@ pad_vocab_to = 64       # pad the embedding rows to a multiple of this (logits a
 # optimizer
 optimizer = 'adamw'     # 'adamw' or 'muon'
 learning_rate = 6e-4
-max_iters = 5000
+max_iters = 5000        # the run ends at max_iters or max_seconds, whichever comes first
+max_seconds = 0.0       # wall-clock budget of the training loop in seconds (0: none)
 weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0         # 0: no clipping
-# learning-rate schedule: linear warm-up, then cosine decay to min_lr
+# learning-rate schedule: linear warm-up (iterations), then cosine decay to min_lr at the end of the run
 decay_lr = True
 warmup_iters = 100
-lr_decay_iters = 5000
 min_lr = 6e-5
 # system
 backend = 'nccl'        # DDP backend on CUDA; the CPU uses gloo
 device = 'auto'         # 'auto', 'cpu', 'cuda', 'cuda:1', ...
-dtype = 'auto'          # 'auto' (bfloat16 or float16 on CUDA, float32 on CPU), 'float32', 'bfloat16', 'float16'
+dtype = 'auto'          # 'auto' (CUDA: bf16, fp16 without it; CPU: the faster, measured), 'float32', 'bfloat16', 'float16'
 compile = None          # None: on for CUDA, off for the CPU
 peak_flops = 0.0        # FLOP/s that MFU is measured against; 0: measure this machine's matmul peak
 seed = 1337
@@ -100,8 +109,8 @@ for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_in
              'log_interval', 'n_layer', 'n_head', 'n_embd'):
     if globals()[name] < 1:
         fail(f"{name} must be a positive integer, not {globals()[name]}")
-if learning_rate < 0 or min_lr < 0 or max_iters < 0:
-    fail("learning_rate, min_lr and max_iters must be >= 0")
+if learning_rate < 0 or min_lr < 0 or max_iters < 0 or max_seconds < 0:
+    fail("learning_rate, min_lr, max_iters and max_seconds must be >= 0")
 
 # distributed set-up: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
 ddp = 'RANK' in os.environ
@@ -117,19 +126,14 @@ if ddp:
         fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be a multiple of the {world_size} processes")
     gradient_accumulation_steps //= world_size
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-dtype = resolve_dtype(dtype, device)
+dtype = dtype if dtype == 'auto' and device_type == 'cpu' else resolve_dtype(dtype, device)  # CPU 'auto': probed below
 compile = device_type == 'cuda' if compile is None else compile
 torch.manual_seed(seed + rank)
 random.seed(seed + rank)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
-if device_type == 'cpu' and sys.platform.startswith('linux'):
-    # glibc returns freed memory to the OS and maps big blocks afresh each step, so the step
-    # spends its time in page faults; keeping freed memory in the process avoids that.
-    libc = ctypes.CDLL('libc.so.6')
-    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+if device_type == 'cpu':
+    keep_freed_memory()
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 
 # -----------------------------------------------------------------------------
@@ -139,6 +143,8 @@ if not os.path.exists(os.path.join(data_dir, 'train.bin')) or not os.path.exists
     fail(f"no {data_dir}/train.bin; run python prepare.py first (or pass --data_dir)")
 with open(meta_path) as f:
     meta = json.load(f)
+if 'val_bytes' not in meta:
+    fail(f"{meta_path} has no byte counts (an older prepare.py wrote it); run python prepare.py again")
 data = {split: open_split(data_dir, split) for split in ('train', 'val')}
 shortest = min(len(d) for d in data.values())
 if block_size + 1 > shortest:
@@ -182,6 +188,7 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
                   vocab_size=meta['vocab_size'], dropout=dropout, pos_emb=pos_emb, causal=objective == 'clm',
                   pad_vocab_to=pad_vocab_to)
 iter_num, best_val_loss, checkpoint = 0, 1e9, None
+elapsed_before = 0.0  # seconds of training loop spent by the run this one resumes
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from == 'scratch':
     model = GPT(GPTConfig(**model_args))
@@ -195,7 +202,7 @@ elif init_from == 'resume':
         model.load_state_dict(checkpoint['model'])
     except (RuntimeError, OSError, KeyError, EOFError, pickle.UnpicklingError) as e:
         fail(f"cannot load {ckpt_path} ({type(e).__name__}); the file is damaged: delete it or train from scratch")
-    iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+    iter_num, best_val_loss, elapsed_before = checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint['elapsed']
 else:
     try:
         model = GPT.from_pretrained(init_from, dropout=dropout, pad_vocab_to=pad_vocab_to)
@@ -210,6 +217,18 @@ if block_size < model.config.block_size:
     model.crop_block_size(block_size)
     model_args['block_size'] = block_size
 model.to(device)
+if dtype == 'auto':  # the CPU: bf16 autocast only where this CPU runs it faster than fp32
+    dtype, head_seconds, probe_tokens = choose_cpu_dtype(model.config.n_embd, model.config.padded_vocab_size,
+                                                         batch_size * block_size)
+    if ddp:  # every rank must compute in the same dtype: rank 0's probe decides
+        choice = [dtype]
+        torch.distributed.broadcast_object_list(choice, src=0)
+        dtype = choice[0]
+    if master:
+        print(f"dtype auto: {dtype} (vocabulary head forward + backward on {probe_tokens} tokens: "
+              f"{head_seconds['float32'] * 1000:.1f} ms in float32, {head_seconds['bfloat16'] * 1000:.1f} ms "
+              f"under bfloat16 autocast)")
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 if checkpoint is not None:
@@ -252,16 +271,6 @@ def estimate_loss():
     return out
 
 
-def get_lr(it):
-    """Linear warm-up to learning_rate, then cosine decay to min_lr at lr_decay_iters."""
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it > lr_decay_iters:
-        return min_lr
-    progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
-
-
 def log_event(event, **fields):
     """Append one event to out_dir/log.jsonl (rank 0 only)."""
     if master:
@@ -296,6 +305,7 @@ def save_checkpoint():
         'model': raw_model.state_dict(), 'model_args': model_args, 'config': config,
         'optimizers': [opt.state_dict() for opt in optimizers], 'scaler': scaler.state_dict(),
         'iter_num': iter_num, 'best_val_loss': best_val_loss,
+        'elapsed': elapsed_before + time.time() - t_start,
         'rng': {'python': random.getstate(), 'torch': torch.get_rng_state(),
                 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
                 'sampler': train_rng.bit_generator.state, 'epoch_order': torch.from_numpy(epoch_state['order']),
@@ -338,7 +348,8 @@ if master:
     log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a')
     n_params = raw_model.num_params()
     print(f"{n_params / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per iteration, device {device}, "
-          f"dtype {dtype}, compile {compile}, MFU peak {peak_flops / 1e12:.2f} TFLOP/s")
+          f"dtype {dtype}, compile {compile}, MFU peak {peak_flops / 1e12:.2f} TFLOP/s"
+          + (f", budget {max_seconds:.0f} s" if max_seconds else ""))
     log_event('start', iter=iter_num, params=n_params, tokens_per_iter=tokens_per_iter, device=device, dtype=dtype,
               peak_flops=peak_flops, world_size=world_size, config=config)
 if ddp:  # each process draws its own offsets: gather the first batch of each to show it
@@ -355,19 +366,29 @@ n_train = len(data['train'])
 start_iter, t_start = iter_num, time.time()
 t0 = time.time()
 while True:
-    lr = get_lr(iter_num) if decay_lr else learning_rate
+    elapsed = elapsed_before + time.time() - t_start
+    if ddp and max_seconds:  # the budget sets the lr and the last step: rank 0's clock decides for all
+        clock = torch.tensor([elapsed], dtype=torch.float64, device=device)
+        torch.distributed.broadcast(clock, src=0)
+        elapsed = clock.item()
+    progress = training_progress(iter_num, max_iters, elapsed, max_seconds)
+    lr = learning_rate_at(iter_num, progress, learning_rate, min_lr, warmup_iters) if decay_lr else learning_rate
     for opt in optimizers:
         for group in opt.param_groups:
             group['lr'] = lr
 
-    last = iter_num >= max_iters or stop_requested or eval_only
+    last = progress >= 1 or stop_requested or eval_only
     if master and snapshot_interval and (iter_num % snapshot_interval == 0 or last):
         save_snapshot()
     if master and (iter_num % eval_interval == 0 or last):
         losses = estimate_loss()
-        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        log_event('eval', iter=iter_num, train_loss=losses['train'], val_loss=losses['val'],
-                  coverage=float(covered.mean()), coverage_predicted=1 - math.exp(-tokens_drawn / n_train))
+        # the masked LM's loss is over the 15% masked tokens only: no bits per byte of text
+        val_bpb = bits_per_byte(losses['val'], meta['val_tokens'], meta['val_bytes']) if objective == 'clm' else None
+        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+              + (f", val bpb {val_bpb:.4f}" if val_bpb is not None else "") + f", {elapsed:.0f} s")
+        log_event('eval', iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], val_bpb=val_bpb,
+                  elapsed=elapsed, lr=lr, coverage=float(covered.mean()),
+                  coverage_predicted=1 - math.exp(-tokens_drawn / n_train))
         improved = losses['val'] < best_val_loss
         best_val_loss = min(best_val_loss, losses['val'])
         if iter_num > start_iter and (improved or always_save_checkpoint or stop_requested):
@@ -404,10 +425,13 @@ while True:
         loss_value = loss.item() * gradient_accumulation_steps  # the one host sync, every log_interval
         tokens_per_s = tokens_per_iter / dt
         mfu = raw_model.estimate_mfu(tokens_per_s, peak_flops * world_size, block_size)
-        eta = (time.time() - t_start) / (iter_num - start_iter) * (max_iters - iter_num)
+        elapsed = elapsed_before + time.time() - t_start
+        progress = training_progress(iter_num, max_iters, elapsed, max_seconds)
+        eta = elapsed * (1 - progress) / progress  # at the pace so far
         print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
               f"{tokens_per_s:,.0f} tokens/s, MFU {mfu:.1%}, coverage {covered.mean():.1%} "
-              f"(predicted {1 - math.exp(-tokens_drawn / n_train):.1%}), ETA {eta:.0f} s", flush=True)
+              f"(predicted {1 - math.exp(-tokens_drawn / n_train):.1%}), progress {progress:.2f}, "
+              f"ETA {max(eta, 0):.0f} s", flush=True)
         log_event('train', iter=iter_num, loss=loss_value, lr=lr, ms_per_iter=dt * 1000, tokens_per_s=tokens_per_s,
                   mfu=mfu, grad_norm=grad_norm.item(), coverage=float(covered.mean()))
 
@@ -416,10 +440,11 @@ if master:
         text = sample_text()
         print(f"sample at iteration {iter_num}: {text!r}")
         log_event('sample', iter=iter_num, text=text)
-    log_event('end', iter=iter_num, best_val_loss=best_val_loss, seconds=time.time() - t_start)
+    elapsed = elapsed_before + time.time() - t_start
+    log_event('end', iter=iter_num, best_val_loss=best_val_loss, elapsed=elapsed)
     log_file.close()
     plot_losses()
-    print(f"done in {time.time() - t_start:.0f} s; best val loss {best_val_loss:.4f}; "
+    print(f"done in {elapsed:.0f} s of training; best val loss {best_val_loss:.4f}; "
           f"checkpoint {ckpt_path}, log {out_dir}/log.jsonl, plot {out_dir}/loss.png")
 if ddp:
     destroy_process_group()

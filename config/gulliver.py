@@ -16,6 +16,5 @@ dropout = 0.1
 
 learning_rate = 6e-4
 max_iters = 500
-lr_decay_iters = 500
 warmup_iters = 50
 min_lr = 6e-5

@@ -1,21 +1,67 @@
 import http.server
+import io
 import os
+import runpy
+import signal
 import subprocess
 import sys
 import threading
+import traceback
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 
+# The tests' models are tiny and `make test` runs one worker per core (pytest -n auto): one
+# thread per process, so that the workers and the scripts they start don't fight over cores.
+os.environ.setdefault('OMP_NUM_THREADS', '1')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOOK = os.path.join(ROOT, '..', 'shared', 'data', 'gulliver-829-0.txt')
 sys.path.insert(0, ROOT)
 
 
-def run_script(*args, cwd=ROOT, timeout=300, env=None):
-    """Run a project script in a subprocess; return the CompletedProcess (text mode)."""
+def run_script(*args, cwd=ROOT, timeout=120, env=None):
+    """Run a project script in a subprocess; return the CompletedProcess (text mode). Every script
+    the tests run is tiny: seconds of work, so the default timeout is a generous multiple of it."""
     full_env = dict(os.environ, PYTHONUNBUFFERED='1', **(env or {}))
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+def run_in_process(*args, cwd=ROOT):
+    """Run a project script in this process, as `python script args` would, and return a
+    CompletedProcess: for the error paths, which end long before a subprocess would have
+    finished importing torch. Python's own rules give the exit status and stderr: SystemExit(str)
+    prints the string and exits 1, any other exception prints a traceback, a warning prints its
+    line. Signal handlers and the working directory are restored afterwards."""
+    script, *argv = args
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_argv, saved_cwd, saved_sigint = sys.argv, os.getcwd(), signal.getsignal(signal.SIGINT)
+    sys.argv = [script, *argv]
+    os.chdir(cwd)
+    code = 0
+    try:
+        with redirect_stdout(stdout), redirect_stderr(stderr), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('default')
+            try:
+                runpy.run_path(os.path.join(cwd, script), run_name='__main__')
+            except SystemExit as e:
+                code = e.code
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            for w in caught:
+                stderr.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno))
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        signal.signal(signal.SIGINT, saved_sigint)
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        stderr.write(f'{code}\n')
+        code = 1
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
 
 
 @pytest.fixture(scope='session')
@@ -49,7 +95,7 @@ def http_server():
 
     server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True)
     thread.start()
     yield f'http://127.0.0.1:{server.server_address[1]}', routes, hits
     server.shutdown()

@@ -215,7 +215,8 @@ def run(tmp_path_factory):
     with open(out_dir / 'log.jsonl', 'w') as f:
         for i in range(0, 101, 10):
             f.write(json.dumps({'event': 'train', 'iter': i, 'loss': 11 - i / 20, 'lr': 1e-3}) + '\n')
-        f.write(json.dumps({'event': 'eval', 'iter': 100, 'train_loss': 6.0, 'val_loss': 6.5}) + '\n')
+        f.write(json.dumps({'event': 'eval', 'iter': 100, 'train_loss': 6.0, 'val_loss': 6.5,
+                            'val_bpb': 2.25}) + '\n')
         f.write('{"event": "train", "it')  # cut short, as while train.py is still writing
     Q = torch.from_numpy(random_orthogonal(32, np.random.default_rng(7))).float()
     os.makedirs(root / 'rotated')  # W_E.npy: the checkpoint's W_E, rotated
@@ -244,7 +245,8 @@ def test_analyze_checkpoint_end_to_end(run):
     assert report['attention_layer0']['max_abs_error'] < 1e-5
     assert np.allclose(np.sum(report['attention_layer0']['share_by_head'], 1), 1, atol=1e-3)
     assert len(report['logit_lens']['loss_by_layer']) == 3
-    assert report['loss'] == {'last_iter': 100, 'last_train_loss': 6.0, 'last_val_loss': 6.5, 'best_val_loss': 6.5}
+    assert report['loss'] == {'last_iter': 100, 'last_train_loss': 6.0, 'last_val_loss': 6.5, 'last_val_bpb': 2.25,
+                              'best_val_loss': 6.5}
     tokens = report['tokens']
     assert set(tokens['neighbours']) == {' king', ' queen', ' man', ' woman', ' ship', ' sea', ' horse', ' giant',
                                          ' small', ' hat'}

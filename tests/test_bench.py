@@ -6,22 +6,28 @@ TINY = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_
         '--steps=1', '--warmup=1']
 
 
-def test_bench_produces_every_row(tmp_path):
-    out = tmp_path / 'bench.jsonl'
-    result = run_script('bench.py', *TINY, '--compile=False', f'--out_file={out}', f'--data_dir={tmp_path}')
+def test_bench_produces_every_row_at_the_sizes_it_is_given(tmp_path):
+    out, small = tmp_path / 'bench.jsonl', tmp_path / 'small.py'
+    small.write_text('n_layer = 1\nn_head = 2\nn_embd = 32\nblock_size = 24\nbatch_size = 3\n')
+    result = run_script('bench.py', *TINY, '--compile=False', f'--out_file={out}', f'--data_dir={tmp_path}',
+                        f'--cpu_config={small}', timeout=120)
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in open(out)]
-    names = [r['name'] for r in rows]
+    speed = {r['name']: r for r in rows}
+    # bf16 training rows only where this CPU's bf16 matmuls beat fp32's (elsewhere bf16 is emulated)
+    dtypes = ['float32'] + (['bfloat16'] if speed['peak matmul bf16']['vs_fp32'] > 1 else [])
     expected = ['peak matmul fp32', 'peak matmul bf16', 'memory bandwidth (copy)',
-                'CPU config: plain eager fp32 (baseline)',
-                'GPT-2 small: eager float32, B=2 T=16', 'GPT-2 small: eager bfloat16, B=2 T=16',
-                'CPU config: eager float32, B=8 T=256', 'CPU config: eager bfloat16, B=8 T=256',
+                'CPU config: plain eager fp32 (baseline)', 'dtype auto (vocabulary head probe)',
+                *[f'GPT-2 small: eager {dtype}, B=2 T=16' for dtype in dtypes],
+                *[f'CPU config: eager {dtype}, B=3 T=24' for dtype in dtypes],
                 'get_batch (memmap opened once)', 'get_batch (memmap reopened per batch)',
                 'generate 4 tokens, no cache', 'generate 4 tokens, KV cache']
-    assert names == expected
+    assert [r['name'] for r in rows] == expected
     for r in rows:
         assert r['device'] == 'cpu' and all(v > 0 for k, v in r.items() if isinstance(v, float))
         assert r['name'] in result.stdout
-    speed = {r['name']: r for r in rows}
+    probe = speed['dtype auto (vocabulary head probe)']
+    assert probe['chosen'] == min(('float32', 'bfloat16'), key=lambda dtype: probe[f'{dtype}_ms'])
+    assert 1 <= probe['tokens'] <= 3 * 24
     assert 0 < speed['get_batch (memmap opened once)']['fraction_of_step'] < 1
     assert speed['generate 4 tokens, KV cache']['of_limit'] > 0

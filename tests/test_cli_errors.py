@@ -1,5 +1,6 @@
 """Bad input, as a user would make it: every case exits non-zero with exactly one line on
-stderr that says what to do, no traceback, and no file created or changed."""
+stderr that says what to do, no traceback, and no file created or changed. The cases run in
+this process (run_in_process); a few run as real subprocesses too, to show that the two agree."""
 import hashlib
 import json
 import os
@@ -7,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import run_script, send
+from conftest import run_in_process, run_script, send
 
 
 def tree(folder):
@@ -28,12 +29,18 @@ def make_files(tmp):
     tokens = np.random.default_rng(0).integers(0, 1000, 3000).astype(np.uint16)
     tokens[:2500].tofile(data / 'train.bin')
     tokens[2500:].tofile(data / 'val.bin')
-    (data / 'meta.json').write_text(json.dumps({'vocab_size': 50257}))
+    meta = {'vocab_size': 50257, 'train_tokens': 2500, 'val_tokens': 500, 'train_bytes': 12_000, 'val_bytes': 2400}
+    (data / 'meta.json').write_text(json.dumps(meta))
     other_vocab = tmp / 'other_vocab'
     other_vocab.mkdir()
     for name in ('train.bin', 'val.bin'):
         (other_vocab / name).write_bytes((data / name).read_bytes())
-    (other_vocab / 'meta.json').write_text(json.dumps({'vocab_size': 1000}))
+    (other_vocab / 'meta.json').write_text(json.dumps({**meta, 'vocab_size': 1000}))
+    old_meta = tmp / 'old_meta'  # as an earlier prepare.py wrote it: no byte counts
+    old_meta.mkdir()
+    for name in ('train.bin', 'val.bin'):
+        (old_meta / name).write_bytes((data / name).read_bytes())
+    (old_meta / 'meta.json').write_text(json.dumps({'vocab_size': 50257}))
     result = run_script('train.py', f'--data_dir={data}', f'--out_dir={tmp / "good"}', '--n_layer=1', '--n_head=1',
                         '--n_embd=16', '--block_size=16', '--batch_size=2', '--max_iters=2', '--eval_iters=1',
                         '--sample_tokens=0')
@@ -71,6 +78,8 @@ CASES = [
     ('train: block_size > data', [*TRAIN, '--block_size=1000'], 'lower --block_size'),
     ('train: batch_size 0', [*TRAIN, '--batch_size=0'], 'batch_size must be a positive integer'),
     ('train: negative learning rate', [*TRAIN, '--learning_rate=-1e-3'], 'must be >= 0'),
+    ('train: negative budget', [*TRAIN, '--max_seconds=-60'], 'max_seconds must be >= 0'),
+    ('train: meta.json without byte counts', [*TRAIN, '--data_dir={tmp}/old_meta'], 'run python prepare.py again'),
     ('train: unknown device', [*TRAIN, '--device=tpu'], "unknown device 'tpu'"),
     ('train: unknown dtype', [*TRAIN, '--dtype=float8'], "unknown dtype 'float8'"),
     ('train: CUDA absent', [*TRAIN, '--device=cuda'], 'CUDA is not available'),
@@ -108,7 +117,7 @@ def test_bad_input_gets_one_actionable_line(workspace, http_server, name, comman
     routes['/missing.txt'] = lambda r: send(r, 404, b'not found')
     args = [a.format(tmp=workspace, url=url) for a in command]
     before = tree(workspace)
-    result = run_script(*args, timeout=120)
+    result = run_in_process(*args)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -118,3 +127,11 @@ def test_bad_input_gets_one_actionable_line(workspace, http_server, name, comman
 
 def test_there_are_at_least_25_cases():
     assert len(CASES) >= 25 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize('name', ['unknown setting', 'train: no data', 'sample: unknown model'])
+def test_a_subprocess_fails_the_same_way(workspace, name):
+    [command] = [c[1] for c in CASES if c[0] == name]
+    args = [a.format(tmp=workspace) for a in command]
+    real, here = run_script(*args), run_in_process(*args)
+    assert (real.returncode, real.stderr) == (here.returncode, here.stderr)

@@ -20,7 +20,7 @@ TINY = {
     'analyze.py': [],
     'embeddings.py': ['--dim=8', '--epochs=1'],
     'bench.py': ['--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=2', '--new_tokens=4',
-                 '--steps=1', '--warmup=1', '--compile=False'],
+                 '--steps=1', '--warmup=1', '--compile=False', '--cpu_config=tiny_cpu.py'],
 }
 NOT_RUN = {  # command prefix -> why this test does not run it
     'make demo': 'the whole pipeline, minutes long; run by hand and in the README numbers',
@@ -63,6 +63,7 @@ def scratch(tmp_path_factory):
         if name not in ('data', '.git', 'tests') and not name.startswith('out'):
             os.symlink(os.path.join(ROOT, name), folder / name)
     np.save(folder / 'W_pos.npy', np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32))
+    (folder / 'tiny_cpu.py').write_text('n_layer = 1\nn_head = 1\nn_embd = 16\nblock_size = 16\nbatch_size = 2\n')
     return folder
 
 
@@ -79,7 +80,7 @@ def test_readme_commands_run(scratch, book_path):
             continue
         assert command.startswith('python '), f"README command neither run nor explained: {command}"
         result = subprocess.run(tiny_command(command).replace('python ', f'{sys.executable} ', 1), shell=True,
-                                cwd=scratch, capture_output=True, text=True, timeout=300,
+                                cwd=scratch, capture_output=True, text=True, timeout=120,
                                 executable='/bin/bash')
         assert result.returncode == 0, f"{command}\n{result.stderr[-2000:]}"
         ran += 1

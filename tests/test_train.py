@@ -13,9 +13,11 @@ import torch
 from conftest import ROOT, run_script
 from data import MASK_TOKEN, epoch_offsets, mask_tokens, random_offsets, windows
 from model import load_checkpoint
+from tokenizer import get_tokenizer
 
+# fp32 so that every CPU runs the same arithmetic; the budget test leaves dtype at 'auto'
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8', '--eval_iters=2',
-        '--learning_rate=3e-3', '--warmup_iters=5', '--sample_tokens=8']
+        '--learning_rate=3e-3', '--warmup_iters=5', '--sample_tokens=8', '--dtype=float32']
 
 
 def events(out_dir, kind=None):
@@ -30,9 +32,12 @@ def small_data(tmp_path_factory):
     folder = tmp_path_factory.mktemp('small')
     rng = np.random.default_rng(0)
     pattern = rng.integers(0, 500, 50)
+    meta = {'vocab_size': 50257}
     for split, n in (('train', 6000), ('val', 1000)):
-        np.resize(pattern, n).astype(np.uint16).tofile(folder / f'{split}.bin')
-    (folder / 'meta.json').write_text(json.dumps({'vocab_size': 50257}))
+        tokens = np.resize(pattern, n).astype(np.uint16)
+        tokens.tofile(folder / f'{split}.bin')
+        meta[f'{split}_tokens'], meta[f'{split}_bytes'] = n, len(get_tokenizer().decode_bytes(tokens.tolist()))
+    (folder / 'meta.json').write_text(json.dumps(meta))
     return str(folder)
 
 
@@ -98,23 +103,70 @@ def test_loss_falls_on_the_book_and_writes_outputs(book_data, tmp_path):
 
 
 def test_resume_is_bit_exact(small_data, tmp_path):
+    # interrupted (Ctrl-C) and resumed with the very same settings, a budget that never binds included
     common = [*TINY, f'--data_dir={small_data}', '--dropout=0.1', '--log_interval=1', '--eval_interval=20',
-              '--lr_decay_iters=40', '--sample_tokens=0']
+              '--max_iters=40', '--max_seconds=3600', '--sample_tokens=0']
     straight, split = tmp_path / 'straight', tmp_path / 'split'
-    assert run_script('train.py', *common, f'--out_dir={straight}', '--max_iters=40').returncode == 0
-    assert run_script('train.py', *common, f'--out_dir={split}', '--max_iters=20').returncode == 0
-    resumed = run_script('train.py', *common, f'--out_dir={split}', '--max_iters=40', '--init_from=resume')
+    assert run_script('train.py', *common, f'--out_dir={straight}').returncode == 0
+    process = subprocess.Popen([sys.executable, 'train.py', *common, f'--out_dir={split}'], cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    wait_for_line(process, 'iter 5:')
+    process.send_signal(signal.SIGINT)
+    assert process.communicate(timeout=120)[0].count('saved') >= 1
+    stopped = torch.load(split / 'ckpt.pt', weights_only=True)
+    assert 5 <= stopped['iter_num'] < 40 and stopped['elapsed'] > 0
+    resumed = run_script('train.py', *common, f'--out_dir={split}', '--init_from=resume')
     assert resumed.returncode == 0, resumed.stderr
     losses = lambda d: [(e['iter'], e['loss']) for e in events(d, 'train')]
     assert losses(straight) == losses(split) and len(losses(split)) == 40
     a, b = torch.load(straight / 'ckpt.pt', weights_only=True), torch.load(split / 'ckpt.pt', weights_only=True)
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    assert b['elapsed'] > stopped['elapsed']  # the budget spent so far carries over
+
+
+def test_wall_clock_budget_ends_the_run_at_min_lr(small_data, tmp_path):
+    common = [*TINY[:-1], f'--data_dir={small_data}', '--max_iters=1000000', '--eval_interval=25', '--min_lr=1e-4',
+              '--sample_tokens=0']  # dtype 'auto': the probe runs and says what it chose
+    result = run_script('train.py', *common, f'--out_dir={tmp_path}', '--max_seconds=2')
+    assert result.returncode == 0, result.stderr
+    assert 'budget 2 s' in result.stdout and 'progress 0.' in result.stdout
+    assert result.stdout.startswith('dtype auto: ') and ' ms in float32, ' in result.stdout
+    evals = events(tmp_path, 'eval')
+    assert evals[-1]['elapsed'] >= 2 and all(e['elapsed'] < 2 for e in evals[:-1])
+    assert evals[-1]['lr'] == 1e-4 and all(e['lr'] > 1e-4 for e in evals[:-1])
+    train = events(tmp_path, 'train')
+    assert all(a['lr'] >= b['lr'] for a, b in zip(train[1:], train[2:]))  # log_interval 10 > warmup_iters 5
+    first = load_checkpoint(tmp_path / 'ckpt.pt')[1]
+    assert first['iter_num'] == evals[-1]['iter'] and first['elapsed'] >= 2
+    # a doubled budget trains on from where the first stopped
+    result = run_script('train.py', *common, f'--out_dir={tmp_path}', '--max_seconds=4', '--init_from=resume')
+    assert result.returncode == 0, result.stderr
+    second = load_checkpoint(tmp_path / 'ckpt.pt')[1]
+    assert second['iter_num'] > first['iter_num'] and 4 <= second['elapsed'] < first['elapsed'] + 30
+
+
+def test_val_bpb_is_the_loss_in_bits_per_byte_of_the_val_text(tmp_path):
+    text = 'Gulliver’s hat, the Emperor’s palace — “Lilliput”, naïve 1726.\n' * 120
+    (tmp_path / 'book.txt').write_text(text, encoding='utf-8')
+    data, out = tmp_path / 'data', tmp_path / 'out'
+    assert run_script('prepare.py', f'--source={tmp_path / "book.txt"}', f'--data_dir={data}').returncode == 0
+    meta = json.loads((data / 'meta.json').read_text())
+    val_ids = np.fromfile(data / 'val.bin', dtype=np.uint16).tolist()
+    assert text.encode('utf-8')[-meta['val_bytes']:] == get_tokenizer().decode_bytes(val_ids)
+    assert meta['train_bytes'] + meta['val_bytes'] == len(text.encode('utf-8'))
+    result = run_script('train.py', *TINY, '--block_size=16', f'--data_dir={data}', f'--out_dir={out}',
+                        '--max_iters=2', '--eval_interval=1')
+    assert result.returncode == 0, result.stderr
+    for e in events(out, 'eval'):
+        assert e['val_bpb'] == pytest.approx(e['val_loss'] * meta['val_tokens'] / meta['val_bytes'] / math.log(2),
+                                             rel=1e-12)
+        assert f"val bpb {e['val_bpb']:.4f}" in result.stdout
 
 
 def test_epoch_sampler_covers_every_window(small_data, tmp_path):
-    # 6,000 tokens, block 32: 187 windows; batch 187 makes one epoch a single step
+    # 6,000 tokens, block 32: 187 windows = 11 batches of 17, one epoch
     result = run_script('train.py', *TINY, f'--data_dir={small_data}', f'--out_dir={tmp_path}', '--sampler=epoch',
-                        '--batch_size=187', '--max_iters=1', '--eval_interval=1', '--sample_tokens=0')
+                        '--batch_size=17', '--max_iters=11', '--eval_interval=11', '--sample_tokens=0')
     assert result.returncode == 0, result.stderr
     rng = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['rng']
     assert rng['covered'].sum().item() == 187 * 32 and rng['tokens_drawn'] == 187 * 32
@@ -123,7 +175,7 @@ def test_epoch_sampler_covers_every_window(small_data, tmp_path):
 
 def test_masked_lm_objective(book_data, tmp_path):
     result = run_script('train.py', *TINY, f'--data_dir={book_data}', f'--out_dir={tmp_path}', '--objective=mlm',
-                        '--max_iters=40', '--eval_interval=40')
+                        '--max_iters=40', '--eval_interval=40', '--decay_lr=False')
     assert result.returncode == 0, result.stderr
     evals = events(tmp_path, 'eval')
     assert evals[-1]['val_loss'] < evals[0]['val_loss'] - 2
@@ -134,8 +186,9 @@ def test_masked_lm_objective(book_data, tmp_path):
 def test_ddp_two_cpu_processes(small_data, tmp_path):
     result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                              'train.py', *TINY, f'--data_dir={small_data}', f'--out_dir={tmp_path}', '--max_iters=4',
-                             '--eval_interval=4', '--gradient_accumulation_steps=2', '--sample_tokens=0'],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+                             '--eval_interval=4', '--gradient_accumulation_steps=2', '--sample_tokens=0',
+                             '--max_seconds=3600'],  # a budget: the ranks share rank 0's clock
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     [ddp] = events(tmp_path, 'ddp')
     assert ddp['world_size'] == 2 and ddp['first_offsets'][0] != ddp['first_offsets'][1]

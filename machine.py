@@ -1,0 +1,93 @@
+"""
+What this machine can do, measured rather than assumed: the matmul peak that MFU is taken
+against, and on the CPU whether bf16 autocast is faster than fp32 for the model at hand.
+
+CPUs differ by far more than their core counts: one with AMX tiles multiplies bf16 matrices
+about 6x faster than fp32, one with AVX-512 BF16 about 2x, and one without either emulates bf16
+in software, hundreds of times slower than fp32. So every probe here grows its problem size
+geometrically and stops as soon as one call takes a measurable time: a probe never runs for
+minutes on the machine where a dtype happens to be emulated.
+"""
+import ctypes
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+from torch.nn import functional as F
+
+
+def synchronize(device):
+    if str(device).startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def measure_matmul_flops(device='cpu', dtype=torch.float32, seconds=0.25, max_n=2048):
+    """The machine's matmul throughput in FLOP/s (2 n^3 per n x n product), the peak that MFU is
+    measured against. n doubles from 128 up to max_n while one product takes under seconds / 20."""
+    generator = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG alone
+    n = 128
+    while True:
+        a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=generator) for _ in range(2))
+        a @ b  # warm-up: the first product of a shape also sets up its kernel
+        synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        if n >= max_n or time.perf_counter() - t0 > seconds / 20:
+            break
+        n *= 2
+    runs, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        runs += 1
+        if runs % 8 == 0:
+            synchronize(device)
+    synchronize(device)
+    return 2 * n ** 3 * runs / (time.perf_counter() - t0)
+
+
+def time_head(n_embd, vocab_size, n_tokens, dtype, repeats=2):
+    """Seconds (best of repeats) for the vocabulary head's forward and backward on the CPU:
+    logits = h W_E^T for n_tokens hidden states h, cross-entropy, and the gradients of h and W_E.
+    With a 50K vocabulary this is most of a small GPT's step. dtype: 'float32' or 'bfloat16'
+    (autocast, as train.py runs it)."""
+    generator = torch.Generator().manual_seed(0)
+    h = torch.randn(n_tokens, n_embd, generator=generator).requires_grad_()
+    w_e = (0.02 * torch.randn(vocab_size, n_embd, generator=generator)).requires_grad_()
+    targets = torch.randint(0, vocab_size, (n_tokens,), generator=generator)
+    ctx = nullcontext() if dtype == 'float32' else torch.autocast('cpu', dtype=getattr(torch, dtype))
+    best = float('inf')
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        with ctx:
+            loss = F.cross_entropy(F.linear(h, w_e), targets)
+        loss.backward()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def choose_cpu_dtype(n_embd, vocab_size, n_tokens, enough=0.1, timer=time_head):
+    """'bfloat16' where bf16 autocast runs the vocabulary head faster than fp32 on this CPU, else
+    'float32'. Both are timed on 1, 4, 16, ... tokens, up to the run's n_tokens, until the slower
+    takes `enough` seconds: each round costs 4x the last, so the whole probe takes well under 2 s
+    even where bf16 is emulated. On too few tokens, autocast's cast of W_E to bf16 (the same
+    for any number of tokens) would hide what bf16 gains. Returns (dtype, {dtype: seconds},
+    tokens in the last round)."""
+    tokens = 1
+    while True:
+        seconds = {dtype: timer(n_embd, vocab_size, tokens, dtype) for dtype in ('float32', 'bfloat16')}
+        if tokens >= n_tokens or max(seconds.values()) > enough:
+            break
+        tokens = min(4 * tokens, n_tokens)
+    return ('bfloat16' if seconds['bfloat16'] < seconds['float32'] else 'float32'), seconds, tokens
+
+
+def keep_freed_memory():
+    """Tell glibc to keep freed memory in the process. By default it returns big blocks to the
+    OS and maps them afresh at the next step, so a CPU step spends much of its time in page
+    faults. Linux only; elsewhere this does nothing."""
+    if sys.platform.startswith('linux'):
+        libc = ctypes.CDLL('libc.so.6')
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD

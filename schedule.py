@@ -1,0 +1,33 @@
+"""
+How far a training run has got, and the learning rate that goes with it.
+
+A run ends at max_iters iterations or after max_seconds of wall time, whichever comes first,
+so its progress is the larger of the two fractions:
+
+    progress = max(iter / max_iters, elapsed / max_seconds)        (max_seconds 0: no budget)
+
+The learning rate rises linearly over the first warmup_iters iterations and follows a cosine
+from learning_rate down to min_lr over progress 0 -> 1:
+
+    lr = min(1, (iter + 1) / (warmup_iters + 1)) * (min_lr + (learning_rate - min_lr) * (1 + cos(pi p)) / 2)
+
+with p = min(progress, 1). A budgeted run therefore ends its decay at min_lr whatever the speed
+of the machine: a slow CPU takes fewer, a fast one more, iterations to get there. Warm-up
+counts iterations because what it protects against (large early updates from Adam's
+uninitialised second moments) is a number of steps, not of seconds.
+"""
+import math
+
+
+def training_progress(iter_num, max_iters, elapsed, max_seconds):
+    """The fraction of the run done, in [0, inf): 1 means the run is over."""
+    by_iters = iter_num / max_iters if max_iters else 1.0
+    by_time = elapsed / max_seconds if max_seconds else 0.0
+    return max(by_iters, by_time)
+
+
+def learning_rate_at(iter_num, progress, learning_rate, min_lr, warmup_iters):
+    """Linear warm-up in iterations times a cosine decay in progress (see the module docstring)."""
+    warmup = min(1.0, (iter_num + 1) / (warmup_iters + 1))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return warmup * (min_lr + cosine * (learning_rate - min_lr))

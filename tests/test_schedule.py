@@ -1,0 +1,110 @@
+"""The wall-clock budget and its learning-rate schedule (schedule.py), the CPU dtype probe and
+the matmul peak (machine.py), with fake clocks and fake timings."""
+import math
+
+import pytest
+import torch
+
+import machine
+from schedule import learning_rate_at, training_progress
+
+LR, MIN_LR, WARMUP = 2e-3, 1e-4, 10
+
+
+def run_on_fake_clock(seconds_per_step, max_iters, max_seconds):
+    """Drive the schedule as train.py's loop does, with a clock that advances seconds_per_step
+    per iteration. Returns [(iter, elapsed, lr)] for every pass through the loop, the last one
+    being the pass that ends the run."""
+    trace, iter_num, elapsed = [], 0, 0.0
+    while True:
+        progress = training_progress(iter_num, max_iters, elapsed, max_seconds)
+        trace.append((iter_num, elapsed, learning_rate_at(iter_num, progress, LR, MIN_LR, WARMUP)))
+        if progress >= 1:
+            return trace
+        iter_num, elapsed = iter_num + 1, elapsed + seconds_per_step
+
+
+@pytest.mark.parametrize('seconds_per_step', [0.25, 0.7, 1.3])
+def test_budget_ends_the_decay_at_min_lr_whatever_the_speed(seconds_per_step):
+    trace = run_on_fake_clock(seconds_per_step, max_iters=10**6, max_seconds=60.0)
+    last_iter, last_elapsed, last_lr = trace[-1]
+    assert last_lr == MIN_LR                                  # exactly, at the budget
+    assert last_elapsed >= 60.0 > trace[-2][1]                # the first pass past the budget ends it
+    assert last_iter == math.ceil(60.0 / seconds_per_step)    # a faster machine takes more steps
+    assert all(lr > MIN_LR for _, _, lr in trace[:-1])
+    decay = [lr for it, _, lr in trace if it >= WARMUP]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))      # after warm-up the lr only falls
+
+
+def test_iterations_end_the_run_when_they_come_first():
+    trace = run_on_fake_clock(0.5, max_iters=50, max_seconds=3600.0)
+    assert trace[-1][0] == 50 and trace[-1][2] == MIN_LR
+    without_budget = run_on_fake_clock(0.5, max_iters=50, max_seconds=0)
+    assert without_budget == trace                            # a budget that never binds changes nothing
+
+
+def test_warmup_is_linear_in_iterations_and_the_cosine_is_half_way_at_half_progress():
+    assert learning_rate_at(0, 0.0, LR, MIN_LR, WARMUP) == pytest.approx(LR / (WARMUP + 1))
+    assert learning_rate_at(4, 0.0, LR, MIN_LR, WARMUP) == pytest.approx(LR * 5 / (WARMUP + 1))
+    assert learning_rate_at(WARMUP, 0.0, LR, MIN_LR, WARMUP) == LR
+    assert learning_rate_at(100, 0.5, LR, MIN_LR, WARMUP) == pytest.approx((LR + MIN_LR) / 2)
+    assert learning_rate_at(100, 1.7, LR, MIN_LR, WARMUP) == MIN_LR  # past the end: stays at min_lr
+    assert training_progress(30, 100, 12.0, 60.0) == pytest.approx(0.3)
+    assert training_progress(10, 100, 30.0, 60.0) == pytest.approx(0.5)
+    assert training_progress(0, 0, 0.0, 0.0) == 1.0           # max_iters 0: nothing to train
+
+
+def fake_timer(per_token):
+    """A timer for choose_cpu_dtype: per_token[dtype] seconds per token, plus a log of the calls."""
+    calls = []
+
+    def timer(n_embd, vocab_size, n_tokens, dtype):
+        calls.append((n_tokens, dtype))
+        return per_token[dtype] * n_tokens
+    return timer, calls
+
+
+def test_dtype_probe_picks_float32_where_bf16_is_slower():
+    timer, calls = fake_timer({'float32': 1e-4, 'bfloat16': 3e-4})
+    dtype, seconds, tokens = machine.choose_cpu_dtype(256, 50304, 2048, timer=timer)
+    assert dtype == 'float32' and seconds == {'float32': 1e-4 * tokens, 'bfloat16': 3e-4 * tokens}
+    # rounds of 1, 4, 16, 64, 256, 1024 tokens: 1024 * 3e-4 s is the first to pass 0.1 s
+    assert tokens == 1024 and [n for n, _ in calls[::2]] == [1, 4, 16, 64, 256, 1024]
+
+
+def test_dtype_probe_picks_bfloat16_where_it_is_faster():
+    timer, _ = fake_timer({'float32': 1e-4, 'bfloat16': 4e-5})
+    assert machine.choose_cpu_dtype(256, 50304, 2048, timer=timer)[0] == 'bfloat16'
+
+
+def test_dtype_probe_stops_at_once_where_bf16_is_emulated():
+    timer, calls = fake_timer({'float32': 2e-4, 'bfloat16': 0.2})  # a thousand times slower
+    dtype, seconds, tokens = machine.choose_cpu_dtype(256, 50304, 2048, timer=timer)
+    assert dtype == 'float32' and tokens == 1 and len(calls) == 2 and seconds['bfloat16'] == 0.2
+
+
+def test_dtype_probe_never_times_more_tokens_than_the_run_has():
+    timer, calls = fake_timer({'float32': 1e-9, 'bfloat16': 1e-9})
+    assert machine.choose_cpu_dtype(32, 1000, 40, timer=timer)[2] == 40
+    assert max(n for n, _ in calls) == 40
+
+
+def test_time_head_runs_both_dtypes():
+    for dtype in ('float32', 'bfloat16'):
+        assert 0 < machine.time_head(16, 300, 8, dtype, repeats=1) < 10
+
+
+def test_matmul_peak_on_a_fake_clock_stops_growing_once_a_product_is_slow(monkeypatch):
+    """With a clock that says every product of size n takes n^3 / 1e9 s, the probe grows n
+    until one product passes seconds / 20 and reports 2 n^3 / (n^3 / 1e9) = 2e9 FLOP/s."""
+    now, sizes = [0.0], []
+    real_matmul = torch.Tensor.__matmul__
+
+    def slow_matmul(a, b):
+        sizes.append(a.shape[0])
+        now[0] += a.shape[0] ** 3 / 1e9
+        return real_matmul(a, b)
+    monkeypatch.setattr(machine.time, 'perf_counter', lambda: now[0])
+    monkeypatch.setattr(torch.Tensor, '__matmul__', slow_matmul)
+    flops = machine.measure_matmul_flops('cpu', torch.float32, seconds=0.1)
+    assert set(sizes) == {128, 256} and flops == pytest.approx(2e9)  # 256^3 / 1e9 = 0.017 s > 0.005 s
