@@ -70,7 +70,7 @@ def time_head(n_embd, vocab_size, n_tokens, dtype, repeats=2):
 def choose_cpu_dtype(n_embd, vocab_size, n_tokens, enough=0.1, timer=time_head):
     """'bfloat16' where bf16 autocast runs the vocabulary head faster than fp32 on this CPU, else
     'float32'. Both are timed on 1, 4, 16, ... tokens, up to the run's n_tokens, until the slower
-    takes `enough` seconds: each round costs 4x the last, so the whole probe takes well under 2 s
+    takes `enough` seconds: each round costs 4x the last, so the whole probe takes under 2 s
     even where bf16 is emulated. On too few tokens, autocast's cast of W_E to bf16 (the same
     for any number of tokens) would hide what bf16 gains. Returns (dtype, {dtype: seconds},
     tokens in the last round)."""
