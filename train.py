@@ -364,7 +364,7 @@ if master and iter_num == 0 and objective == 'clm' and sample_tokens:
 
 n_train = len(data['train'])
 start_iter, t_start = iter_num, time.time()
-t0 = time.time()
+t0 = t_start
 while True:
     elapsed = elapsed_before + time.time() - t_start
     if ddp and max_seconds:  # the budget sets the lr and the last step: rank 0's clock decides for all
@@ -446,5 +446,6 @@ if master:
     plot_losses()
     print(f"done in {elapsed:.0f} s of training; best val loss {best_val_loss:.4f}; "
           f"checkpoint {ckpt_path}, log {out_dir}/log.jsonl, plot {out_dir}/loss.png")
-if ddp:
+if ddp:  # tear down together: a rank whose peer has already closed its sockets aborts in gloo
+    torch.distributed.barrier()
     destroy_process_group()

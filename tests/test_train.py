@@ -187,7 +187,7 @@ def test_ddp_two_cpu_processes(small_data, tmp_path):
     result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                              'train.py', *TINY, f'--data_dir={small_data}', f'--out_dir={tmp_path}', '--max_iters=4',
                              '--eval_interval=4', '--gradient_accumulation_steps=2', '--sample_tokens=0',
-                             '--max_seconds=3600'],  # a budget: the ranks share rank 0's clock
+                             '--max_seconds=3600', '--dtype=auto'],  # the ranks share rank 0's clock and dtype
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     [ddp] = events(tmp_path, 'ddp')
