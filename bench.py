@@ -25,7 +25,7 @@ import torch
 
 from configurator import configure, resolve_device
 from data import random_offsets, windows
-from machine import choose_cpu_dtype, keep_freed_memory, measure_matmul_flops
+from machine import choose_cpu_dtype, keep_freed_memory, measure_matmul_flops, synchronize
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -46,7 +46,6 @@ device = resolve_device(device)
 cuda = device.startswith('cuda')
 batch_size = batch_size or (16 if cuda else 4)
 block_size = block_size or (1024 if cuda else 256)
-sync = torch.cuda.synchronize if cuda else (lambda: None)
 if not os.path.exists(cpu_config):
     sys.exit(f"error: no config file {cpu_config}; pass --cpu_config=path")
 small = {}
@@ -68,11 +67,11 @@ def measure_bandwidth(n_bytes=1 << 28, repeats=5):
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     dst.copy_(src)
-    sync()
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(repeats):
         dst.copy_(src)
-    sync()
+    synchronize(device)
     return 2 * n_bytes * repeats / (time.perf_counter() - t0)
 
 
@@ -86,7 +85,7 @@ def train_step_speed(config, dtype, compiled, B, T):
     x, y = torch.randint(0, config.vocab_size, (2, B, T), device=device)
     for i in range(warmup + steps):
         if i == warmup:
-            sync()
+            synchronize(device)
             t0 = time.perf_counter()
         with ctx:
             loss = step_model(x, y)[1]
@@ -94,7 +93,7 @@ def train_step_speed(config, dtype, compiled, B, T):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    sync()
+    synchronize(device)
     seconds = (time.perf_counter() - t0) / steps
     return B * T / seconds, seconds, model
 
@@ -165,11 +164,11 @@ speeds = {}
 for kv_cache in (True, False):
     for _ in model.stream(prompt, 4, temperature=0, kv_cache=kv_cache):
         pass  # warm-up
-    sync()
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in model.stream(prompt, new_tokens, temperature=0, kv_cache=kv_cache):
         pass
-    sync()
+    synchronize(device)
     speeds[kv_cache] = new_tokens / (time.perf_counter() - t0)
 row(f'generate {new_tokens} tokens, no cache', tokens_per_s=speeds[False])
 row(f'generate {new_tokens} tokens, KV cache', tokens_per_s=speeds[True], vs_no_cache=speeds[True] / speeds[False],

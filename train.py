@@ -15,8 +15,7 @@ the learning-rate schedule runs on that progress (schedule.py), so a budgeted ru
 decay on a slow machine and a fast one alike. The budget counts the training loop, evaluations
 and checkpoints included, but not the start-up before it (loading data, building and compiling
 the model, the machine probes) nor the final evaluation, checkpoint and sample after it.
-Losses are in nats per token; val_bpb = val loss / ln 2 * val tokens / val bytes is the same
-in bits per UTF-8 byte of text, which compares across tokenizers.
+Losses are in nats per token; val_bpb is the val loss in bits per byte (data.bits_per_byte).
 """
 import json
 import math
