@@ -9,6 +9,10 @@ Two ways to choose the windows: random offsets (each batch independent, so some 
 seen many times before others are seen once: after drawing D target tokens from n, the
 expected covered fraction is 1 - (1 - 1/n)^D ~ 1 - exp(-D/n)), or epochs of a shuffled
 permutation of the non-overlapping windows 0, T, 2T, ..., each used once per epoch.
+
+Under DDP the processes (ranks) share one optimizer step: split_batch gives each its part of
+the global batch, random offsets come from a generator seeded per rank, and the epoch sampler
+shuffles once for all ranks (the same seed) and deals each batch of windows out among them.
 """
 import math
 import os
@@ -30,14 +34,36 @@ def random_offsets(rng, n_tokens, block_size, batch_size):
     return rng.integers(0, n_tokens - block_size, size=batch_size)
 
 
-def epoch_offsets(state, rng, n_tokens, block_size, batch_size):
-    """The next batch_size windows of the epoch; state = {'order': array, 'pos': int} is updated.
-    A new epoch starts (a fresh shuffle) when the current one has fewer than batch_size left."""
-    if state['pos'] + batch_size > len(state['order']):
+def epoch_offsets(state, rng, n_tokens, block_size, batch_size, rank=0, world_size=1):
+    """This rank's batch_size windows of the epoch; state = {'order': array, 'pos': int} is updated.
+    Every rank holds the same state and rng: the next batch_size * world_size windows of the
+    shared order are dealt out, rank r taking every world_size-th from the r-th, so that each
+    window is used once per epoch across all ranks. A new epoch (a fresh shuffle) starts when
+    the current one has fewer windows left than that."""
+    step = batch_size * world_size
+    if state['pos'] + step > len(state['order']):
         state['order'], state['pos'] = rng.permutation(np.arange(0, n_tokens - block_size, block_size)), 0
-    offsets = state['order'][state['pos']:state['pos'] + batch_size]
-    state['pos'] += batch_size
+    offsets = state['order'][state['pos'] + rank:state['pos'] + step:world_size]
+    state['pos'] += step
     return offsets
+
+
+def split_batch(batch_size, gradient_accumulation_steps, world_size):
+    """The global batch of one optimizer step is batch_size * gradient_accumulation_steps
+    sequences, whatever the number of processes. Each of world_size processes takes an equal
+    share, in the fewest equal micro-batches of at most batch_size sequences (the most a
+    forward pass holds). Returns (micro_batch, micro_steps); ValueError when the global batch
+    does not split into world_size equal shares."""
+    total = batch_size * gradient_accumulation_steps
+    if total % world_size:
+        raise ValueError(f"the global batch of {total} sequences (batch_size {batch_size} x "
+                         f"gradient_accumulation_steps {gradient_accumulation_steps}) does not split over "
+                         f"{world_size} processes; make it a multiple of {world_size}")
+    share = total // world_size
+    micro_steps = -(-share // batch_size)  # ceil
+    while share % micro_steps:
+        micro_steps += 1
+    return share // micro_steps, micro_steps
 
 
 def windows(tokens, offsets, block_size):

@@ -8,7 +8,13 @@ several GPUs (or CPU processes, over gloo) with DDP:
 
     $ torchrun --standalone --nproc_per_node=4 train.py config/gulliver.py
 
-Resume with --init_from=resume; fine-tune GPT-2 with --init_from=gpt2. Ctrl-C saves and exits.
+Resume with --init_from=resume; fine-tune GPT-2 with --init_from=gpt2. Ctrl-C or SIGTERM
+finishes the step, saves, and stops; under DDP the ranks agree on the step to stop after.
+
+An optimizer step sees batch_size * gradient_accumulation_steps sequences of block_size tokens,
+the global batch, whatever the number of processes: each process takes an equal share of it,
+in micro-batches of at most batch_size sequences (data.split_batch), and reads other windows
+than the rest (data.py). The checkpoint holds every rank's RNG and sampler state.
 
 A run ends after max_iters iterations or max_seconds of wall time, whichever comes first, and
 the learning-rate schedule runs on that progress (schedule.py), so a budgeted run finishes its
@@ -35,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from atomic import write_atomic
 from configurator import configure, resolve_device, resolve_dtype
-from data import bits_per_byte, epoch_offsets, mask_tokens, open_split, random_offsets, windows
+from data import bits_per_byte, epoch_offsets, mask_tokens, open_split, random_offsets, split_batch, windows
 from download import DownloadError
 from machine import choose_cpu_dtype, keep_freed_memory, measure_matmul_flops
 from model import GPT, GPTConfig, PRETRAINED
@@ -57,8 +63,8 @@ sample_tokens = 48      # a sample of this many tokens at iteration 0 and at the
 data_dir = 'data/gulliver'
 sampler = 'random'      # 'random': random offsets; 'epoch': every non-overlapping window once per epoch
 objective = 'clm'       # 'clm': next-token prediction (GPT); 'mlm': masked tokens, bidirectional (BERT-style)
-gradient_accumulation_steps = 1
-batch_size = 12
+gradient_accumulation_steps = 1  # the global batch is batch_size * gradient_accumulation_steps sequences
+batch_size = 12                  # sequences per forward pass (at most)
 block_size = 1024
 # model
 n_layer = 12
@@ -115,15 +121,16 @@ if learning_rate < 0 or min_lr < 0 or max_iters < 0 or max_seconds < 0:
 ddp = 'RANK' in os.environ
 rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
 master = rank == 0
+try:
+    micro_batch, micro_steps = split_batch(batch_size, gradient_accumulation_steps, world_size)
+except ValueError as e:
+    fail(str(e))
 device = resolve_device(device)
 if ddp:
     if device.startswith('cuda'):
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)
     init_process_group(backend=backend if device.startswith('cuda') else 'gloo')
-    if gradient_accumulation_steps % world_size:
-        fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be a multiple of the {world_size} processes")
-    gradient_accumulation_steps //= world_size
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 dtype = dtype if dtype == 'auto' and device_type == 'cpu' else resolve_dtype(dtype, device)  # CPU 'auto': probed below
 compile = device_type == 'cuda' if compile is None else compile
@@ -133,10 +140,10 @@ torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 if device_type == 'cpu':
     keep_freed_memory()
-tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
+tokens_per_iter = batch_size * gradient_accumulation_steps * block_size  # the global batch
 
 # -----------------------------------------------------------------------------
-# data: each split is memory-mapped once; batches are windows at random offsets
+# data: each split is memory-mapped once; batches are windows at offsets that the sampler draws
 meta_path = os.path.join(data_dir, 'meta.json')
 if not os.path.exists(os.path.join(data_dir, 'train.bin')) or not os.path.exists(meta_path):
     fail(f"no {data_dir}/train.bin; run python prepare.py first (or pass --data_dir)")
@@ -149,29 +156,32 @@ shortest = min(len(d) for d in data.values())
 if block_size + 1 > shortest:
     fail(f"block_size {block_size} needs at least {block_size + 1} tokens per split, but {data_dir} has "
          f"{shortest} in its smaller split; lower --block_size")
-if sampler == 'epoch' and (len(data['train']) - 1) // block_size < batch_size:
-    fail(f"sampler='epoch' needs at least batch_size ({batch_size}) windows of {block_size} train tokens; "
-         f"lower --batch_size or --block_size")
-train_rng = np.random.default_rng(seed + rank)
-epoch_state = {'order': np.zeros(0, dtype=np.int64), 'pos': 0}  # sampler='epoch'
-covered = np.zeros(len(data['train']), dtype=bool)               # train tokens used as targets so far
-tokens_drawn = 0
+if sampler == 'epoch' and (len(data['train']) - 1) // block_size < micro_batch * world_size:
+    fail(f"sampler='epoch' needs at least {micro_batch * world_size} windows of {block_size} train tokens "
+         f"(a micro-batch for each process); lower --batch_size or --block_size")
+n_train = len(data['train'])
+train_rng = np.random.default_rng(seed + rank)  # random offsets and masking: each rank a stream of its own
+epoch_rng = np.random.default_rng(seed)         # sampler='epoch': one shuffle, the same on every rank
+epoch_state = {'order': np.zeros(0, dtype=np.int64), 'pos': 0}
+covered = np.zeros(n_train, dtype=bool)  # train tokens used as targets so far (all ranks' at each eval)
+tokens_drawn = 0                         # target tokens drawn by all ranks together
 
 
-def get_batch(split, rng=train_rng):
-    """A batch (x, y) of batch_size windows of block_size tokens on the device. Batches of the
-    training stream (rng is train_rng) follow `sampler` and count towards coverage; evaluation
-    passes a generator of its own."""
+def train_offsets():
+    """The window starts of this rank's next micro-batch, from the sampler; marks their targets covered."""
     global tokens_drawn
-    n = len(data[split])
-    training = rng is train_rng
-    if training and sampler == 'epoch':
-        offsets = epoch_offsets(epoch_state, rng, n, block_size, batch_size)
+    if sampler == 'epoch':
+        offsets = epoch_offsets(epoch_state, epoch_rng, n_train, block_size, micro_batch, rank, world_size)
     else:
-        offsets = random_offsets(rng, n, block_size, batch_size)
-    if training:
-        covered[(offsets[:, None] + 1 + np.arange(block_size)).ravel()] = True
-        tokens_drawn += batch_size * block_size
+        offsets = random_offsets(train_rng, n_train, block_size, micro_batch)
+    covered[(offsets[:, None] + 1 + np.arange(block_size)).ravel()] = True
+    tokens_drawn += micro_batch * block_size * world_size  # every rank draws as many
+    return offsets
+
+
+def get_batch(split, offsets, rng):
+    """The windows of a split at these offsets as a batch (x, y) on the device; the masked LM
+    chooses its masked positions with rng."""
     x, y = windows(data[split], offsets, block_size)
     if objective == 'mlm':
         x, y = mask_tokens(x, rng, meta['vocab_size'])
@@ -196,6 +206,9 @@ elif init_from == 'resume':
         fail(f"no checkpoint at {ckpt_path} to resume from; train with --init_from=scratch first")
     try:
         checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        if len(checkpoint['ranks']) != world_size:
+            fail(f"{ckpt_path} holds the sampler states of {len(checkpoint['ranks'])} processes; resume it with as "
+                 f"many (torchrun --nproc_per_node={len(checkpoint['ranks'])}, or python train.py for 1)")
         model_args = {**checkpoint['model_args'], 'dropout': dropout}
         model = GPT(GPTConfig(**model_args))
         model.load_state_dict(checkpoint['model'])
@@ -234,19 +247,20 @@ if checkpoint is not None:
     for opt, state in zip(optimizers, checkpoint['optimizers']):
         opt.load_state_dict(state)
     scaler.load_state_dict(checkpoint['scaler'])
-    rng = checkpoint['rng']
-    random.setstate((rng['python'][0], tuple(rng['python'][1]), rng['python'][2]))
-    torch.set_rng_state(rng['torch'])
-    if device_type == 'cuda' and rng['cuda'] is not None:
-        torch.cuda.set_rng_state(rng['cuda'])
-    train_rng.bit_generator.state = rng['sampler']
-    epoch_state = {'order': rng['epoch_order'].numpy(), 'pos': rng['epoch_pos']}
-    covered, tokens_drawn = rng['covered'].numpy().copy(), rng['tokens_drawn']
+    own = checkpoint['ranks'][rank]  # each rank continues its own streams
+    random.setstate((own['python'][0], tuple(own['python'][1]), own['python'][2]))
+    torch.set_rng_state(own['torch'])
+    if device_type == 'cuda' and own['cuda'] is not None:
+        torch.cuda.set_rng_state(own['cuda'])
+    train_rng.bit_generator.state, epoch_rng.bit_generator.state = own['sampler'], own['epoch_rng']
+    epoch_state = {'order': own['epoch_order'].numpy(), 'pos': own['epoch_pos']}
+    covered, tokens_drawn = checkpoint['coverage']['covered'].numpy().copy(), checkpoint['coverage']['tokens_drawn']
     checkpoint = None  # free the memory
 raw_model = model  # the plain GPT: what checkpoints save, never a compiled or DDP wrapper
 if compile:
     print("compiling the model ...")
     model = torch.compile(model)
+eval_model = model  # rank 0 evaluates alone: never through the DDP wrapper, whose forward may communicate
 if ddp:
     model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
 if not peak_flops:
@@ -257,16 +271,16 @@ if not peak_flops:
 def estimate_loss():
     """Mean loss over eval_iters batches of each split, drawn with a fixed generator."""
     out = {}
-    model.eval()
+    eval_model.eval()
     for split in ('train', 'val'):
         rng = np.random.default_rng(seed + 1_000_003)  # the same batches at every evaluation
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
-            X, Y = get_batch(split, rng)
+            X, Y = get_batch(split, random_offsets(rng, len(data[split]), block_size, batch_size), rng)
             with ctx:
-                losses[k] = model(X, Y)[1].item()
+                losses[k] = eval_model(X, Y)[1].item()
         out[split] = losses.mean().item()
-    model.train()
+    eval_model.train()
     return out
 
 
@@ -299,16 +313,42 @@ def save_snapshot():
     write_atomic({path: lambda tmp: np.savez(tmp, **arrays)})
 
 
-def save_checkpoint():
+def rank_state():
+    """What this rank needs to continue its own streams: batches, masks and dropout."""
+    return {'python': random.getstate(), 'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
+            'sampler': train_rng.bit_generator.state, 'epoch_rng': epoch_rng.bit_generator.state,
+            'epoch_order': torch.from_numpy(epoch_state['order']), 'epoch_pos': epoch_state['pos']}
+
+
+def gather_rank_states():
+    """Called by all ranks together: every rank's state, on rank 0 (None elsewhere), and on
+    every rank the coverage of all ranks' targets (a max all-reduce of the covered flags)."""
+    if not ddp:
+        return [rank_state()]
+    flags = torch.from_numpy(covered.view(np.uint8)).to(device)
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    covered[:] = flags.cpu().numpy().view(bool)
+    states = [None] * world_size if master else None
+    torch.distributed.gather_object(rank_state(), states, dst=0)
+    return states
+
+
+def log_first_windows(offsets):
+    """Called by all ranks together: a 'ddp' event with the window starts of each rank's first micro-batch."""
+    mine = torch.from_numpy(offsets).to(device)
+    gathered = [torch.zeros_like(mine) for _ in range(world_size)]
+    torch.distributed.all_gather(gathered, mine)
+    log_event('ddp', iter=iter_num, world_size=world_size, first_offsets=[g.tolist() for g in gathered])
+
+
+def save_checkpoint(rank_states):
     state = {
         'model': raw_model.state_dict(), 'model_args': model_args, 'config': config,
         'optimizers': [opt.state_dict() for opt in optimizers], 'scaler': scaler.state_dict(),
         'iter_num': iter_num, 'best_val_loss': best_val_loss,
         'elapsed': elapsed_before + time.time() - t_start,
-        'rng': {'python': random.getstate(), 'torch': torch.get_rng_state(),
-                'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
-                'sampler': train_rng.bit_generator.state, 'epoch_order': torch.from_numpy(epoch_state['order']),
-                'epoch_pos': epoch_state['pos'], 'covered': torch.from_numpy(covered), 'tokens_drawn': tokens_drawn},
+        'ranks': rank_states, 'coverage': {'covered': torch.from_numpy(covered), 'tokens_drawn': tokens_drawn},
     }
     write_atomic({ckpt_path: lambda tmp: torch.save(state, tmp)})
 
@@ -332,77 +372,91 @@ def plot_losses():
     plt.close(fig)
 
 
-stop_requested = False
+stop_signal = None  # the name of the signal that asked this process to stop
 
 
 def request_stop(signum, frame):
-    global stop_requested
-    stop_requested = True
-    print("\ninterrupted: finishing this step, then saving a checkpoint", flush=True)
+    """SIGINT (Ctrl-C) or SIGTERM (what torchrun, Slurm and Kubernetes send): finish the step,
+    save, stop. A second signal exits at once: the checkpoint on disk is whole either way."""
+    global stop_signal
+    if stop_signal:
+        sys.exit(f"{signal.Signals(signum).name} again: exiting now, without saving")
+    stop_signal = signal.Signals(signum).name
+    os.write(sys.stderr.fileno(), f"\n{stop_signal}: finishing this step, then saving\n".encode())  # print() may be busy
 
 
-signal.signal(signal.SIGINT, request_stop)
+for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, request_stop)
 if master:
     os.makedirs(out_dir, exist_ok=True)
     log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a')
     n_params = raw_model.num_params()
-    print(f"{n_params / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per iteration, device {device}, "
+    print(f"{n_params / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per iteration ({world_size} processes x "
+          f"{micro_steps} micro-batches x {micro_batch} sequences x {block_size} tokens), device {device}, "
           f"dtype {dtype}, compile {compile}, MFU peak {peak_flops / 1e12:.2f} TFLOP/s"
           + (f", budget {max_seconds:.0f} s" if max_seconds else ""))
     log_event('start', iter=iter_num, params=n_params, tokens_per_iter=tokens_per_iter, device=device, dtype=dtype,
-              peak_flops=peak_flops, world_size=world_size, config=config)
-if ddp:  # each process draws its own offsets: gather the first batch of each to show it
-    first = torch.from_numpy(np.random.default_rng(seed + rank).integers(0, len(data['train']) - block_size, batch_size))
-    gathered = [torch.zeros_like(first) for _ in range(world_size)]
-    torch.distributed.all_gather(gathered, first)
-    log_event('ddp', world_size=world_size, first_offsets=[g.tolist() for g in gathered])
+              peak_flops=peak_flops, world_size=world_size, micro_batch=micro_batch, micro_steps=micro_steps,
+              config=config)
 if master and iter_num == 0 and objective == 'clm' and sample_tokens:
     text = sample_text()
     print(f"sample at iteration 0: {text!r}")
     log_event('sample', iter=0, text=text)
 
-n_train = len(data['train'])
 start_iter, t_start = iter_num, time.time()
 t0 = t_start
 while True:
     elapsed = elapsed_before + time.time() - t_start
-    if ddp and max_seconds:  # the budget sets the lr and the last step: rank 0's clock decides for all
-        clock = torch.tensor([elapsed], dtype=torch.float64, device=device)
-        torch.distributed.broadcast(clock, src=0)
-        elapsed = clock.item()
+    stop = stop_signal is not None
+    if ddp:  # one all-reduce (max) a step: rank 0's clock (the others send 0) and whether any rank was signalled
+        shared = torch.tensor([elapsed if master else 0.0, stop], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(shared, op=torch.distributed.ReduceOp.MAX)
+        elapsed, stop = shared[0].item(), shared[1].item() > 0
     progress = training_progress(iter_num, max_iters, elapsed, max_seconds)
     lr = learning_rate_at(iter_num, progress, learning_rate, min_lr, warmup_iters) if decay_lr else learning_rate
     for opt in optimizers:
         for group in opt.param_groups:
             group['lr'] = lr
 
-    last = progress >= 1 or stop_requested or eval_only
+    last = progress >= 1 or stop or eval_only
+    if iter_num % eval_interval == 0 or last:
+        rank_states = gather_rank_states()
+    if stop:
+        print(f"{f'rank {rank}: ' if ddp else ''}stopping after iteration {iter_num} "
+              f"({stop_signal or 'another process was signalled'})", flush=True)
+        if master and iter_num > start_iter:  # before anything else: torchrun kills 30 s after a signal
+            save_checkpoint(rank_states)
+            print(f"saved {ckpt_path}")
     if master and snapshot_interval and (iter_num % snapshot_interval == 0 or last):
         save_snapshot()
     if master and (iter_num % eval_interval == 0 or last):
         losses = estimate_loss()
         # the masked LM's loss is over the 15% masked tokens only: no bits per byte of text
         val_bpb = bits_per_byte(losses['val'], meta['val_tokens'], meta['val_bytes']) if objective == 'clm' else None
+        coverage, predicted = covered.mean(), 1 - math.exp(-tokens_drawn / n_train)
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-              + (f", val bpb {val_bpb:.4f}" if val_bpb is not None else "") + f", {elapsed:.0f} s")
+              + (f", val bpb {val_bpb:.4f}" if val_bpb is not None else "")
+              + f", coverage {coverage:.1%} (random offsets: {predicted:.1%}), {elapsed:.0f} s")
         log_event('eval', iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], val_bpb=val_bpb,
-                  elapsed=elapsed, lr=lr, coverage=float(covered.mean()),
-                  coverage_predicted=1 - math.exp(-tokens_drawn / n_train))
+                  elapsed=elapsed, lr=lr, coverage=float(coverage), coverage_predicted=predicted)
         improved = losses['val'] < best_val_loss
         best_val_loss = min(best_val_loss, losses['val'])
-        if iter_num > start_iter and (improved or always_save_checkpoint or stop_requested):
-            save_checkpoint()
+        if iter_num > start_iter and not stop and (improved or always_save_checkpoint):
+            save_checkpoint(rank_states)
             print(f"saved {ckpt_path}")
     if last:
         break
 
-    # one optimizer step: gradient_accumulation_steps forward/backward passes, then clip and update
-    for micro_step in range(gradient_accumulation_steps):
-        X, Y = get_batch('train')
-        sync = not ddp or micro_step == gradient_accumulation_steps - 1  # all-reduce only on the last
+    # one optimizer step: micro_steps forward/backward passes on each rank, then clip and update
+    for micro_step in range(micro_steps):
+        offsets = train_offsets()
+        if ddp and iter_num == start_iter and micro_step == 0:
+            log_first_windows(offsets)
+        X, Y = get_batch('train', offsets, train_rng)
+        sync = not ddp or micro_step == micro_steps - 1  # all-reduce the gradients only on the last
         with ctx, (nullcontext() if sync else model.no_sync()):
             logits, loss = model(X, Y)
-            loss = loss / gradient_accumulation_steps
+            loss = loss / micro_steps  # DDP averages over the ranks: the mean over the global batch
         scaler.scale(loss).backward()
     for opt in optimizers:
         scaler.unscale_(opt)
@@ -412,7 +466,7 @@ while True:
             scaler.step(opt)
     else:
         print(f"iter {iter_num}: non-finite loss or gradient; update skipped")
-        log_event('skipped', iter=iter_num, loss=loss.item() * gradient_accumulation_steps)
+        log_event('skipped', iter=iter_num, loss=loss.item() * micro_steps)
     scaler.update()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
@@ -421,18 +475,17 @@ while True:
     if master and iter_num % log_interval == 0:
         dt = (time.time() - t0) / log_interval
         t0 = time.time()
-        loss_value = loss.item() * gradient_accumulation_steps  # the one host sync, every log_interval
+        loss_value = loss.item() * micro_steps  # rank 0's last micro-batch
         tokens_per_s = tokens_per_iter / dt
         mfu = raw_model.estimate_mfu(tokens_per_s, peak_flops * world_size, block_size)
         elapsed = elapsed_before + time.time() - t_start
         progress = training_progress(iter_num, max_iters, elapsed, max_seconds)
         eta = elapsed * (1 - progress) / progress  # at the pace so far
         print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
-              f"{tokens_per_s:,.0f} tokens/s, MFU {mfu:.1%}, coverage {covered.mean():.1%} "
-              f"(predicted {1 - math.exp(-tokens_drawn / n_train):.1%}), progress {progress:.2f}, "
-              f"ETA {max(eta, 0):.0f} s", flush=True)
+              f"{tokens_per_s:,.0f} tokens/s, MFU {mfu:.1%}, progress {progress:.2f}, ETA {max(eta, 0):.0f} s",
+              flush=True)
         log_event('train', iter=iter_num, loss=loss_value, lr=lr, ms_per_iter=dt * 1000, tokens_per_s=tokens_per_s,
-                  mfu=mfu, grad_norm=grad_norm.item(), coverage=float(covered.mean()))
+                  mfu=mfu, grad_norm=grad_norm.item())
 
 if master:
     if objective == 'clm' and sample_tokens and not eval_only:
@@ -445,6 +498,7 @@ if master:
     plot_losses()
     print(f"done in {elapsed:.0f} s of training; best val loss {best_val_loss:.4f}; "
           f"checkpoint {ckpt_path}, log {out_dir}/log.jsonl, plot {out_dir}/loss.png")
-if ddp:  # tear down together: a rank whose peer has already closed its sockets aborts in gloo
+if ddp:  # tear down together and now: a process group left to the exit of the interpreter may abort it
     torch.distributed.barrier()
+    del model  # DDP's reducer holds the process group
     destroy_process_group()

@@ -26,7 +26,7 @@ NOT_RUN = {  # command prefix -> why this test does not run it
     'make demo': 'the whole pipeline, minutes long; run by hand and in the README numbers',
     'make test': 'this very test suite',
     'make data': 'downloads the book from the internet',
-    'torchrun': 'needs several GPUs; tests/test_train.py runs DDP with 2 CPU processes',
+    'torchrun --standalone --nproc_per_node=8': '8 processes; the 2-process command runs here, on the CPU',
     'python train.py config/finetune_gulliver.py': 'downloads GPT-2 weights; tests/test_model.py tests that path',
     'python sample.py --init_from=gpt2': 'downloads GPT-2 weights; tests/test_model.py tests that path',
     'python analyze.py --init_from=gpt2': 'downloads GPT-2 weights; tests/test_model.py tests that path',
@@ -78,9 +78,10 @@ def test_readme_commands_run(scratch, book_path):
     for command in readme_commands():
         if any(command.startswith(prefix) for prefix in NOT_RUN):
             continue
-        assert command.startswith('python '), f"README command neither run nor explained: {command}"
-        result = subprocess.run(tiny_command(command).replace('python ', f'{sys.executable} ', 1), shell=True,
-                                cwd=scratch, capture_output=True, text=True, timeout=120,
+        assert command.startswith(('python ', 'torchrun ')), f"README command neither run nor explained: {command}"
+        command = tiny_command(command).replace('python ', f'{sys.executable} ', 1)
+        command = command.replace('torchrun ', f'{sys.executable} -m torch.distributed.run ', 1)
+        result = subprocess.run(command, shell=True, cwd=scratch, capture_output=True, text=True, timeout=120,
                                 executable='/bin/bash')
         assert result.returncode == 0, f"{command}\n{result.stderr[-2000:]}"
         ran += 1

@@ -1,6 +1,8 @@
+import ast
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +13,8 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script
-from data import MASK_TOKEN, epoch_offsets, mask_tokens, random_offsets, windows
+from configurator import configure
+from data import MASK_TOKEN, epoch_offsets, mask_tokens, random_offsets, split_batch, windows
 from model import load_checkpoint
 from tokenizer import get_tokenizer
 
@@ -28,11 +31,12 @@ def events(out_dir, kind=None):
 
 @pytest.fixture(scope='module')
 def small_data(tmp_path_factory):
-    """A data_dir with 6,000 train and 1,000 val tokens (a repeating pattern), enough for tiny runs."""
+    """A data_dir with 6,000 train and 1,000 val tokens (a repeating pattern) of a 512-token
+    vocabulary (GPT-2's first 512 ids), enough for tiny runs."""
     folder = tmp_path_factory.mktemp('small')
     rng = np.random.default_rng(0)
     pattern = rng.integers(0, 500, 50)
-    meta = {'vocab_size': 50257}
+    meta = {'vocab_size': 512}
     for split, n in (('train', 6000), ('val', 1000)):
         tokens = np.resize(pattern, n).astype(np.uint16)
         tokens.tofile(folder / f'{split}.bin')
@@ -58,6 +62,56 @@ def test_epoch_sampler_uses_every_window_once_per_epoch():
         seen = np.concatenate([epoch_offsets(state, rng, n, T, B) for _ in range(15)])
         assert len(set(seen.tolist())) == 60 and set(seen.tolist()) <= set(range(0, n - T, T))
     assert (epoch_offsets(state, rng, n, T, B) % T == 0).all()
+
+
+def test_epoch_sampler_deals_each_window_to_one_rank():
+    # two ranks with the same seed: each holds the same shuffle and takes its share of every batch
+    n, T, B = 1000, 16, 3  # 62 windows: 10 steps of 2 ranks x 3 per epoch, 2 windows left out of each
+    ranks = [({'order': np.zeros(0, dtype=np.int64), 'pos': 0}, np.random.default_rng(7)) for _ in range(2)]
+    one = ({'order': np.zeros(0, dtype=np.int64), 'pos': 0}, np.random.default_rng(7))  # the global batch, alone
+    for epoch in range(3):
+        for step in range(10):
+            mine, theirs = (epoch_offsets(state, rng, n, T, B, rank, 2) for rank, (state, rng) in enumerate(ranks))
+            assert len(mine) == len(theirs) == B and not set(mine.tolist()) & set(theirs.tolist())
+            assert set(mine.tolist()) | set(theirs.tolist()) == set(epoch_offsets(*one, n, T, 2 * B).tolist())
+            seen = (seen if step else []) + mine.tolist() + theirs.tolist()
+        assert len(seen) == len(set(seen)) == 60 and set(seen) <= set(range(0, n - T, T))
+
+
+def train_settings():
+    """train.py's settings and their defaults, read from its source."""
+    settings = {}
+    for node in ast.parse(open(os.path.join(ROOT, 'train.py')).read()).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            try:
+                settings[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    return settings
+
+
+@pytest.mark.parametrize('config', ['gulliver.py', 'gulliver_cpu.py', 'gulliver_mlm_cpu.py', 'finetune_gulliver.py'])
+def test_every_config_splits_its_global_batch_over_1_2_4_8_processes(config, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the masked-LM config reads the CPU config by a relative path
+    settings = train_settings()
+    configure(settings, [f'config/{config}'])
+    batch, steps = settings['batch_size'], settings['gradient_accumulation_steps']
+    for world_size in (1, 2, 4, 8):
+        micro_batch, micro_steps = split_batch(batch, steps, world_size)
+        assert micro_batch * micro_steps * world_size == batch * steps and micro_batch <= batch
+    assert split_batch(batch, steps, 1) == (batch, steps)  # one process: the config as written
+
+
+def test_split_batch_arithmetic():
+    assert split_batch(32, 1, 8) == (4, 1)    # GPT-2 small on 8 GPUs: 4 sequences each
+    assert split_batch(8, 4, 2) == (8, 2)     # accumulation steps shared out first
+    assert split_batch(12, 1, 1) == (12, 1)
+    assert split_batch(8, 3, 2) == (6, 2)     # 12 each: two micro-batches of 6, not 8 + 4
+    assert split_batch(4, 7, 7) == (4, 1)
+    with pytest.raises(ValueError, match='the global batch of 8 sequences .* does not split over 16 processes'):
+        split_batch(8, 1, 16)
+    with pytest.raises(ValueError, match='over 3 processes'):
+        split_batch(8, 1, 3)
 
 
 def test_random_offsets_coverage_follows_the_formula():
@@ -168,9 +222,9 @@ def test_epoch_sampler_covers_every_window(small_data, tmp_path):
     result = run_script('train.py', *TINY, f'--data_dir={small_data}', f'--out_dir={tmp_path}', '--sampler=epoch',
                         '--batch_size=17', '--max_iters=11', '--eval_interval=11', '--sample_tokens=0')
     assert result.returncode == 0, result.stderr
-    rng = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['rng']
-    assert rng['covered'].sum().item() == 187 * 32 and rng['tokens_drawn'] == 187 * 32
-    assert sorted(rng['epoch_order'].tolist()) == list(range(0, 187 * 32, 32))
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['coverage']['covered'].sum().item() == 187 * 32 and ckpt['coverage']['tokens_drawn'] == 187 * 32
+    assert sorted(ckpt['ranks'][0]['epoch_order'].tolist()) == list(range(0, 187 * 32, 32))
 
 
 def test_masked_lm_objective(book_data, tmp_path):
@@ -183,17 +237,97 @@ def test_masked_lm_objective(book_data, tmp_path):
     assert model.config.causal is False and events(tmp_path, 'sample') == []
 
 
-def test_ddp_two_cpu_processes(small_data, tmp_path):
-    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                             'train.py', *TINY, f'--data_dir={small_data}', f'--out_dir={tmp_path}', '--max_iters=4',
-                             '--eval_interval=4', '--gradient_accumulation_steps=2', '--sample_tokens=0',
-                             '--max_seconds=3600', '--dtype=auto'],  # the ranks share rank 0's clock and dtype
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    [ddp] = events(tmp_path, 'ddp')
-    assert ddp['world_size'] == 2 and ddp['first_offsets'][0] != ddp['first_offsets'][1]
-    assert len(events(tmp_path, 'start')) == 1  # only rank 0 logs
-    assert load_checkpoint(tmp_path / 'ckpt.pt')[1]['iter_num'] == 4
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']  # = torchrun
+
+
+def start(command, *args):
+    return subprocess.Popen([*command, 'train.py', *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+
+
+def finish(process):
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == 0, err[-3000:]
+    return out
+
+
+def test_ddp_shipped_config_one_epoch_and_the_gradient_of_one_process(small_data, tmp_path):
+    # The README's command shape. 6,000 tokens, block 48: 124 windows, one epoch in one step of a global
+    # batch of 124, dealt out 62 to each rank. The single process draws the same windows (same seed).
+    args = ['config/gulliver_cpu.py', *TINY, '--block_size=48', '--batch_size=124', f'--data_dir={small_data}',
+            '--sampler=epoch', '--max_iters=1', '--eval_interval=1', '--grad_clip=0', '--sample_tokens=0']
+    ddp, single = start(TORCHRUN, *args, f'--out_dir={tmp_path / "ddp"}'), start([sys.executable], *args,
+                                                                                 f'--out_dir={tmp_path / "one"}')
+    out = finish(ddp)
+    finish(single)
+    assert '5,952 tokens per iteration (2 processes x 1 micro-batches x 62 sequences x 48 tokens)' in out
+    assert 'saved' in out and len(events(tmp_path / 'ddp', 'start')) == 1  # only rank 0 logs
+    [first] = events(tmp_path / 'ddp', 'ddp')
+    rank0, rank1 = (set(offsets) for offsets in first['first_offsets'])
+    assert len(rank0) == len(rank1) == 62 and rank0 | rank1 == set(range(0, 124 * 48, 48))  # disjoint, all
+    _, ckpt = load_checkpoint(tmp_path / 'ddp' / 'ckpt.pt')
+    assert ckpt['iter_num'] == 1 and len(ckpt['ranks']) == 2
+    # all ranks' targets counted: every target token of the epoch, each drawn exactly once
+    assert ckpt['coverage']['covered'].sum().item() == ckpt['coverage']['tokens_drawn'] == 124 * 48
+    # after one AdamW step the first moment is (1 - beta1) * gradient: the DDP gradient, exactly read back
+    moments = [[state['exp_avg'] / (1 - 0.9) for state in c['optimizers'][0]['state'].values()]
+               for c in (ckpt, torch.load(tmp_path / 'one' / 'ckpt.pt', weights_only=True))]
+    assert len(moments[0]) == len(moments[1]) == len(ckpt['model']) - 1  # every parameter (lm_head is tied)
+    assert max(g.abs().max() for g in moments[1]) > 0.01  # a real gradient, not zeros
+    for g_ddp, g_one in zip(*moments):
+        assert torch.allclose(g_ddp, g_one, rtol=0, atol=1e-6), (g_ddp - g_one).abs().max()
+
+
+def test_ddp_stop_and_resume_equals_the_straight_run(small_data, tmp_path):
+    # random offsets, dropout: every rank's own sampler and RNG states must come back
+    common = [*TINY, f'--data_dir={small_data}', '--dropout=0.1', '--decay_lr=False', '--log_interval=1',
+              '--eval_interval=4', '--sample_tokens=0']
+    straight = start(TORCHRUN, *common, f'--out_dir={tmp_path / "straight"}', '--max_iters=8')
+    finish(start(TORCHRUN, *common, f'--out_dir={tmp_path / "split"}', '--max_iters=4'))
+    finish(start(TORCHRUN, *common, f'--out_dir={tmp_path / "split"}', '--max_iters=8', '--init_from=resume'))
+    finish(straight)
+    losses = lambda d: [(e['iter'], e['loss']) for e in events(tmp_path / d, 'train')]
+    assert losses('straight') == losses('split') and len(losses('split')) == 8
+    a, b = (torch.load(tmp_path / d / 'ckpt.pt', weights_only=True) for d in ('straight', 'split'))
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    assert [e['iter'] for e in events(tmp_path / 'split', 'ddp')] == [0, 4]
+    for first in events(tmp_path / 'split', 'ddp'):  # the ranks draw different windows, after the resume too
+        assert first['first_offsets'][0] != first['first_offsets'][1]
+    # the checkpoint holds two ranks' states: one process cannot continue it
+    result = run_script('train.py', *common, f'--out_dir={tmp_path / "split"}', '--init_from=resume')
+    assert result.returncode == 1 and result.stderr.count('\n') == 1
+    assert 'holds the sampler states of 2 processes; resume it with as many (torchrun --nproc_per_node=2' in result.stderr
+
+
+def worker_pids(parent):
+    """{rank: pid} of torchrun's worker processes, from /proc."""
+    pids = {}
+    for entry in os.listdir('/proc'):
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                ppid = int(f.read().rsplit(')', 1)[1].split()[1])
+            with open(f'/proc/{entry}/environ', 'rb') as f:
+                environ = dict(v.split(b'=', 1) for v in f.read().split(b'\0') if b'=' in v)
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b'RANK' in environ:
+            pids[int(environ[b'RANK'])] = int(entry)
+    return pids
+
+
+def test_sigterm_to_one_rank_stops_both_after_the_same_step(small_data, tmp_path):
+    # dtype 'auto' and a budget: the ranks also share rank 0's dtype choice and clock
+    process = start(TORCHRUN, *TINY[:-1], '--dtype=auto', '--max_seconds=3600', f'--data_dir={small_data}',
+                    f'--out_dir={tmp_path}', '--max_iters=100000', '--log_interval=1', '--eval_interval=100000',
+                    '--sample_tokens=0')
+    wait_for_line(process, 'iter 3:')
+    os.kill(worker_pids(process.pid)[1], signal.SIGTERM)
+    out = finish(process)
+    stops = {int(rank): int(at) for rank, at in re.findall(r'rank (\d): stopping after iteration (\d+)', out)}
+    assert stops.keys() == {0, 1} and stops[0] == stops[1] >= 3
+    assert 'rank 1: stopping after iteration %d (SIGTERM)' % stops[1] in out
+    assert out.index('saved') < out.index(f'step {stops[0]}:')  # saved before the final evaluation
+    assert load_checkpoint(tmp_path / 'ckpt.pt')[1]['iter_num'] == stops[0]
 
 
 def start_training(small_data, out, *extra):
@@ -210,14 +344,16 @@ def wait_for_line(process, text):
     raise AssertionError(f"no line with {text!r}")
 
 
-def test_ctrl_c_saves_and_exits_cleanly(small_data, tmp_path):
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_and_exits_cleanly(small_data, tmp_path, signum):
     process = start_training(small_data, tmp_path, '--eval_interval=100000')
     wait_for_line(process, 'iter 5:')
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
-    assert 'Traceback' not in err and 'saved' in out
-    assert load_checkpoint(tmp_path / 'ckpt.pt')[1]['iter_num'] >= 5
+    stopped = int(re.search(rf'stopping after iteration (\d+) \({signum.name}\)', out).group(1))
+    assert 'Traceback' not in err and out.index('saved') < out.index(f'step {stopped}:')
+    assert load_checkpoint(tmp_path / 'ckpt.pt')[1]['iter_num'] == stopped >= 5
 
 
 def test_kill_during_checkpoint_writes_keeps_a_loadable_checkpoint(small_data, tmp_path):
