@@ -21,7 +21,7 @@ data:
 
 demo: install data
 	@echo "== training on $(DEVICE) with $(CONFIG)"
-	$(PYTHON) train.py $(CONFIG)
+	$(PYTHON) train.py $(CONFIG) --overwrite=True
 	@echo "== an untrained model of the same shape says:"
 	@$(PYTHON) sample.py --out_dir=$(OUT) --init_from=scratch --start=$(PROMPT) --max_new_tokens=40 --seed=1
 	@echo "== the trained model says:"

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -32,6 +33,7 @@ from download import DownloadError
 from geometry import (analogy, anisotropy, cosine_matrix, mean_cos_by_distance, nearest_neighbours, norm_vs_frequency,
                       pca, positional_geometry, similarity, spearman)
 from model import load_model
+from runlog import read_events
 from tokenizer import VOCAB_SIZE, get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -218,6 +220,9 @@ def load_snapshots(folder, counts):
         except (OSError, ValueError, KeyError, EOFError):
             sys.exit(f"error: {path} is not a snapshot written by train.py (np.savez with W_E)")
         W0 = W if W0 is None else W0
+        if W.shape != W0.shape:
+            sys.exit(f"error: {path} holds W_E of shape {W.shape}, {paths[0]} {W0.shape}: snapshots of two runs "
+                     f"in {folder}; keep one run's")
         drift = np.linalg.norm(W - W0, axis=1)
         for lo, hi, label in FREQUENCY_BINS:
             in_bin = (counts >= lo) & (counts <= hi)
@@ -232,10 +237,9 @@ def load_snapshots(folder, counts):
 def read_log(path):
     """The train and eval events of log.jsonl (a last line still being written, with no newline yet, is left out)."""
     try:
-        with open(path) as f:
-            events = [json.loads(line) for line in f if line.endswith('\n')]
-    except json.JSONDecodeError as e:
-        sys.exit(f"error: {path} has a line that is not JSON ({e.msg}); is it a log.jsonl written by train.py?")
+        events = read_events(path)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     return [e for e in events if e.get('event') == 'train'], [e for e in events if e.get('event') == 'eval']
 
 
@@ -497,7 +501,12 @@ if __name__ == '__main__':
         log = read_log(log_path) if os.path.exists(log_path) else None
         snapshots = load_snapshots(os.path.join(out_dir, 'snapshots'), counts)
 
-    os.makedirs(report_dir, exist_ok=True)
+    try:
+        os.makedirs(report_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=report_dir):
+            pass
+    except OSError as e:
+        sys.exit(f"error: cannot write to report_dir {report_dir!r} ({e.strerror}); pass a --report_dir you can write to")
     if compare:
         report['compare'], md = compare_section([os.path.normpath(d) for d in compare], [W for W, _, _ in loaded],
                                                 counts, probe_ids, enc)

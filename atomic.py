@@ -1,10 +1,30 @@
 """
-Writing files so that a crash, a kill or Ctrl-C never leaves a half-written file where a good
-one was: each file is written to a temporary name in the same folder, and only when all of
-them are complete does os.replace (atomic on POSIX) move them into place.
+Writing files so that a crash, a kill, a full disk or Ctrl-C never leaves a half-written file
+where a good one was: each file is written to a temporary name in the same folder and flushed
+to the disk (fsync), and only when all of them are complete does os.replace (atomic on POSIX)
+move them into place; the folder is synced after the rename, so that the new name survives a
+power cut too. A writer killed mid-write leaves a .tmp- file: remove_orphans clears them.
 """
 import os
 import tempfile
+
+PREFIX = '.tmp-'
+
+
+def fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_orphans(folder):
+    """Delete the temporary files that a killed writer left in folder; return how many."""
+    orphans = [name for name in os.listdir(folder) if name.startswith(PREFIX)] if os.path.isdir(folder) else []
+    for name in orphans:
+        os.remove(os.path.join(folder, name))
+    return len(orphans)
 
 
 def move_into_place(tmp, path):
@@ -20,15 +40,18 @@ def write_atomic(files):
     temps = {}
     try:
         for path, content in files.items():
-            fd, temps[path] = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix='.tmp-',
+            fd, temps[path] = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=PREFIX,
                                                suffix=os.path.splitext(path)[1])  # savez, savefig read it
             with os.fdopen(fd, 'wb') as f:
                 if isinstance(content, bytes):
                     f.write(content)
             if not isinstance(content, bytes):
                 content(temps[path])
+            fsync_path(temps[path])
         for path, tmp in temps.items():
             move_into_place(tmp, path)
+        for folder in {os.path.dirname(os.path.abspath(path)) for path in temps}:
+            fsync_path(folder)
     finally:
         for tmp in temps.values():
             if os.path.exists(tmp):

@@ -3,12 +3,14 @@ Settings for every script, nanoGPT-style: a script defines its settings as modul
 globals, then calls configure(globals()). Positional arguments are config files (plain
 Python, executed into those globals); `--key=value` arguments override them. Values are
 parsed with ast.literal_eval (a bare word stays a string) and must match the type of the
-default. Any mistake is one line on stderr and exit code 2.
+default. Then check() holds each setting to its rule: a set of values (one_of) or a range.
+Any mistake is one line on stderr and exit code 2.
 
     $ python train.py config/gulliver_cpu.py --batch_size=32 --compile=False
 """
 import ast
 import difflib
+import re
 import sys
 
 SETTING_TYPES = (bool, int, float, str, tuple, list, type(None))
@@ -40,10 +42,12 @@ def coerce(key, value, default):
 
 
 def configure(settings, argv=None):
-    """Apply config files and --key=value overrides from argv to the settings dict."""
+    """Apply config files and --key=value overrides from argv to the settings dict; return the
+    names they set (whatever their values), so that a script can tell a choice from a default."""
     argv = sys.argv[1:] if argv is None else argv
     # settings are the lower-case globals of simple types; UPPER_CASE names are constants
     keys = [k for k, v in settings.items() if k.islower() and not k.startswith('_') and isinstance(v, SETTING_TYPES)]
+    chosen = set()
     for arg in argv:
         if not arg.startswith('--'):
             try:
@@ -59,9 +63,12 @@ def configure(settings, argv=None):
                 fail(f"config file {arg} is not valid Python ({type(e).__name__}: {e}"
                      f"{'' if line is None else f', line {line}'}); fix the file")
             for key, value in file_settings.items():
+                if key.isupper() and key.lower() in keys:
+                    fail(f"config file {arg} sets {key}; settings are lower-case: write {key.lower()}")
                 if key.islower() and not key.startswith('_') and isinstance(value, SETTING_TYPES):
                     check_key(key, keys)
                     settings[key] = coerce(key, value, settings[key])
+                    chosen.add(key)
         else:
             if '=' not in arg:
                 fail(f"{arg!r} has no value; write it as {arg}=VALUE")
@@ -74,6 +81,66 @@ def configure(settings, argv=None):
             if isinstance(settings[key], str) and not isinstance(value, str):
                 value = text  # a string setting keeps what was typed, e.g. --start=123
             settings[key] = coerce(key, value, settings[key])
+            chosen.add(key)
+    return chosen
+
+
+# Rules for check(): each takes a value and returns None when it is allowed, else what it must be.
+def one_of(*allowed):
+    return lambda value: None if any(value is a or (value == a and type(value) is type(a)) for a in allowed) \
+        else f"one of {', '.join(repr(a) for a in allowed)}"
+
+
+def at_least(low):
+    return lambda value: None if value >= low else f">= {low}"
+
+
+def below(low, high):
+    """low <= value < high."""
+    return lambda value: None if low <= value < high else f"in [{low}, {high})"
+
+
+def optional(rule):
+    return lambda value: None if value is None else rule(value)
+
+
+def check(settings, rules):
+    """Fail on the first setting whose rule rejects its value: 'NAME must be WHAT, not VALUE'."""
+    for name, rule in rules.items():
+        expected = rule(settings[name])
+        if expected is not None:
+            fail(f"{name} must be {expected}, not {settings[name]!r}")
+
+
+def check_resume(settings, checkpoint, path, world_size, data_fingerprint):
+    """A checkpoint resumes only as it was trained: by as many processes, on the same data, with
+    the same optimizer and fp16 scaler. A schedule setting that changed is printed."""
+    saved = checkpoint['config']
+    if len(checkpoint['ranks']) != world_size:
+        fail(f"{path} holds the sampler states of {len(checkpoint['ranks'])} processes; resume it with as "
+             f"many (torchrun --nproc_per_node={len(checkpoint['ranks'])}, or python train.py for 1)")
+    if checkpoint['data'] != data_fingerprint:
+        fail(f"{path} was trained on other data than {settings['data_dir']} holds now (its train.bin or val.bin "
+             f"differ); resume with the data_dir it was trained on ({saved['data_dir']}), or train from scratch")
+    scaler = bool(checkpoint['scaler'])  # the fp16 gradient scaler's state; empty without one
+    if settings['optimizer'] != saved['optimizer'] or (settings['dtype'] == 'float16') != scaler:
+        fail(f"{path} holds the state of optimizer={saved['optimizer']!r}"
+             f"{' with the float16 gradient scaler' if scaler else ''}; resume with "
+             f"--optimizer={saved['optimizer']}{' --dtype=float16' if scaler else ''}")
+    for name in ('max_iters', 'max_seconds', 'warmup_iters', 'learning_rate', 'min_lr', 'decay_lr'):
+        if settings[name] != saved[name]:
+            print(f"note: {name} changed on resume: {saved[name]} -> {settings[name]}")
+
+
+def check_model(settings, chosen, model_config, source):
+    """A resumed or pretrained model has its own shape: a setting chosen to be otherwise fails.
+    The objective must always match, chosen or not: it decides what the loss is."""
+    built = {**{name: getattr(model_config, name) for name in ('n_layer', 'n_head', 'n_embd', 'bias', 'pos_emb')},
+             'objective': 'clm' if model_config.causal else 'mlm'}
+    for name, value in built.items():
+        if settings[name] != value and (name in chosen or name == 'objective'):
+            fail(f"{source} has {name}={value!r}, but {name}={settings[name]!r} was asked for; "
+                 + (f"resume with --{name}={value}" if name == 'objective' else f"drop --{name}, or train from scratch"))
 
 
 def resolve_device(device):
@@ -81,10 +148,13 @@ def resolve_device(device):
     import torch
     if device == 'auto':
         return 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device != 'cpu' and not re.fullmatch(r'cuda(:\d+)?', device):
+        fail(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
     if device.startswith('cuda') and not torch.cuda.is_available():
         fail(f"device {device!r} asked for, but CUDA is not available here; use --device=cpu or --device=auto")
-    if device != 'cpu' and not device.startswith(('cuda', 'mps')):
-        fail(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    if device.startswith('cuda:') and int(device[5:]) >= torch.cuda.device_count():
+        fail(f"no {device} here: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+             f"cuda:{torch.cuda.device_count() - 1}")
     return device
 
 

@@ -14,6 +14,8 @@ Under DDP the processes (ranks) share one optimizer step: split_batch gives each
 the global batch, random offsets come from a generator seeded per rank, and the epoch sampler
 shuffles once for all ranks (the same seed) and deals each batch of windows out among them.
 """
+import hashlib
+import json
 import math
 import os
 
@@ -27,6 +29,42 @@ MASK_TOKEN = EOT_TOKEN  # the masked LM's [MASK]: <|endoftext|> never occurs ins
 def open_split(data_dir, split):
     """The token ids of data_dir/{split}.bin as a read-only uint16 memmap."""
     return np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+
+
+def open_data(data_dir):
+    """meta.json and both splits of a data_dir, checked against each other: the token files
+    must hold the token counts and sha256 that meta.json records, and ids below vocab_size.
+    Returns (meta, {'train': memmap, 'val': memmap}); ValueError with one line otherwise."""
+    again = "run python prepare.py again"
+    for name in ('train.bin', 'val.bin', 'meta.json'):
+        if not os.path.exists(os.path.join(data_dir, name)):
+            raise ValueError(f"no {data_dir}/{name}; run python prepare.py first (or pass --data_dir)")
+    meta_path = os.path.join(data_dir, 'meta.json')
+    try:
+        with open(meta_path, encoding='utf-8') as f:
+            meta = json.load(f)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"cannot read {meta_path} ({type(e).__name__}); {again}") from None
+    needed = ('vocab_size', 'train_tokens', 'val_tokens', 'train_bytes', 'val_bytes', 'sha256')
+    if not isinstance(meta, dict) or any(key not in meta for key in needed):
+        raise ValueError(f"{meta_path} lacks {', '.join(k for k in needed if k not in meta)} "
+                         f"(damaged, or written by an older prepare.py); {again}")
+    data = {}
+    for split in ('train', 'val'):
+        path = os.path.join(data_dir, f'{split}.bin')
+        size = os.path.getsize(path)
+        if size == 0 or size % 2:
+            raise ValueError(f"{path} is not a file of uint16 token ids ({size} bytes); {again}")
+        with open(path, 'rb') as f:
+            digest = hashlib.file_digest(f, 'sha256').hexdigest()
+        if size // 2 != meta[f'{split}_tokens'] or digest != meta['sha256'].get(f'{split}.bin'):
+            raise ValueError(f"{path} ({size // 2:,} tokens) is not the file {meta_path} describes "
+                             f"({meta[f'{split}_tokens']:,} tokens, another sha256); {again}")
+        data[split] = open_split(data_dir, split)
+        if data[split].max() >= meta['vocab_size']:
+            raise ValueError(f"{path} holds token id {data[split].max()}, not below vocab_size {meta['vocab_size']}; "
+                             f"{again}")
+    return meta, data
 
 
 def random_offsets(rng, n_tokens, block_size, batch_size):

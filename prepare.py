@@ -126,9 +126,17 @@ def main():
         raise ValueError(f"split must be 'tail' or 'interleaved', not {split!r}")
     if not 0 < val_fraction < 0.5:
         raise ValueError(f"val_fraction must be in (0, 0.5), not {val_fraction}")
+    if split == 'interleaved' and abs(1 / round(1 / val_fraction) - val_fraction) > 1e-3:
+        raise ValueError(f"split='interleaved' makes one chunk in every k val, so val_fraction must be 1/k "
+                         f"(0.1, 0.125, 0.2, 0.25, 0.333), not {val_fraction}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, not {chunk_tokens}")
     raw = fetch_raw(source, data_dir, force, timeout)
     text = strip_gutenberg(check_text(raw, source))
     ids = np.array(get_tokenizer().encode_ordinary(text), dtype=np.uint16)
+    if split == 'interleaved' and len(ids) < 2 * chunk_tokens * round(1 / val_fraction):
+        raise ValueError(f"the text has {len(ids):,} tokens: too few for chunks of {chunk_tokens} with one in every "
+                         f"{round(1 / val_fraction)} val; lower --chunk_tokens")
     train_ids, val_ids = split_tokens(ids, split, val_fraction, chunk_tokens, seed)
     if len(val_ids) < 2 or len(train_ids) < 2:
         raise ValueError(f"{source} has only {len(ids)} tokens, too few to split; pass a longer text")
@@ -160,8 +168,11 @@ if __name__ == '__main__':
     new_dirs = [d for d in (os.path.join(data_dir, 'raw'), data_dir) if not os.path.exists(d)]
     try:
         main()
-    except (ValueError, KeyboardInterrupt) as e:
+    except (ValueError, OSError, KeyboardInterrupt) as e:
         for d in new_dirs:  # leave no empty folders behind a failed run
             if os.path.isdir(d) and not os.listdir(d):
                 os.rmdir(d)
-        sys.exit(f"error: {e}" if isinstance(e, ValueError) else "interrupted; nothing was written")
+        if isinstance(e, KeyboardInterrupt):
+            sys.exit("interrupted; nothing was written")
+        sys.exit(f"error: {e}" if isinstance(e, ValueError) else
+                 f"error: cannot write to data_dir {data_dir!r} ({e.strerror}); pass a --data_dir you can write to")

@@ -8,6 +8,7 @@ Generate text from a trained checkpoint, from GPT-2 weights, or from an untraine
 Tokens stream to stdout as they are generated; the speed goes to stderr at the end.
 """
 import codecs
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -51,6 +52,9 @@ try:
     model, _ = load_model(init_from, out_dir, device)
 except (DownloadError, ValueError) as e:
     sys.exit(f"error: {e}")
+if not model.config.causal:
+    sys.exit(f"error: {out_dir}/ckpt.pt is a masked LM (objective='mlm'): it fills in masked tokens and cannot "
+             f"generate text left to right; sample from a GPT checkpoint")
 
 model.eval().to(device)
 if compile:
@@ -64,6 +68,8 @@ if start.startswith('FILE:'):
             start = f.read()
     except OSError as e:
         sys.exit(f"error: cannot read the prompt file {start[5:]!r} ({e.strerror})")
+    except UnicodeDecodeError:
+        sys.exit(f"error: the prompt file {start[5:]!r} is not UTF-8 text; save it as UTF-8")
 start_ids = enc.encode_ordinary(start) or [enc.eot_token]
 block_size = model.config.block_size
 if len(start_ids) > block_size:
@@ -73,15 +79,21 @@ x = torch.tensor([start_ids], dtype=torch.long, device=device)
 
 generator = torch.Generator(device=device).manual_seed(seed)
 tokens_made, t0 = 0, time.time()
-with ctx:
-    for k in range(num_samples):
-        utf8 = codecs.getincrementaldecoder('utf-8')(errors='replace')  # a character may span two tokens
-        sys.stdout.write(start)
-        for token in model.stream(x, max_new_tokens, temperature, top_k, top_p if top_p < 1 else None,
-                                  kv_cache, generator):
-            sys.stdout.write(utf8.decode(enc.decode_single_token_bytes(token.item())))
-            sys.stdout.flush()
-            tokens_made += 1
-        sys.stdout.write(utf8.decode(b'', final=True) + '\n' + ('---------------\n' if k < num_samples - 1 else ''))
+try:
+    with ctx:
+        for k in range(num_samples):
+            utf8 = codecs.getincrementaldecoder('utf-8')(errors='replace')  # a character may span two tokens
+            sys.stdout.write(start)
+            for token in model.stream(x, max_new_tokens, temperature, top_k, top_p if top_p < 1 else None,
+                                      kv_cache, generator):
+                sys.stdout.write(utf8.decode(enc.decode_single_token_bytes(token.item())))
+                sys.stdout.flush()
+                tokens_made += 1
+            sys.stdout.write(utf8.decode(b'', final=True) + '\n' + ('---------------\n' if k < num_samples - 1 else ''))
+except BrokenPipeError:  # the reader has gone (python sample.py | head): stop quietly, as other tools do
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+    sys.exit(0)
+except KeyboardInterrupt:
+    sys.exit("\ninterrupted")
 elapsed = time.time() - t0
 print(f"{tokens_made} tokens in {elapsed:.2f} s: {tokens_made / elapsed:.1f} tokens/s", file=sys.stderr)

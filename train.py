@@ -23,7 +23,6 @@ and checkpoints included, but not the start-up before it (loading data, building
 the model, the machine probes) nor the final evaluation, checkpoint and sample after it.
 Losses are in nats per token; val_bpb is the val loss in bits per byte (data.bits_per_byte).
 """
-import json
 import math
 import os
 import pickle
@@ -40,11 +39,13 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from atomic import write_atomic
-from configurator import configure, resolve_device, resolve_dtype
-from data import bits_per_byte, epoch_offsets, mask_tokens, open_split, random_offsets, split_batch, windows
+from configurator import (at_least, below, check, check_model, check_resume, configure, one_of, resolve_device,
+                          resolve_dtype)
+from data import bits_per_byte, epoch_offsets, mask_tokens, open_data, random_offsets, split_batch, windows
 from download import DownloadError
 from machine import choose_cpu_dtype, keep_freed_memory, measure_matmul_flops
-from model import GPT, GPTConfig, PRETRAINED
+from model import GPT, GPTConfig, POS_EMBS, PRETRAINED
+from runlog import plot_losses, start_log, write_event
 from schedule import learning_rate_at, training_progress
 from tokenizer import get_tokenizer
 
@@ -56,6 +57,7 @@ log_interval = 10
 eval_iters = 50
 eval_only = False
 always_save_checkpoint = True
+overwrite = False       # let init_from='scratch' or a pretrained model replace the run in out_dir
 init_from = 'scratch'   # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'
 snapshot_interval = 0   # save W_E and W_pos every this many iterations (0: never)
 sample_tokens = 48      # a sample of this many tokens at iteration 0 and at the end
@@ -83,6 +85,7 @@ weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0         # 0: no clipping
+max_skipped_steps = 10  # stop after this many steps in a row with a non-finite loss or gradient
 # learning-rate schedule: linear warm-up (iterations), then cosine decay to min_lr at the end of the run
 decay_lr = True
 warmup_iters = 100
@@ -95,7 +98,20 @@ compile = None          # None: on for CUDA, off for the CPU
 peak_flops = 0.0        # FLOP/s that MFU is measured against; 0: measure this machine's matmul peak
 seed = 1337
 # -----------------------------------------------------------------------------
-configure(globals())
+chosen = configure(globals())  # the settings a config file or the command line set
+check(globals(), {
+    'init_from': one_of('scratch', 'resume', *PRETRAINED), 'sampler': one_of('random', 'epoch'),
+    'objective': one_of('clm', 'mlm'), 'optimizer': one_of('adamw', 'muon'),
+    'pos_emb': one_of(*POS_EMBS), 'compile': one_of(None, True, False),
+    'dtype': one_of('auto', 'float32', 'bfloat16', 'float16'), 'backend': one_of('nccl', 'gloo'),
+    'dropout': below(0, 1), 'beta1': below(0, 1), 'beta2': below(0, 1), 'out_dir': lambda d: None if d else 'a folder',
+    **{name: at_least(1) for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval',
+                                      'eval_iters', 'log_interval', 'n_layer', 'n_head', 'n_embd', 'pad_vocab_to',
+                                      'max_skipped_steps')},
+    **{name: at_least(0) for name in ('learning_rate', 'min_lr', 'max_iters', 'max_seconds', 'weight_decay',
+                                      'grad_clip', 'warmup_iters', 'snapshot_interval', 'sample_tokens', 'seed',
+                                      'peak_flops')},
+})
 config = {k: v for k, v in globals().items() if k.islower() and not k.startswith('_')
           and isinstance(v, (int, float, bool, str, type(None)))}
 
@@ -104,18 +120,15 @@ def fail(message):
     sys.exit(f"error: {message}")
 
 
-for name, value, allowed in (('sampler', sampler, ('random', 'epoch')), ('objective', objective, ('clm', 'mlm')),
-                             ('optimizer', optimizer, ('adamw', 'muon')),
-                             ('pos_emb', pos_emb, ('learned', 'sinusoidal', 'rope', 'alibi', 'none')),
-                             ('init_from', init_from, ('scratch', 'resume', *PRETRAINED))):
-    if value not in allowed:
-        fail(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
-for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters',
-             'log_interval', 'n_layer', 'n_head', 'n_embd'):
-    if globals()[name] < 1:
-        fail(f"{name} must be a positive integer, not {globals()[name]}")
-if learning_rate < 0 or min_lr < 0 or max_iters < 0 or max_seconds < 0:
-    fail("learning_rate, min_lr, max_iters and max_seconds must be >= 0")
+signal.signal(signal.SIGINT, lambda signum, frame: fail("interrupted during start-up; nothing was saved"))
+
+if n_embd % n_head:
+    fail(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head})")
+for name, value in (('pos_emb', 'learned'), ('bias', True), ('objective', 'clm')):
+    if init_from in PRETRAINED and name in chosen and globals()[name] != value:
+        fail(f"init_from={init_from!r} is GPT-2 with {name}={value!r}; drop --{name}={globals()[name]}")
+if pos_emb == 'rope' and (n_embd // n_head) % 2:
+    fail(f"pos_emb='rope' rotates pairs of dimensions: the head size n_embd / n_head ({n_embd // n_head}) must be even")
 
 # distributed set-up: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
 ddp = 'RANK' in os.environ
@@ -144,14 +157,11 @@ tokens_per_iter = batch_size * gradient_accumulation_steps * block_size  # the g
 
 # -----------------------------------------------------------------------------
 # data: each split is memory-mapped once; batches are windows at offsets that the sampler draws
-meta_path = os.path.join(data_dir, 'meta.json')
-if not os.path.exists(os.path.join(data_dir, 'train.bin')) or not os.path.exists(meta_path):
-    fail(f"no {data_dir}/train.bin; run python prepare.py first (or pass --data_dir)")
-with open(meta_path) as f:
-    meta = json.load(f)
-if 'val_bytes' not in meta:
-    fail(f"{meta_path} has no byte counts (an older prepare.py wrote it); run python prepare.py again")
-data = {split: open_split(data_dir, split) for split in ('train', 'val')}
+try:
+    meta, data = open_data(data_dir)  # checked against meta.json: counts, sha256, ids below vocab_size
+except ValueError as e:
+    fail(str(e))
+data_fingerprint = {name: meta['sha256'][name] for name in ('train.bin', 'val.bin')}  # kept in the checkpoint
 shortest = min(len(d) for d in data.values())
 if block_size + 1 > shortest:
     fail(f"block_size {block_size} needs at least {block_size + 1} tokens per split, but {data_dir} has "
@@ -196,9 +206,16 @@ def get_batch(split, offsets, rng):
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=meta['vocab_size'], dropout=dropout, pos_emb=pos_emb, causal=objective == 'clm',
                   pad_vocab_to=pad_vocab_to)
+# out_dir holds one run: a new run never replaces another's checkpoint unless told to, and
+# starts a log and snapshots of its own (the earlier ones are kept under a dated name, below)
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if init_from != 'resume' and not eval_only and os.path.exists(ckpt_path) and not overwrite:
+    fail(f"{out_dir} holds another run's checkpoint; continue it with --init_from=resume, or pass another "
+         f"--out_dir, or --overwrite=True to replace it")
+CHECKPOINT_KEYS = ('model', 'model_args', 'config', 'optimizers', 'scaler', 'iter_num', 'best_val_loss', 'elapsed',
+                   'ranks', 'coverage', 'data')
 iter_num, best_val_loss, checkpoint = 0, 1e9, None
 elapsed_before = 0.0  # seconds of training loop spent by the run this one resumes
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from == 'scratch':
     model = GPT(GPTConfig(**model_args))
 elif init_from == 'resume':
@@ -206,14 +223,16 @@ elif init_from == 'resume':
         fail(f"no checkpoint at {ckpt_path} to resume from; train with --init_from=scratch first")
     try:
         checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-        if len(checkpoint['ranks']) != world_size:
-            fail(f"{ckpt_path} holds the sampler states of {len(checkpoint['ranks'])} processes; resume it with as "
-                 f"many (torchrun --nproc_per_node={len(checkpoint['ranks'])}, or python train.py for 1)")
+        missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+        if missing:
+            fail(f"{ckpt_path} lacks {', '.join(missing)} (an older train.py wrote it, or it is damaged); "
+                 f"train from scratch")
         model_args = {**checkpoint['model_args'], 'dropout': dropout}
         model = GPT(GPTConfig(**model_args))
         model.load_state_dict(checkpoint['model'])
-    except (RuntimeError, OSError, KeyError, EOFError, pickle.UnpicklingError) as e:
+    except (RuntimeError, OSError, KeyError, EOFError, TypeError, ValueError, pickle.UnpicklingError) as e:
         fail(f"cannot load {ckpt_path} ({type(e).__name__}); the file is damaged: delete it or train from scratch")
+    check_resume(globals(), checkpoint, ckpt_path, world_size, data_fingerprint)
     iter_num, best_val_loss, elapsed_before = checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint['elapsed']
 else:
     try:
@@ -221,13 +240,19 @@ else:
     except (DownloadError, ValueError) as e:
         fail(str(e))
     model_args = asdict(model.config)
+check_model(globals(), chosen, model.config, ckpt_path if init_from == 'resume' else init_from)
 if model.config.vocab_size != meta['vocab_size']:
-    fail(f"the model's vocab_size {model.config.vocab_size} differs from {meta_path} ({meta['vocab_size']})")
+    fail(f"the model's vocab_size {model.config.vocab_size} differs from {data_dir}/meta.json ({meta['vocab_size']})")
 if block_size > model.config.block_size:
     fail(f"block_size {block_size} is larger than the model's context ({model.config.block_size})")
 if block_size < model.config.block_size:
     model.crop_block_size(block_size)
     model_args['block_size'] = block_size
+if master:
+    try:
+        log_file = start_log(out_dir, new_run=init_from != 'resume')
+    except OSError as e:
+        fail(f"cannot write to out_dir {out_dir!r} ({e.strerror}); pass an --out_dir you can write to")
 model.to(device)
 if dtype == 'auto':  # the CPU: bf16 autocast only where this CPU runs it faster than fp32
     dtype, head_seconds, probe_tokens = choose_cpu_dtype(model.config.n_embd, model.config.padded_vocab_size,
@@ -287,8 +312,7 @@ def estimate_loss():
 def log_event(event, **fields):
     """Append one event to out_dir/log.jsonl (rank 0 only)."""
     if master:
-        log_file.write(json.dumps({'event': event, **fields}) + '\n')
-        log_file.flush()
+        write_event(log_file, event, **fields)
 
 
 @torch.no_grad()
@@ -349,27 +373,12 @@ def save_checkpoint(rank_states):
         'iter_num': iter_num, 'best_val_loss': best_val_loss,
         'elapsed': elapsed_before + time.time() - t_start,
         'ranks': rank_states, 'coverage': {'covered': torch.from_numpy(covered), 'tokens_drawn': tokens_drawn},
+        'data': data_fingerprint,
     }
-    write_atomic({ckpt_path: lambda tmp: torch.save(state, tmp)})
-
-
-def plot_losses():
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    events = [json.loads(line) for line in open(os.path.join(out_dir, 'log.jsonl'))]
-    train = [(e['iter'], e['loss']) for e in events if e['event'] == 'train']
-    evals = [e for e in events if e['event'] == 'eval']
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), lw=0.8, alpha=0.6, label='train (batch)')
-    ax.plot([e['iter'] for e in evals], [e['train_loss'] for e in evals], 'o-', label='train (eval)')
-    ax.plot([e['iter'] for e in evals], [e['val_loss'] for e in evals], 'o-', label='val (eval)')
-    ax.set(xlabel='iteration', ylabel='cross-entropy (nats)', title=f'{out_dir}: loss')
-    ax.legend()
-    fig.tight_layout()
-    write_atomic({os.path.join(out_dir, 'loss.png'): lambda tmp: fig.savefig(tmp, format='png', dpi=120)})
-    plt.close(fig)
+    try:
+        write_atomic({ckpt_path: lambda tmp: torch.save(state, tmp)})
+    except OSError as e:  # a full disk, say: the temporary file is gone, the previous checkpoint untouched
+        fail(f"cannot write {ckpt_path} ({e.strerror or e}); the previous checkpoint is intact: make room and resume")
 
 
 stop_signal = None  # the name of the signal that asked this process to stop
@@ -388,8 +397,6 @@ def request_stop(signum, frame):
 for signum in (signal.SIGINT, signal.SIGTERM):
     signal.signal(signum, request_stop)
 if master:
-    os.makedirs(out_dir, exist_ok=True)
-    log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a')
     n_params = raw_model.num_params()
     print(f"{n_params / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per iteration ({world_size} processes x "
           f"{micro_steps} micro-batches x {micro_batch} sequences x {block_size} tokens), device {device}, "
@@ -403,7 +410,7 @@ if master and iter_num == 0 and objective == 'clm' and sample_tokens:
     print(f"sample at iteration 0: {text!r}")
     log_event('sample', iter=0, text=text)
 
-start_iter, t_start = iter_num, time.time()
+start_iter, t_start, skipped_in_a_row = iter_num, time.time(), 0
 t0 = t_start
 while True:
     elapsed = elapsed_before + time.time() - t_start
@@ -441,7 +448,7 @@ while True:
                   elapsed=elapsed, lr=lr, coverage=float(coverage), coverage_predicted=predicted)
         improved = losses['val'] < best_val_loss
         best_val_loss = min(best_val_loss, losses['val'])
-        if iter_num > start_iter and not stop and (improved or always_save_checkpoint):
+        if iter_num > start_iter and not stop and math.isfinite(losses['val']) and (improved or always_save_checkpoint):
             save_checkpoint(rank_states)
             print(f"saved {ckpt_path}")
     if last:
@@ -464,9 +471,14 @@ while True:
     if torch.isfinite(grad_norm) or scaler.is_enabled():  # the scaler skips non-finite steps itself
         for opt in optimizers:
             scaler.step(opt)
+        skipped_in_a_row = 0
     else:
+        skipped_in_a_row += 1
         print(f"iter {iter_num}: non-finite loss or gradient; update skipped")
         log_event('skipped', iter=iter_num, loss=loss.item() * micro_steps)
+        if skipped_in_a_row >= max_skipped_steps:  # every rank sees the same all-reduced gradient norm
+            fail(f"the loss or gradient was not finite for {skipped_in_a_row} steps in a row: the run diverged. "
+                 f"{ckpt_path} keeps the last good state; lower --learning_rate")
     scaler.update()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
@@ -495,7 +507,7 @@ if master:
     elapsed = elapsed_before + time.time() - t_start
     log_event('end', iter=iter_num, best_val_loss=best_val_loss, elapsed=elapsed)
     log_file.close()
-    plot_losses()
+    plot_losses(out_dir)
     print(f"done in {elapsed:.0f} s of training; best val loss {best_val_loss:.4f}; "
           f"checkpoint {ckpt_path}, log {out_dir}/log.jsonl, plot {out_dir}/loss.png")
 if ddp:  # tear down together and now: a process group left to the exit of the interpreter may abort it

@@ -36,7 +36,8 @@ def run_in_process(*args, cwd=ROOT):
     line. Signal handlers and the working directory are restored afterwards."""
     script, *argv = args
     stdout, stderr = io.StringIO(), io.StringIO()
-    saved_argv, saved_cwd, saved_sigint = sys.argv, os.getcwd(), signal.getsignal(signal.SIGINT)
+    saved_argv, saved_cwd = sys.argv, os.getcwd()
+    saved_signals = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     sys.argv = [script, *argv]
     os.chdir(cwd)
     code = 0
@@ -55,13 +56,37 @@ def run_in_process(*args, cwd=ROOT):
     finally:
         sys.argv = saved_argv
         os.chdir(saved_cwd)
-        signal.signal(signal.SIGINT, saved_sigint)
+        for signum, handler in saved_signals.items():
+            signal.signal(signum, handler)
     if code is None:
         code = 0
     elif not isinstance(code, int):
         stderr.write(f'{code}\n')
         code = 1
     return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
+
+
+def write_token_data(folder, train, val, vocab_size=50257):
+    """A data_dir as prepare.py writes it, from two arrays of token ids: train.bin, val.bin and a
+    meta.json with their counts, UTF-8 byte counts and sha256."""
+    import hashlib
+    import json
+
+    import numpy as np
+
+    from tokenizer import get_tokenizer
+    os.makedirs(folder, exist_ok=True)
+    meta = {'vocab_size': vocab_size, 'sha256': {}}
+    for split, tokens in (('train', train), ('val', val)):
+        data = np.asarray(tokens, dtype=np.uint16).tobytes()
+        with open(os.path.join(folder, f'{split}.bin'), 'wb') as f:
+            f.write(data)
+        meta[f'{split}_tokens'] = len(tokens)
+        meta[f'{split}_bytes'] = len(get_tokenizer().decode_bytes([int(t) for t in tokens]))
+        meta['sha256'][f'{split}.bin'] = hashlib.sha256(data).hexdigest()
+    with open(os.path.join(folder, 'meta.json'), 'w') as f:
+        json.dump(meta, f)
+    return meta
 
 
 @pytest.fixture(scope='session')

@@ -8,7 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from conftest import run_in_process, run_script, send
+import torch
+
+from conftest import run_in_process, run_script, send, write_token_data
 
 
 def tree(folder):
@@ -25,22 +27,21 @@ def tree(folder):
 def make_files(tmp):
     """A small prepared data_dir, a good checkpoint, a truncated one, and assorted bad inputs."""
     data = tmp / 'data'
-    data.mkdir()
     tokens = np.random.default_rng(0).integers(0, 1000, 3000).astype(np.uint16)
-    tokens[:2500].tofile(data / 'train.bin')
-    tokens[2500:].tofile(data / 'val.bin')
-    meta = {'vocab_size': 50257, 'train_tokens': 2500, 'val_tokens': 500, 'train_bytes': 12_000, 'val_bytes': 2400}
-    (data / 'meta.json').write_text(json.dumps(meta))
-    other_vocab = tmp / 'other_vocab'
-    other_vocab.mkdir()
-    for name in ('train.bin', 'val.bin'):
-        (other_vocab / name).write_bytes((data / name).read_bytes())
-    (other_vocab / 'meta.json').write_text(json.dumps({**meta, 'vocab_size': 1000}))
-    old_meta = tmp / 'old_meta'  # as an earlier prepare.py wrote it: no byte counts
-    old_meta.mkdir()
-    for name in ('train.bin', 'val.bin'):
-        (old_meta / name).write_bytes((data / name).read_bytes())
-    (old_meta / 'meta.json').write_text(json.dumps({'vocab_size': 50257}))
+    meta = write_token_data(data, tokens[:2500], tokens[2500:])
+    write_token_data(tmp / 'other_vocab', tokens[:2500], tokens[2500:], vocab_size=1000)
+    write_token_data(tmp / 'other_data', tokens[500:], tokens[:500])  # the same sizes, other tokens
+    write_token_data(tmp / 'big_ids', tokens[:2500], tokens[2500:], vocab_size=600)  # ids up to 999
+    for name, change in (('old_meta', lambda d: (d / 'meta.json').write_text(json.dumps({'vocab_size': 50257}))),
+                         ('no_val', lambda d: (d / 'val.bin').unlink()),
+                         ('empty_bin', lambda d: (d / 'train.bin').write_bytes(b'')),
+                         ('odd_bin', lambda d: (d / 'train.bin').write_bytes(tokens[:2500].tobytes() + b'x')),
+                         ('longer_bin', lambda d: (d / 'train.bin').write_bytes(tokens.tobytes())),  # re-prepared
+                         ('damaged_meta', lambda d: (d / 'meta.json').write_text('{"vocab_size": 50')),
+                         ('no_vocab_meta', lambda d: (d / 'meta.json').write_text(json.dumps(
+                             {k: v for k, v in meta.items() if k != 'vocab_size'})))):
+        write_token_data(tmp / name, tokens[:2500], tokens[2500:])
+        change(tmp / name)
     result = run_script('train.py', f'--data_dir={data}', f'--out_dir={tmp / "good"}', '--n_layer=1', '--n_head=1',
                         '--n_embd=16', '--block_size=16', '--batch_size=2', '--max_iters=2', '--eval_iters=1',
                         '--sample_tokens=0')
@@ -48,10 +49,25 @@ def make_files(tmp):
     (tmp / 'bad').mkdir()
     ckpt = (tmp / 'good' / 'ckpt.pt').read_bytes()
     (tmp / 'bad' / 'ckpt.pt').write_bytes(ckpt[:len(ckpt) // 2])
+    good = torch.load(tmp / 'good' / 'ckpt.pt', weights_only=True)
+    for name, state in (('no_key', {k: v for k, v in good.items() if k != 'ranks'}),
+                        ('wrong_type', {**good, 'model_args': [1, 2]}),
+                        ('mlm', {**good, 'model_args': {**good['model_args'], 'causal': False},
+                                 'config': {**good['config'], 'objective': 'mlm'}})):
+        (tmp / name).mkdir()
+        torch.save(state, tmp / name / 'ckpt.pt')
+    (tmp / 'latin1.txt').write_bytes('Lilliput, naïve'.encode('latin-1'))
+    (tmp / 'mixed' / 'snapshots').mkdir(parents=True)
+    for name in ('ckpt.pt', 'log.jsonl'):
+        (tmp / 'mixed' / name).write_bytes((tmp / 'good' / name).read_bytes())
+    for step, width in ((0, 16), (1, 32)):  # two runs' snapshots in one folder
+        np.savez(tmp / 'mixed' / 'snapshots' / f'iter_{step:06d}.npz', W_E=np.zeros((50257, width), np.float16))
     (tmp / 'page.html').write_text('<!DOCTYPE html>\n<html><body>Gulliver</body></html>\n' * 100)
     (tmp / 'empty.txt').write_text('')
     (tmp / 'binary.txt').write_bytes(bytes(range(256)) * 100)
     (tmp / 'syntax.py').write_text('batch_size = (8\n')
+    (tmp / 'upper.py').write_text('BATCH_SIZE = 8\n')
+    (tmp / 'book.txt').write_text('It was the best of times, it was the worst of times. ' * 200)
     np.save(tmp / 'vector.npy', np.ones(64, dtype=np.float32))
     np.save(tmp / 'nan.npy', np.full((16, 8), np.nan, dtype=np.float32))
 
@@ -76,12 +92,61 @@ CASES = [
     ('prepare: bad split', ['prepare.py', '--source={tmp}/page.html', '--split=middle'], "split must be"),
     ('train: no data', [*TRAIN, '--data_dir={tmp}/nowhere'], 'run python prepare.py first'),
     ('train: block_size > data', [*TRAIN, '--block_size=1000'], 'lower --block_size'),
-    ('train: batch_size 0', [*TRAIN, '--batch_size=0'], 'batch_size must be a positive integer'),
+    ('train: batch_size 0', [*TRAIN, '--batch_size=0'], 'batch_size must be >= 1, not 0'),
     ('train: negative learning rate', [*TRAIN, '--learning_rate=-1e-3'], 'must be >= 0'),
     ('train: negative budget', [*TRAIN, '--max_seconds=-60'], 'max_seconds must be >= 0'),
     ('train: meta.json without byte counts', [*TRAIN, '--data_dir={tmp}/old_meta'], 'run python prepare.py again'),
+    ('train: negative grad_clip', [*TRAIN, '--grad_clip=-1'], 'grad_clip must be >= 0, not -1.0'),
+    ('train: compile neither on nor off', [*TRAIN, '--compile=anything'], "compile must be one of None, True, False"),
+    ('train: dropout 1', [*TRAIN, '--dropout=1.0'], 'dropout must be in [0, 1), not 1.0'),
+    ('train: beta2 above 1', [*TRAIN, '--beta2=1.5'], 'beta2 must be in [0, 1)'),
+    ('train: negative weight decay', [*TRAIN, '--weight_decay=-0.1'], 'weight_decay must be >= 0'),
+    ('train: n_embd not a multiple of n_head', [*TRAIN, '--n_head=3'], 'must be a multiple of n_head (3)'),
+    ('train: pad_vocab_to 0', [*TRAIN, '--pad_vocab_to=0'], 'pad_vocab_to must be >= 1'),
+    ('train: negative seed', [*TRAIN, '--seed=-1'], 'seed must be >= 0'),
+    ('train: empty out_dir', [*TRAIN, '--out_dir='], 'out_dir must be a folder'),
+    ('train: out_dir under a file', [*TRAIN, '--out_dir={tmp}/page.html/out'], 'cannot write to out_dir'),
+    ('train: device mps', [*TRAIN, '--device=mps'], "unknown device 'mps'"),
+    ('train: GPU that is not there', [*TRAIN, '--device=cuda:7'], 'CUDA is not available'),
+    ('train: upper-case setting in a config file', ['train.py', '{tmp}/upper.py'], 'write batch_size'),
+    ('train: no val.bin', [*TRAIN, '--data_dir={tmp}/no_val'], 'no_val/val.bin; run python prepare.py first'),
+    ('train: empty train.bin', [*TRAIN, '--data_dir={tmp}/empty_bin'], 'not a file of uint16 token ids (0 bytes)'),
+    ('train: odd-sized train.bin', [*TRAIN, '--data_dir={tmp}/odd_bin'], 'not a file of uint16 token ids (5001'),
+    ('train: re-prepared longer train.bin', [*TRAIN, '--data_dir={tmp}/longer_bin'], 'is not the file'),
+    ('train: damaged meta.json', [*TRAIN, '--data_dir={tmp}/damaged_meta'], 'cannot read'),
+    ('train: meta.json without vocab_size', [*TRAIN, '--data_dir={tmp}/no_vocab_meta'], 'lacks vocab_size'),
+    ('train: token ids above vocab_size', [*TRAIN, '--data_dir={tmp}/big_ids'], 'not below vocab_size 600'),
+    ('train: scratch over another run', [*TRAIN, '--out_dir={tmp}/good'], "holds another run's checkpoint"),
+    ('train: resume on other data', [*TRAIN, '--init_from=resume', '--out_dir={tmp}/good', '--data_dir={tmp}/other_data'],
+     'was trained on other data'),
+    ('train: resume with another n_layer', [*TRAIN, '--init_from=resume', '--out_dir={tmp}/good', '--n_layer=2'],
+     'has n_layer=1, but n_layer=2 was asked for'),
+    ('train: resume a masked LM as a GPT', [*TRAIN, '--init_from=resume', '--out_dir={tmp}/mlm'],
+     "has objective='mlm', but objective='clm' was asked for; resume with --objective=mlm"),
+    ('train: resume with float16', [*TRAIN, '--init_from=resume', '--out_dir={tmp}/good', '--dtype=float16'],
+     'resume with --optimizer=adamw'),
+    ('train: resume with another optimizer', [*TRAIN, '--init_from=resume', '--out_dir={tmp}/good',
+                                              '--optimizer=muon'], "holds the state of optimizer='adamw'"),
+    ('train: checkpoint without a key', [*TRAIN, '--init_from=resume', '--out_dir={tmp}/no_key'], 'lacks ranks'),
+    ('train: checkpoint with a wrong type', [*TRAIN, '--init_from=resume', '--out_dir={tmp}/wrong_type'], 'damaged'),
+    ('train: gpt2 with rope', [*TRAIN, '--init_from=gpt2', '--pos_emb=rope'], "GPT-2 with pos_emb='learned'"),
+    ('train: gpt2 as a masked LM', [*TRAIN, '--init_from=gpt2', '--objective=mlm'], "drop --objective=mlm"),
+    ('prepare: interleaved 0.4', ['prepare.py', '--source={tmp}/book.txt', '--data_dir={tmp}/new', '--split=interleaved',
+                                  '--val_fraction=0.4'], 'val_fraction must be 1/k'),
+    ('prepare: chunk_tokens 0', ['prepare.py', '--source={tmp}/book.txt', '--data_dir={tmp}/new', '--split=interleaved',
+                                 '--chunk_tokens=0'], 'chunk_tokens must be >= 1'),
+    ('prepare: chunks longer than the text', ['prepare.py', '--source={tmp}/book.txt', '--data_dir={tmp}/new',
+                                              '--split=interleaved', '--chunk_tokens=100000'], 'lower --chunk_tokens'),
+    ('prepare: data_dir under a file', ['prepare.py', '--source={tmp}/book.txt', '--data_dir={tmp}/page.html/data'],
+     'cannot write to data_dir'),
+    ('sample: masked LM', ['sample.py', '--out_dir={tmp}/mlm'], 'is a masked LM'),
+    ('sample: prompt not UTF-8', ['sample.py', '--out_dir={tmp}/good', '--start=FILE:{tmp}/latin1.txt'], 'not UTF-8'),
+    ('analyze: report_dir under a file', ['analyze.py', '--out_dir={tmp}/good', '--report_dir={tmp}/page.html/r'],
+     'cannot write to report_dir'),
+    ('analyze: snapshots of two runs', ['analyze.py', '--out_dir={tmp}/mixed', '--report_dir={tmp}/report'],
+     'snapshots of two runs'),
     ('train: unknown device', [*TRAIN, '--device=tpu'], "unknown device 'tpu'"),
-    ('train: unknown dtype', [*TRAIN, '--dtype=float8'], "unknown dtype 'float8'"),
+    ('train: unknown dtype', [*TRAIN, '--dtype=float8'], "dtype must be one of 'auto', 'float32', 'bfloat16', 'float16', not 'float8'"),
     ('train: CUDA absent', [*TRAIN, '--device=cuda'], 'CUDA is not available'),
     ('train: resume without checkpoint', [*TRAIN, '--init_from=resume'], 'no checkpoint'),
     ('train: truncated checkpoint', [*TRAIN, '--init_from=resume', '--out_dir={tmp}/bad'], 'damaged'),

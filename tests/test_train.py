@@ -1,4 +1,5 @@
 import ast
+import errno
 import json
 import math
 import os
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_in_process, run_script, write_token_data
 from configurator import configure
 from data import MASK_TOKEN, epoch_offsets, mask_tokens, random_offsets, split_batch, windows
 from model import load_checkpoint
@@ -34,14 +35,8 @@ def small_data(tmp_path_factory):
     """A data_dir with 6,000 train and 1,000 val tokens (a repeating pattern) of a 512-token
     vocabulary (GPT-2's first 512 ids), enough for tiny runs."""
     folder = tmp_path_factory.mktemp('small')
-    rng = np.random.default_rng(0)
-    pattern = rng.integers(0, 500, 50)
-    meta = {'vocab_size': 512}
-    for split, n in (('train', 6000), ('val', 1000)):
-        tokens = np.resize(pattern, n).astype(np.uint16)
-        tokens.tofile(folder / f'{split}.bin')
-        meta[f'{split}_tokens'], meta[f'{split}_bytes'] = n, len(get_tokenizer().decode_bytes(tokens.tolist()))
-    (folder / 'meta.json').write_text(json.dumps(meta))
+    pattern = np.random.default_rng(0).integers(0, 500, 50)
+    write_token_data(folder, np.resize(pattern, 6000), np.resize(pattern, 1000), vocab_size=512)
     return str(folder)
 
 
@@ -295,7 +290,7 @@ def test_ddp_stop_and_resume_equals_the_straight_run(small_data, tmp_path):
         assert first['first_offsets'][0] != first['first_offsets'][1]
     # the checkpoint holds two ranks' states: one process cannot continue it
     result = run_script('train.py', *common, f'--out_dir={tmp_path / "split"}', '--init_from=resume')
-    assert result.returncode == 1 and result.stderr.count('\n') == 1
+    assert result.returncode == 2 and result.stderr.count('\n') == 1
     assert 'holds the sampler states of 2 processes; resume it with as many (torchrun --nproc_per_node=2' in result.stderr
 
 
@@ -328,6 +323,50 @@ def test_sigterm_to_one_rank_stops_both_after_the_same_step(small_data, tmp_path
     assert 'rank 1: stopping after iteration %d (SIGTERM)' % stops[1] in out
     assert out.index('saved') < out.index(f'step {stops[0]}:')  # saved before the final evaluation
     assert load_checkpoint(tmp_path / 'ckpt.pt')[1]['iter_num'] == stops[0]
+
+
+def test_runs_in_one_out_dir_and_a_diverged_run(small_data, tmp_path):
+    common = [*TINY, f'--data_dir={small_data}', f'--out_dir={tmp_path}', '--sample_tokens=0', '--eval_interval=3',
+              '--log_interval=1']
+    assert run_script('train.py', *common, '--max_iters=3').returncode == 0
+    # a new run over it only when told to; the first run's log is kept under a dated name
+    refused = run_script('train.py', *common, '--max_iters=3')
+    assert refused.returncode == 1 and "holds another run's checkpoint" in refused.stderr
+    assert run_script('train.py', *common, '--max_iters=6', '--overwrite=True').returncode == 0
+    [old_log] = [name for name in os.listdir(tmp_path) if name.startswith('log-')]
+    assert len(events(tmp_path, 'start')) == 1 and len(events(tmp_path, 'train')) == 6
+    assert [e['event'] for e in map(json.loads, open(tmp_path / old_log))].count('train') == 3
+    # the learning rate sends the weights to infinity: the steps are skipped, then the run stops
+    good = (tmp_path / 'ckpt.pt').read_bytes()
+    diverged = run_script('train.py', *common, '--init_from=resume', '--max_iters=100', '--learning_rate=1e30',
+                          '--max_skipped_steps=3')
+    assert diverged.returncode == 1 and diverged.stderr.count('\n') == 1
+    assert 'was not finite for 3 steps in a row: the run diverged' in diverged.stderr
+    assert 'note: learning_rate changed on resume: 0.003 -> 1e+30' in diverged.stdout
+    assert (tmp_path / 'ckpt.pt').read_bytes() == good  # the NaN evaluation at step 9 saved nothing
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f'{c} in log.jsonl')) for line in
+            open(tmp_path / 'log.jsonl')]
+    skipped = [r for r in rows if r['event'] == 'skipped']
+    assert len(skipped) == 3 and [r['iter'] for r in skipped] == list(range(skipped[0]['iter'], skipped[0]['iter'] + 3))
+    assert all(r['loss'] is None for r in skipped)  # NaN, written as null
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(small_data, tmp_path, monkeypatch):
+    common = [*TINY, f'--data_dir={small_data}', f'--out_dir={tmp_path}', '--sample_tokens=0', '--eval_interval=2']
+    assert run_script('train.py', *common, '--max_iters=2').returncode == 0
+    good = (tmp_path / 'ckpt.pt').read_bytes()
+    (tmp_path / '.tmp-killed.pt').write_bytes(b'half a checkpoint')  # left by a writer that was killed
+
+    def full_disk(obj, f, *args, **kwargs):
+        with open(f, 'wb') as out:
+            out.write(b'some bytes')
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, 'save', full_disk)
+    result = run_in_process('train.py', *common, '--max_iters=4', '--init_from=resume')
+    assert result.returncode == 1 and result.stderr.count('\n') == 1, result.stderr
+    assert 'cannot write' in result.stderr and 'No space left on device' in result.stderr
+    assert (tmp_path / 'ckpt.pt').read_bytes() == good
+    assert not [name for name in os.listdir(tmp_path) if name.startswith('.tmp-')]
 
 
 def start_training(small_data, out, *extra):

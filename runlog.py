@@ -1,0 +1,66 @@
+"""
+A training run's record in its out_dir: log.jsonl, one JSON event per line, and loss.png drawn
+from it. The log is strict JSON (a non-finite number is written as null). A new run starts a
+fresh log and snapshots/ folder, and those of the run before are kept under a dated name, so
+that a plot or an analysis never mixes two runs; a resumed run appends to its own log.
+"""
+import json
+import math
+import os
+import time
+
+from atomic import remove_orphans, write_atomic
+
+
+def start_log(out_dir, new_run):
+    """Create out_dir, clear the temporary files of a killed writer, set an earlier run's log and
+    snapshots aside if this is a new run, and return log.jsonl open for appending. OSError if
+    out_dir cannot be written."""
+    os.makedirs(out_dir, exist_ok=True)
+    for folder in (out_dir, os.path.join(out_dir, 'snapshots')):
+        remove_orphans(folder)
+    if new_run:
+        stamp = time.strftime('%Y%m%d-%H%M%S')
+        for name in ('log.jsonl', 'snapshots'):
+            if os.path.exists(os.path.join(out_dir, name)):
+                stem, ext = os.path.splitext(name)
+                os.replace(os.path.join(out_dir, name), os.path.join(out_dir, f'{stem}-{stamp}{ext}'))
+    return open(os.path.join(out_dir, 'log.jsonl'), 'a')
+
+
+def write_event(log_file, event, **fields):
+    """Append one event as a line of JSON, and flush it."""
+    fields = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in fields.items()}
+    log_file.write(json.dumps({'event': event, **fields}, allow_nan=False) + '\n')
+    log_file.flush()
+
+
+def read_events(path):
+    """The events of a log.jsonl (a last line still being written, with no newline yet, is left
+    out); ValueError if a line is not JSON."""
+    with open(path) as f:
+        try:
+            return [json.loads(line) for line in f if line.endswith('\n')]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} has a line that is not JSON ({e.msg}); is it a log.jsonl written by train.py?")
+
+
+def plot_losses(out_dir):
+    """loss.png: the batch losses and the evaluations of the run in out_dir/log.jsonl."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    events = read_events(os.path.join(out_dir, 'log.jsonl'))
+    number = lambda value: math.nan if value is None else value  # null: a non-finite loss
+    train = [(e['iter'], number(e['loss'])) for e in events if e['event'] == 'train']
+    evals = [e for e in events if e['event'] == 'eval']
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), lw=0.8, alpha=0.6, label='train (batch)')
+    for split in ('train', 'val'):
+        ax.plot([e['iter'] for e in evals], [number(e[f'{split}_loss']) for e in evals], 'o-', label=f'{split} (eval)')
+    ax.set(xlabel='iteration', ylabel='cross-entropy (nats)', title=f'{out_dir}: loss')
+    ax.legend()
+    fig.tight_layout()
+    write_atomic({os.path.join(out_dir, 'loss.png'): lambda tmp: fig.savefig(tmp, format='png', dpi=120)})
+    plt.close(fig)
