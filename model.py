@@ -393,11 +393,13 @@ def load_model(init_from, out_dir, device='cpu'):
         raise ValueError(f"cannot load {path} ({type(e).__name__}); the file is damaged: train again or pass another --out_dir")
 
 
-def load_checkpoint(path, device='cpu'):
-    """Return (model, checkpoint) from a ckpt.pt written by train.py. The checkpoint dict holds
-    'model' (state dict), 'model_args' (GPTConfig fields), 'config' (train.py's settings),
-    'iter_num', 'best_val_loss', and for resuming 'optimizers', 'scaler' and 'rng'."""
+def load_checkpoint(path, device='cpu', **overrides):
+    """Return (model, checkpoint) from a ckpt.pt written by train.py, the model built from the
+    checkpoint's 'model_args' with any GPTConfig field in overrides (train.py passes dropout).
+    The checkpoint dict holds 'model' (state dict), 'model_args', 'config' (train.py's
+    settings), 'iter_num', 'best_val_loss', and for resuming 'optimizers', 'scaler', 'elapsed',
+    'ranks' (each process's RNG and sampler state), 'coverage' and 'data' (the bins' sha256)."""
     checkpoint = torch.load(path, map_location=device, weights_only=True)
-    model = GPT(GPTConfig(**checkpoint['model_args']))
+    model = GPT(GPTConfig(**{**checkpoint['model_args'], **overrides}))
     model.load_state_dict(checkpoint['model'])
     return model.to(device), checkpoint

@@ -44,7 +44,7 @@ from configurator import (at_least, below, check, check_model, check_resume, con
 from data import bits_per_byte, epoch_offsets, mask_tokens, open_data, random_offsets, split_batch, windows
 from download import DownloadError
 from machine import choose_cpu_dtype, keep_freed_memory, measure_matmul_flops
-from model import GPT, GPTConfig, POS_EMBS, PRETRAINED
+from model import GPT, GPTConfig, POS_EMBS, PRETRAINED, load_checkpoint
 from runlog import plot_losses, start_log, write_event
 from schedule import learning_rate_at, training_progress
 from tokenizer import get_tokenizer
@@ -222,16 +222,13 @@ elif init_from == 'resume':
     if not os.path.exists(ckpt_path):
         fail(f"no checkpoint at {ckpt_path} to resume from; train with --init_from=scratch first")
     try:
-        checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-        missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
-        if missing:
-            fail(f"{ckpt_path} lacks {', '.join(missing)} (an older train.py wrote it, or it is damaged); "
-                 f"train from scratch")
-        model_args = {**checkpoint['model_args'], 'dropout': dropout}
-        model = GPT(GPTConfig(**model_args))
-        model.load_state_dict(checkpoint['model'])
+        model, checkpoint = load_checkpoint(ckpt_path, dropout=dropout)
     except (RuntimeError, OSError, KeyError, EOFError, TypeError, ValueError, pickle.UnpicklingError) as e:
         fail(f"cannot load {ckpt_path} ({type(e).__name__}); the file is damaged: delete it or train from scratch")
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        fail(f"{ckpt_path} lacks {', '.join(missing)} (an older train.py wrote it, or it is damaged); train from scratch")
+    model_args = {**checkpoint['model_args'], 'dropout': dropout}
     check_resume(globals(), checkpoint, ckpt_path, world_size, data_fingerprint)
     iter_num, best_val_loss, elapsed_before = checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint['elapsed']
 else:

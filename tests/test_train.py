@@ -21,7 +21,7 @@ from tokenizer import get_tokenizer
 
 # fp32 so that every CPU runs the same arithmetic; the budget test leaves dtype at 'auto'
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8', '--eval_iters=2',
-        '--learning_rate=3e-3', '--warmup_iters=5', '--sample_tokens=8', '--dtype=float32']
+        '--learning_rate=3e-3', '--warmup_iters=5', '--sample_tokens=8', '--peak_flops=1e12', '--dtype=float32']
 
 
 def events(out_dir, kind=None):
