@@ -183,13 +183,21 @@ def load_eval_model(init_from, out_dir, device):
 
 
 def load_tables(path, name):
-    """(W_E, W_pos or None, train.py's settings or {}) from a directory with ckpt.pt or W_E.npy."""
+    """(W_E, W_pos or None, settings) from a directory with ckpt.pt (train.py's settings) or W_E.npy
+    (embeddings.py's, from embeddings.json: data_dir among them)."""
     if os.path.exists(os.path.join(path, 'ckpt.pt')):
         model, config = load_eval_model('resume', path, 'cpu')
         P = position_table(model)
         return model.W_E.detach().numpy(), None if P is None else P.detach().numpy(), config
     if os.path.exists(os.path.join(path, 'W_E.npy')):
-        return load_matrix(os.path.join(path, 'W_E.npy'), name, rows=VOCAB_SIZE), None, {}
+        summary_path, settings = os.path.join(path, 'embeddings.json'), {}
+        if os.path.exists(summary_path):
+            try:
+                with open(summary_path, encoding='utf-8') as f:
+                    settings = json.load(f)['settings']
+            except (ValueError, KeyError, TypeError, OSError):
+                sys.exit(f"error: --{name}: {summary_path} is damaged; train the embeddings again")
+        return load_matrix(os.path.join(path, 'W_E.npy'), name, rows=VOCAB_SIZE), None, settings
     sys.exit(f"error: --{name}: {path} holds neither ckpt.pt nor W_E.npy; pass directories written by train.py or embeddings.py")
 
 
@@ -475,7 +483,11 @@ if __name__ == '__main__':
         if len(compare) < 2:
             sys.exit("error: --compare needs at least two directories, e.g. --compare out-gulliver out-sgns")
         loaded = [load_tables(d, 'compare') for d in compare]
-        config = next((c for _, _, c in loaded if 'data_dir' in c), {})
+        trained_on = sorted({c['data_dir'] for _, _, c in loaded if 'data_dir' in c})
+        if len(trained_on) > 1 and not data_dir:
+            sys.exit(f"error: the directories were trained on different data ({', '.join(trained_on)}); "
+                     f"pass the --data_dir whose token counts the comparison should use")
+        config = {'data_dir': trained_on[0]} if trained_on else {}
     elif wpe_file or wte_file:
         W_pos = load_matrix(wpe_file, 'wpe_file', min_rows=8) if wpe_file else None
         W_E = load_matrix(wte_file, 'wte_file', rows=VOCAB_SIZE) if wte_file else None

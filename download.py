@@ -31,8 +31,10 @@ def http_session(retries=3, backoff=0.5):
     return session
 
 
-def download(url, path, timeout=30, retries=3, backoff=0.5, chunk_bytes=1 << 20):
-    """Fetch url into path atomically; return the response headers. Raises DownloadError."""
+def download(url, path, timeout=30, retries=3, backoff=0.5, chunk_bytes=1 << 20, check=None):
+    """Fetch url into path atomically; return the response headers. check(tmp_path), if given,
+    reads the complete file before it is moved into place and raises ValueError if it is not
+    what was asked for. Raises DownloadError."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(dir=folder, prefix='.download-', suffix='.part')
@@ -56,6 +58,11 @@ def download(url, path, timeout=30, retries=3, backoff=0.5, chunk_bytes=1 << 20)
             expected = response.headers.get('Content-Length')
             if expected is not None and 'Content-Encoding' not in response.headers and received < int(expected):
                 raise DownloadError(f"{url}: got {received} of {expected} bytes (truncated)")
+        if check is not None:
+            try:
+                check(tmp_path)
+            except ValueError as e:
+                raise DownloadError(f"{url} sent a file that cannot be read ({e})")
         move_into_place(tmp_path, path)
         return response.headers
     finally:

@@ -310,24 +310,22 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_dir, hub_url=HF_HUB_URL, cache_dir=HF_CACHE_DIR, **overrides):
         """GPT-2 weights from a local save_pretrained directory or the hub ('gpt2', 'gpt2-medium',
         'gpt2-large', 'gpt2-xl'), downloaded once into cache_dir. overrides: e.g. dropout=0.1."""
-        from safetensors.torch import load_file
         if os.path.isdir(name_or_dir):
-            folder = name_or_dir
+            folder, cached = name_or_dir, False
         elif name_or_dir in PRETRAINED:
-            folder = os.path.join(cache_dir, name_or_dir)
+            folder, cached = os.path.join(cache_dir, name_or_dir), True
             for file in ('config.json', 'model.safetensors'):
                 if not os.path.exists(os.path.join(folder, file)):
                     print(f"downloading {name_or_dir}/{file} from {hub_url} ...")
-                    download(f"{hub_url}/{name_or_dir}/resolve/main/{file}", os.path.join(folder, file))
+                    download(f"{hub_url}/{name_or_dir}/resolve/main/{file}", os.path.join(folder, file),
+                             check=READERS[file])
         else:
             raise ValueError(f"unknown model {name_or_dir!r}: use one of {', '.join(PRETRAINED)} or a directory "
                              f"with config.json and model.safetensors")
-        with open(os.path.join(folder, 'config.json')) as f:
-            hf = json.load(f)
+        hf, tensors = (read_hf_file(os.path.join(folder, file), cached) for file in ('config.json', 'model.safetensors'))
         config = GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
                            n_head=hf['n_head'], n_embd=hf['n_embd'], **overrides)
         model = cls(config)
-        tensors = load_file(os.path.join(folder, 'model.safetensors'))
         ours = {n: p for n, p in model.state_dict().items() if n != 'lm_head.weight'}
         loaded = set()
         for name, tensor in tensors.items():
@@ -371,6 +369,39 @@ class GPT(nn.Module):
                      'eos_token_id': 50256, 'tie_word_embeddings': True}
         write_atomic({os.path.join(folder, 'model.safetensors'): lambda tmp: save_file(tensors, tmp, metadata={'format': 'pt'}),
                       os.path.join(folder, 'config.json'): json.dumps(hf_config, indent=2).encode()})
+
+
+def read_config_json(path):
+    with open(path, encoding='utf-8') as f:
+        hf = json.load(f)
+    missing = [key for key in ('n_positions', 'vocab_size', 'n_layer', 'n_head', 'n_embd') if key not in hf]
+    if missing:
+        raise ValueError(f"no {', '.join(missing)}")
+    return hf
+
+
+def read_safetensors(path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)
+    except SafetensorError as e:
+        raise ValueError(str(e))
+
+
+READERS = {'config.json': read_config_json, 'model.safetensors': read_safetensors}
+
+
+def read_hf_file(path, cached):
+    """One file of a Hugging Face GPT-2 directory, read by READERS; ValueError (one line) naming
+    the file when it is missing or damaged, and for a cached download, what to do about it."""
+    if not os.path.exists(path):
+        raise ValueError(f"no {path}: pass a directory written by save_pretrained (config.json, model.safetensors)")
+    try:
+        return READERS[os.path.basename(path)](path)
+    except (OSError, ValueError) as e:
+        advice = "delete it, and it is downloaded again" if cached else "save the model again"
+        raise ValueError(f"{path} is damaged ({e}); {advice}") from None
 
 
 def load_model(init_from, out_dir, device='cpu'):

@@ -507,7 +507,11 @@ if master:
     plot_losses(out_dir)
     print(f"done in {elapsed:.0f} s of training; best val loss {best_val_loss:.4f}; "
           f"checkpoint {ckpt_path}, log {out_dir}/log.jsonl, plot {out_dir}/loss.png")
-if ddp:  # tear down together and now: a process group left to the exit of the interpreter may abort it
+if ddp:  # tear down together, then leave at once: everything is written, and gloo's transport
+    # threads, left to the interpreter's own exit, sometimes abort it ("terminate called ...")
     torch.distributed.barrier()
     del model  # DDP's reducer holds the process group
     destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

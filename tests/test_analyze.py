@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from analyze import compare_argv, load_matrix, logit_lens, qk_decomposition
-from conftest import run_script
+from conftest import ROOT, run_script
 from geometry import (analogy, anisotropy, cosine_matrix, exp_fit, linear_cka, mean_cos_by_distance,
                       nearest_neighbours, nn_overlap, positional_geometry, procrustes_cos, rankdata, rsa,
                       similarity, spearman)
@@ -317,3 +317,19 @@ def test_bad_wpe_file_is_one_line_and_writes_nothing(tmp_path, matrix, message):
     assert result.returncode != 0
     assert result.stderr.startswith('error: ') and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / 'r').exists()
+
+
+def test_compare_reads_the_data_dir_from_embeddings_json(run, tmp_path):
+    # run from a folder without data/gulliver: the token counts can only come from the folders' own record
+    root, _ = run
+    W = np.load(root / 'rotated' / 'W_E.npy')
+    for name, data_dir in (('a', root / 'data'), ('b', root / 'data'), ('c', tmp_path / 'elsewhere')):
+        os.makedirs(tmp_path / name)
+        np.save(tmp_path / name / 'W_E.npy', W)
+        (tmp_path / name / 'embeddings.json').write_text(json.dumps({'settings': {'data_dir': str(data_dir)}}))
+    script = os.path.join(ROOT, 'analyze.py')
+    same = run_script(script, '--compare', 'a', 'b', '--report_dir=r', cwd=tmp_path)
+    assert same.returncode == 0, same.stderr
+    assert json.loads((tmp_path / 'r' / 'report.json').read_text())['compare']['pairs'][0]['nn_overlap_10'] == 1
+    mixed = run_script(script, '--compare', 'a', 'c', '--report_dir=r2', cwd=tmp_path)
+    assert mixed.returncode == 1 and mixed.stderr.count('\n') == 1 and 'trained on different data' in mixed.stderr

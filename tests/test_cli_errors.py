@@ -200,3 +200,31 @@ def test_a_subprocess_fails_the_same_way(workspace, name):
     args = [a.format(tmp=workspace) for a in command]
     real, here = run_script(*args), run_in_process(*args)
     assert (real.returncode, real.stderr) == (here.returncode, here.stderr)
+
+
+def test_ctrl_c_during_start_up_is_one_line(tmp_path):
+    # meta.json is a FIFO: train.py waits in start-up, reading it, until the test lets it go on
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+    tokens = np.arange(3000, dtype=np.uint16)
+    write_token_data(tmp_path, tokens[:2500], tokens[2500:])
+    os.remove(tmp_path / 'meta.json')
+    os.mkfifo(tmp_path / 'meta.json')
+    process = subprocess.Popen([sys.executable, 'train.py', f'--data_dir={tmp_path}', f'--out_dir={tmp_path / "out"}'],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while True:  # a writer can open the FIFO only once train.py has opened it to read
+        try:
+            writer = os.open(tmp_path / 'meta.json', os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.05)
+    process.send_signal(signal.SIGINT)  # train.py is now blocked reading meta.json
+    out, err = process.communicate(timeout=60)
+    os.close(writer)
+    assert process.returncode == 1 and err == 'error: interrupted during start-up; nothing was saved\n', err
+    assert not (tmp_path / 'out').exists()

@@ -7,6 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from conftest import send
+from download import DownloadError
 from model import GPT, GPTConfig, alibi_slopes, rotate, sample_next
 
 TINY = dict(block_size=32, vocab_size=50257, n_layer=2, n_head=4, n_embd=32)
@@ -258,3 +259,21 @@ def test_hub_download_through_a_local_server(hf_model_dir, http_server, tmp_path
     assert len(hits) == 2
     with pytest.raises(ValueError, match='unknown model'):
         GPT.from_pretrained('gpt3')
+
+
+def test_damaged_weights_never_enter_the_cache_and_a_damaged_cache_says_what_to_do(hf_model_dir, http_server,
+                                                                                    tmp_path):
+    url, routes, hits = http_server
+    config = open(os.path.join(hf_model_dir[1], 'config.json'), 'rb').read()
+    routes['/gpt2/resolve/main/config.json'] = lambda r: send(r, 200, config, 'application/json')
+    routes['/gpt2/resolve/main/model.safetensors'] = lambda r: send(r, 200, b'<html>rate limited</html>' * 100)
+    with pytest.raises(DownloadError, match='model.safetensors sent a file that cannot be read'):
+        GPT.from_pretrained('gpt2', hub_url=url, cache_dir=str(tmp_path))
+    assert sorted(os.listdir(tmp_path / 'gpt2')) == ['config.json']  # the bad file was not kept
+    # a cached file damaged afterwards (a disk error, an edit): one line naming it, and what to do
+    (tmp_path / 'gpt2' / 'model.safetensors').write_bytes(b'\x00' * 100)
+    with pytest.raises(ValueError, match=r'gpt2/model.safetensors is damaged \(.*\); delete it, and it is downloaded'):
+        GPT.from_pretrained('gpt2', hub_url=url, cache_dir=str(tmp_path))
+    os.makedirs(tmp_path / 'no_config')
+    with pytest.raises(ValueError, match=r'no .*no_config/config.json: pass a directory written by save_pretrained'):
+        GPT.from_pretrained(str(tmp_path / 'no_config'))

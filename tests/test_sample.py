@@ -44,3 +44,18 @@ def test_over_long_prompt_is_cropped_with_a_note(tmp_path):
     result = run_script('sample.py', f'--out_dir={tmp_path / "out"}', f'--start=FILE:{prompt}', '--max_new_tokens=3')
     assert result.returncode == 0, result.stderr
     assert 'the prompt has 40 tokens; keeping the last 16' in result.stderr
+
+
+def test_a_reader_that_leaves_early_ends_the_run_quietly(tmp_path):
+    # python sample.py | head -c 20: the pipe closes while tokens are still coming
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    tiny_checkpoint(tmp_path / 'out')
+    process = subprocess.Popen([sys.executable, 'sample.py', f'--out_dir={tmp_path / "out"}', '--max_new_tokens=2000',
+                                '--kv_cache=False'], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(process.stdout.read(20)) == 20
+    process.stdout.close()
+    err = process.communicate(timeout=120)[1].decode()
+    assert process.returncode == 0 and err == '', err

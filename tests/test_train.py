@@ -395,6 +395,19 @@ def test_ctrl_c_or_sigterm_saves_and_exits_cleanly(small_data, tmp_path, signum)
     assert load_checkpoint(tmp_path / 'ckpt.pt')[1]['iter_num'] == stopped >= 5
 
 
+def test_a_second_ctrl_c_exits_at_once(small_data, tmp_path):
+    process = start_training(small_data, tmp_path, '--eval_interval=3')
+    wait_for_line(process, 'saved')
+    process.send_signal(signal.SIGINT)
+    assert process.stderr.readline() in ('\n', '')  # the notice opens with a new line
+    assert process.stderr.readline() == 'SIGINT: finishing this step, then saving\n'
+    process.send_signal(signal.SIGINT)
+    err = process.communicate(timeout=120)[1]
+    assert process.returncode == 1 and err == 'SIGINT again: exiting now, without saving\n', err
+    assert not [name for name in os.listdir(tmp_path) if name.startswith('.tmp-')]
+    torch.load(tmp_path / 'ckpt.pt', weights_only=True)  # whole: the one before, or the one the first stop saved
+
+
 def test_kill_during_checkpoint_writes_keeps_a_loadable_checkpoint(small_data, tmp_path):
     # a checkpoint after every step: SIGKILL lands during writes more often than not
     for delay in (0.05, 0.2, 0.45):
