@@ -30,8 +30,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from atomic import write_atomic
 from configurator import configure, resolve_device
 from download import DownloadError
-from geometry import (analogy, anisotropy, cosine_matrix, mean_cos_by_distance, nearest_neighbours, norm_vs_frequency,
-                      pca, positional_geometry, similarity, spearman)
+from geometry import (analogy, anisotropy, contextual_geometry, cosine_matrix, drift_vs_frequency, linear_cka,
+                      mean_cos_by_distance, nearest_neighbours, norm_vs_frequency, pca, positional_geometry, similarity,
+                      type_means)
 from model import load_model
 from runlog import read_events
 from tokenizer import VOCAB_SIZE, get_tokenizer
@@ -58,6 +59,11 @@ MIN_COUNT = 5  # tokens seen fewer times in train.bin are left out of the compar
 SIMILARITIES = {'cka': 'linear CKA', 'rsa': 'RSA (Spearman of the cosines)', 'nn_overlap_10': 'neighbour overlap @10',
                 'procrustes_cos': 'mean cosine after Procrustes'}
 TERMS = ['token-token', 'position-position', 'token-position', 'position-token', 'bias']
+CONTEXT_PROBES = [' king', ' sea', ' ship', ' little', ' great', ' said']
+CONTEXT_MEASURES = {'anisotropy': 'anisotropy (mean cos of two occurrences)',
+                    'self_similarity': 'self-similarity - anisotropy',
+                    'intra_context': 'intra-context similarity - anisotropy',
+                    'pc_share': 'share of a type on its first PC'}
 FREQUENCY_BINS = [(0, 0, 'unseen'), (1, 9, '1-9'), (10, 99, '10-99'), (100, 999, '100-999'), (1000, math.inf, '1000+')]
 
 
@@ -113,21 +119,29 @@ def qk_decomposition(model, x):
 
 
 @torch.no_grad()
-def logit_lens(model, x, y):
-    """Next-token loss of decoding the residual stream after the embeddings (entry 0) and after each
-    block through the final LayerNorm and the tied head; the last entry is the model's own loss."""
+def residual_stream(model, x):
+    """The residual stream after the embeddings (entry 0) and after each block, for token ids x
+    (B, T): a list of n_layer + 1 tensors (B, T, d). A masked LM reads x as it is, nothing masked."""
     residuals = []
     hooks = [m.register_forward_hook(lambda module, inputs, output: residuals.append(output))
              for m in [model.transformer.drop, *model.transformer.h]]
-    losses = torch.zeros(len(hooks))
+    try:
+        model.trunk(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return residuals
+
+
+@torch.no_grad()
+def logit_lens(model, x, y):
+    """Next-token loss of decoding the residual stream after the embeddings (entry 0) and after each
+    block through the final LayerNorm and the tied head; the last entry is the model's own loss."""
+    losses = torch.zeros(model.config.n_layer + 1)
     for xb, yb in zip(x.split(1), y.split(1)):
-        residuals.clear()
-        model.trunk(xb)
-        for layer, h in enumerate(residuals):
+        for layer, h in enumerate(residual_stream(model, xb)):
             logits = model.lm_head(model.transformer.ln_f(h))[..., :model.config.vocab_size]
             losses[layer] += F.cross_entropy(logits.flatten(0, 1), yb.flatten()).item()
-    for hook in hooks:
-        hook.remove()
     return (losses / len(x)).tolist()
 
 
@@ -183,12 +197,12 @@ def load_eval_model(init_from, out_dir, device):
 
 
 def load_tables(path, name):
-    """(W_E, W_pos or None, settings) from a directory with ckpt.pt (train.py's settings) or W_E.npy
-    (embeddings.py's, from embeddings.json: data_dir among them)."""
+    """(W_E, W_pos or None, settings, model or None) from a directory with ckpt.pt (train.py's
+    settings, and the model) or W_E.npy (embeddings.py's, from embeddings.json: data_dir among them)."""
     if os.path.exists(os.path.join(path, 'ckpt.pt')):
         model, config = load_eval_model('resume', path, 'cpu')
         P = position_table(model)
-        return model.W_E.detach().numpy(), None if P is None else P.detach().numpy(), config
+        return model.W_E.detach().numpy(), None if P is None else P.detach().numpy(), config, model
     if os.path.exists(os.path.join(path, 'W_E.npy')):
         summary_path, settings = os.path.join(path, 'embeddings.json'), {}
         if os.path.exists(summary_path):
@@ -197,7 +211,7 @@ def load_tables(path, name):
                     settings = json.load(f)['settings']
             except (ValueError, KeyError, TypeError, OSError):
                 sys.exit(f"error: --{name}: {summary_path} is damaged; train the embeddings again")
-        return load_matrix(os.path.join(path, 'W_E.npy'), name, rows=VOCAB_SIZE), None, settings
+        return load_matrix(os.path.join(path, 'W_E.npy'), name, rows=VOCAB_SIZE), None, settings, None
     sys.exit(f"error: --{name}: {path} holds neither ckpt.pt nor W_E.npy; pass directories written by train.py or embeddings.py")
 
 
@@ -237,8 +251,7 @@ def load_snapshots(folder, counts):
             out['drift_median'][label].append(float(np.median(drift[in_bin])) if in_bin.any() else None)
         if P is not None:
             out['pos_mean_cos_by_distance'].append(mean_cos_by_distance(P))
-    seen = counts > 0
-    out['drift_spearman_log_count'] = spearman(drift[seen], np.log(counts[seen]))
+    out['drift_spearman_log_count'] = drift_vs_frequency(W0, W, counts)
     return out
 
 
@@ -455,6 +468,130 @@ def compare_section(names, tables, counts, probe_ids, enc):
             'pairs': [{'a': names[i], 'b': names[j], **s} for (i, j), s in pairs.items()]}, md
 
 
+def training_section(names, settings, models, dirs):
+    """Each checkpoint's loss at initialisation (against ln V + s^2/2) and at the end, as perplexity
+    and bits per byte, from its log.jsonl: (json, markdown)."""
+    out = {}
+    for name, config, model, folder in zip(names, settings, models, dirs):
+        path = os.path.join(folder, 'log.jsonl')
+        evals = read_log(path)[1] if model is not None and os.path.exists(path) else []
+        if not evals:
+            continue
+        # at init the logits h.w_i have variance s^2 = n_embd * 0.02^2 (LN output times N(0, 0.02^2) rows),
+        # and the mean of log sum exp over V roughly normal logits is ln V + s^2 / 2
+        expected = math.log(model.config.vocab_size) + model.config.n_embd * 0.02 ** 2 / 2
+        out[name] = {'objective': config.get('objective', 'clm'), 'seed': config.get('seed'),
+                     'sampler': config.get('sampler'), 'iterations': evals[-1]['iter'],
+                     'init_val_loss': evals[0]['val_loss'] if evals[0]['iter'] == 0 else None,
+                     'init_expected': expected, 'val_loss': evals[-1]['val_loss'],
+                     'perplexity': math.exp(evals[-1]['val_loss']), 'val_bpb': evals[-1].get('val_bpb'),
+                     'coverage': evals[-1].get('coverage')}
+    if not out:
+        return out, []
+    return out, ['## The models\n', "The val loss before the first step against ln V + s^2/2 (logits of variance s^2 = "
+                 "n_embd x 0.02^2 at init), and at the end as perplexity e^loss and bits per byte. A masked LM's loss "
+                 "is over its masked tokens only: its perplexity is a pseudo-perplexity and it has no bits per byte.\n",
+                 table(['model', 'objective', 'seed', 'sampler', 'iterations', 'val loss at init', 'ln V + s^2/2',
+                        'final val loss', 'perplexity', 'val bpb', 'coverage'],
+                       [[name, *(('' if r[key] is None else r[key]) for key in list(r))] for name, r in out.items()])]
+
+
+def contextual_section(names, tables, models, counts, val):
+    """Static vs contextual over the val text: for each transformer the measures of
+    geometry.contextual_geometry after every layer, for each static table the same with every
+    occurrence given its row, and the CKA of each layer's per-type means with every table: (json, markdown)."""
+    T = min(len(val), *(m.config.block_size for m in models.values()))
+    ids = val[:len(val) // T * T].astype(np.int64)
+    types = np.flatnonzero((np.bincount(ids, minlength=VOCAB_SIZE) >= MIN_COUNT) & (counts > 0))
+    if not len(types):
+        notes.append(f'static vs contextual skipped: no token occurs {MIN_COUNT}+ times in the val text')
+        return None, []
+    probe_ids = {w: get_tokenizer().encode_ordinary(w)[0] for w in CONTEXT_PROBES}
+    out = {'tokens': len(ids), 'window': T, 'types': len(types), 'min_count': MIN_COUNT,
+           'probe_counts': {w: int((ids == i).sum()) for w, i in probe_ids.items()}, 'models': {}}
+    for name, W in zip(names, tables):
+        model = models.get(name)
+        layers = [W[ids]] if model is None else [h.flatten(0, 1).double().numpy() for h in
+                                                 residual_stream(model, torch.from_numpy(ids).view(-1, T))]
+        rows = []
+        for H in layers:
+            g = contextual_geometry(H, ids, types, T)
+            by_type = g.pop('self_similarity_by_type')
+            means = type_means(H, ids, types)
+            rows.append({**g, 'probes': {w: by_type.get(i) for w, i in probe_ids.items()},
+                         'cka': {other: linear_cka(means, W_other[types]) for other, W_other in zip(names, tables)}})
+        out['models'][name] = {'contextual': model is not None, 'layers': rows}
+    # two checkpoints of one shape and objective differ only by their seed: their gap is the noise floor
+    seeds = [(a, b) for i, a in enumerate(models) for b in list(models)[i + 1:] if models[a].config == models[b].config]
+    out['seed_pairs'] = [list(pair) for pair in seeds]
+    out['seed_spread'] = {key: max(abs(x[key] - y[key]) for a, b in seeds for x, y in
+                                   zip(out['models'][a]['layers'], out['models'][b]['layers']))
+                          for key in CONTEXT_MEASURES} if seeds else None
+    return out, contextual_markdown(out, names)
+
+
+def contextual_markdown(out, names):
+    models, n_layers = out['models'], max(len(m['layers']) for m in out['models'].values())
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), layout='constrained')
+    for ax, (key, title) in zip(axes.flat, CONTEXT_MEASURES.items()):
+        for k, (name, m) in enumerate(models.items()):
+            values = [layer[key] for layer in m['layers']]
+            if m['contextual']:
+                ax.plot(range(len(values)), values, 'o-', color=f'C{k}', ms=4, label=name)
+                if key == 'pc_share':  # the same for as many occurrences of any type
+                    ax.plot(range(len(values)), [layer['pc_share_random'] for layer in m['layers']], ':',
+                            color=f'C{k}')
+            else:
+                ax.axhline(values[0], ls='--', color=f'C{k}', label=f'{name} (static)')
+        ax.set(title=title, xlabel='layer (0 = embeddings)', xticks=range(n_layers))
+    axes.flat[0].legend(fontsize=8)
+    axes.flat[3].set_title(CONTEXT_MEASURES['pc_share'] + ' (dotted: random occurrences)')
+    fig.suptitle(f"One vector per occurrence: {out['tokens']:,} val tokens, {out['types']} token types seen "
+                 f"{out['min_count']}+ times")
+    figure = save(fig, 'contextual.png')
+    contextual = [name for name, m in models.items() if m['contextual']]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), layout='constrained', squeeze=False)
+    for ax, table_name in zip(axes[0], names):
+        for k, name in enumerate(models):
+            if name in contextual:
+                ax.plot([layer['cka'][table_name] for layer in models[name]['layers']], 'o-', color=f'C{k}', ms=4,
+                        label=name)
+        ax.set(title=f'vs W_E of {table_name}', xlabel='layer', ylim=(0, 1), xticks=range(n_layers))
+    axes[0, 0].set_ylabel('linear CKA of per-type means')
+    axes[0, 0].legend(fontsize=7)
+    cka_figure = save(fig, 'contextual_cka.png')
+    header = ['model', 'measure', *(f'layer {i}' for i in range(n_layers))]
+    rows = [[name, label, *(layer[key] for layer in m['layers'])] for key, label in CONTEXT_MEASURES.items()
+            for name, m in models.items()]
+    rows += [[name, 'first-PC share, random occurrences', *(layer['pc_share_random'] for layer in m['layers'])]
+             for name, m in models.items() if m['contextual']]
+    probe_rows = [[name, f"{show(w)} ({out['probe_counts'][w]})",
+                   *('' if layer['probes'][w] is None else layer['probes'][w] for layer in models[name]['layers'])]
+                  for name in contextual for w in CONTEXT_PROBES]
+    spread = out['seed_spread']
+    return ['# Static vs contextual: one vector per word, or one per occurrence\n',
+            f"The val text, {out['tokens']:,} tokens read as windows of {out['window']}: for each transformer the "
+            "residual stream after the embeddings (layer 0, token plus position) and after each block gives one "
+            "vector per occurrence (the masked LM reads the text with nothing masked); a static table gives every "
+            "occurrence of a token its row. Averages are over the "
+            f"{out['types']} token types that occur at least {out['min_count']} times there and were seen in "
+            "train.bin. Self-similarity and intra-context similarity are given minus the layer's anisotropy: "
+            "a static table scores 1 - anisotropy and a first-PC share of 1; a fresh vector per occurrence "
+            "scores about 0.\n",
+            table(header, [[name, label, *values, *[''] * (n_layers - len(values))] for name, label, *values in rows]),
+            (f"Noise floor: {' and '.join(' vs '.join(pair) for pair in out['seed_pairs'])}, the same model with "
+             "another seed, differ by at most " + ', '.join(f'{spread[key]:.3f} in {key.replace("_", " ")}'
+                                                           for key in CONTEXT_MEASURES) + ' at any layer.\n')
+            if spread else 'Add a second seed of a model to --compare to see the noise floor.\n',
+            figure, '## Self-similarity of probe words (minus anisotropy; count in the val text)\n',
+            table(['model', 'word', *(f'layer {i}' for i in range(n_layers))], probe_rows),
+            '## How much of each static table a layer still holds\n',
+            "Linear CKA between a layer's per-type mean vectors and each model's W_E rows, over the same types.\n",
+            table(['model', 'vs W_E of', *(f'layer {i}' for i in range(n_layers))],
+                  [[name, other, *(layer['cka'][other] for layer in models[name]['layers'])]
+                   for name in contextual for other in names]), cka_figure]
+
+
 def similarity_table(names, sims):
     return table(['', *SIMILARITIES.values()], [[name, *(s[key] for key in SIMILARITIES)] for name, s in zip(names, sims)])
 
@@ -483,11 +620,12 @@ if __name__ == '__main__':
         if len(compare) < 2:
             sys.exit("error: --compare needs at least two directories, e.g. --compare out-gulliver out-sgns")
         loaded = [load_tables(d, 'compare') for d in compare]
-        trained_on = sorted({c['data_dir'] for _, _, c in loaded if 'data_dir' in c})
+        trained_on = sorted({c['data_dir'] for _, _, c, _ in loaded if 'data_dir' in c})
         if len(trained_on) > 1 and not data_dir:
             sys.exit(f"error: the directories were trained on different data ({', '.join(trained_on)}); "
                      f"pass the --data_dir whose token counts the comparison should use")
         config = {'data_dir': trained_on[0]} if trained_on else {}
+        names = [os.path.normpath(d) for d in compare]
     elif wpe_file or wte_file:
         W_pos = load_matrix(wpe_file, 'wpe_file', min_rows=8) if wpe_file else None
         W_E = load_matrix(wte_file, 'wte_file', rows=VOCAB_SIZE) if wte_file else None
@@ -497,8 +635,8 @@ if __name__ == '__main__':
         W_pos = None if P is None else P.detach().cpu().numpy()
     data_dir = data_dir or config.get('data_dir') or 'data/gulliver'
     counts = np.bincount(load_tokens(data_dir, 'train'), minlength=VOCAB_SIZE) if W_E is not None or compare else None
+    val = load_tokens(data_dir, 'val') if model is not None or compare else None
     if model is not None:
-        val = load_tokens(data_dir, 'val')
         T = min(model.config.block_size, len(val) - 1)
         ids = torch.from_numpy(val[:max(1, min(eval_tokens, len(val) - 1) // T) * T + 1].astype(np.int64)).to(device)
         x, y = ids[:-1].view(-1, T), ids[1:].view(-1, T)  # consecutive val chunks and their next tokens
@@ -520,9 +658,17 @@ if __name__ == '__main__':
     except OSError as e:
         sys.exit(f"error: cannot write to report_dir {report_dir!r} ({e.strerror}); pass a --report_dir you can write to")
     if compare:
-        report['compare'], md = compare_section([os.path.normpath(d) for d in compare], [W for W, _, _ in loaded],
-                                                counts, probe_ids, enc)
+        tables, settings, models = [W for W, *_ in loaded], [c for *_, c, _ in loaded], [m for *_, m in loaded]
+        report['compare'], md = compare_section(names, tables, counts, probe_ids, enc)
         report['compare']['data_dir'] = data_dir
+        report['training'], section = training_section(names, settings, models, compare)
+        md += section
+        if any(models):
+            contextual, section = contextual_section(
+                names, tables, {name: m for name, m in zip(names, models) if m is not None}, counts, val)
+            if contextual:
+                report['contextual'] = contextual
+            md += section
     else:
         source = wpe_file or wte_file or (out_dir if init_from == 'resume' else init_from)
         report['source'] = {'source': source, 'data_dir': None if counts is None else data_dir,

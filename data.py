@@ -122,6 +122,13 @@ def mask_tokens(x, rng, vocab_size, rate=0.15):
     return inputs, np.where(chosen, x, -1)
 
 
+def target_positions(offsets, y, causal):
+    """Where in the split the targets of a batch are: window i predicts tokens offsets[i]+1 ..
+    offsets[i]+T when causal, and only its masked positions offsets[i]+t (y >= 0) when not."""
+    positions = offsets[:, None] + np.arange(y.shape[1]) + (1 if causal else 0)
+    return positions[y >= 0]
+
+
 def bits_per_byte(loss, n_tokens, n_bytes):
     """A mean loss in nats per token over a text of n_tokens tokens and n_bytes UTF-8 bytes, in
     bits per byte: loss * n_tokens / n_bytes / ln 2 (the total nats, over the bytes, in bits)."""

@@ -2,7 +2,7 @@
 Word embeddings from two classic objectives, trained on the same train.bin as GPT, so that
 each W_E has one row per GPT-2 token id (50,257) and compares with GPT's row for row.
 
-    sgns   skip-gram with negative sampling (Mikolov et al. 2013, word2vec), plain SGD
+    sgns   skip-gram with negative sampling (Mikolov et al. 2013, word2vec), minibatch SGD
     glove  weighted least squares on log co-occurrence counts (Pennington et al. 2014), AdaGrad
 
     $ python embeddings.py config/sgns.py                  # -> out-sgns/W_E.npy, embeddings.json
@@ -13,6 +13,7 @@ are zeros in W_E.npy (embeddings.json says how many rows are covered).
 """
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -46,6 +47,7 @@ alpha = 0.75
 METHOD_DEFAULTS = {'sgns': dict(epochs=15, batch_size=1024, lr=0.05),
                    'glove': dict(epochs=25, batch_size=4096, lr=0.05)}
 PROGRESS_EVERY_S = 10
+MAX_STEPS = 10  # sgns: a row moves at most this many pairs' steps per batch (train_sgns)
 
 
 def compact_ids(tokens):
@@ -71,7 +73,8 @@ def sparse_embedding(n, dim, scale, generator):
 def run_epochs(name, make_examples, batch_loss, optimizer, epochs, batch_size, lr, rng):
     """Minibatch training. Each epoch takes examples (aligned numpy arrays) from make_examples(),
     shuffles them and steps the optimizer on batch_loss(*batch), a sum over the batch; the
-    learning rate decays linearly from lr to 0 over the run. Returns the mean loss of each epoch."""
+    learning rate decays linearly from lr to 0 over the run. Returns the mean loss of each epoch;
+    raises FloatingPointError (one line) when the loss or a parameter stops being finite."""
     losses, start, last_print, seen = [], time.time(), time.time(), 0
     for epoch in range(epochs):
         examples = make_examples()
@@ -96,6 +99,10 @@ def run_epochs(name, make_examples, batch_loss, optimizer, epochs, batch_size, l
                       f"loss {epoch_total / (step * batch_size + len(idx)):.4f}, "
                       f"{seen / elapsed:,.0f} pairs/s, ETA {elapsed / done - elapsed:.0f}s", flush=True)
         losses.append(epoch_total / len(order))
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"{name}: the loss is {losses[-1]} after epoch {epoch + 1}; lower --lr")
+    if not all(torch.isfinite(p).all() for group in optimizer.param_groups for p in group['params']):
+        raise FloatingPointError(f"{name}: the vectors are not finite after training; lower --lr")
     return losses
 
 
@@ -115,6 +122,18 @@ def skipgram_pairs(ids, window, rng):
     return np.concatenate(words), np.concatenate(contexts)
 
 
+def keep_probability(counts, t):
+    """Subsampling, the paper's variant: a token of frequency f = count / total is kept with
+    probability min(1, sqrt(t / f)) (the word2vec code uses sqrt(t/f) + t/f); redrawn each epoch."""
+    return np.minimum(1.0, np.sqrt(t / (counts / counts.sum())))
+
+
+def noise_distribution(counts):
+    """The distribution negatives are drawn from: the unigram distribution raised to 3/4."""
+    weights = np.asarray(counts, np.float64) ** 0.75
+    return weights / weights.sum()
+
+
 def sgns_loss(v_word, u_context, u_noise):
     """L = -log σ(u_c·v_w) - Σ_k log σ(-u_{n_k}·v_w), summed over the batch.
     v_word, u_context: (B, dim); u_noise: (B, K, dim)."""
@@ -125,15 +144,15 @@ def sgns_loss(v_word, u_context, u_noise):
 
 def train_sgns(tokens, dim, window, negatives, epochs=15, batch_size=1024, lr=0.05, subsample=1e-3, seed=1337):
     """Skip-gram with negative sampling. Returns (W_E (VOCAB_SIZE, dim), loss per epoch).
-    Minibatch SGD sums the updates of a batch, as word2vec applies them one pair at a time; that
-    holds while a token occurs a few times per batch (the book: 1024 pairs, 9.4K distinct tokens),
-    but on a vocabulary of a few dozen tokens a batch adds hundreds of updates: use smaller batches."""
+    word2vec steps one pair at a time, each by lr times that pair's gradient, and a row's later steps
+    shrink as its sigmoids saturate. A minibatch sums gradients taken at one point instead: a row
+    in k of the batch's pairs moves k steps at once, with no such brake. On the book few rows reach
+    large k, but on a vocabulary of a few dozen tokens k runs into the hundreds and the vectors
+    blow up. So a row in k > MAX_STEPS lookups of a batch gets its summed gradient scaled by
+    MAX_STEPS / k: it moves at most as far as MAX_STEPS pairs' steps."""
     vocab, ids = compact_ids(tokens)
-    counts = np.bincount(ids).astype(np.float64)
-    # subsampling, the paper's variant: a token of frequency f is dropped with probability
-    # 1 - sqrt(t / f) (the word2vec code keeps it with sqrt(t/f) + t/f instead); redrawn each epoch
-    keep_prob = np.minimum(1.0, np.sqrt(subsample / (counts / counts.sum())))
-    noise_prob = counts ** 0.75 / (counts ** 0.75).sum()  # negatives ~ unigram^(3/4)
+    counts = np.bincount(ids)
+    keep_prob, noise_prob = keep_probability(counts, subsample), noise_distribution(counts)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     # v: the word vectors (the embedding), u: the context vectors; as in word2vec, v ~ U(±0.5/dim), u = 0
@@ -146,7 +165,13 @@ def train_sgns(tokens, dim, window, negatives, epochs=15, batch_size=1024, lr=0.
         return words, contexts, rng.choice(len(vocab), size=(len(words), negatives), p=noise_prob)
 
     def batch_loss(words, contexts, noise):
-        return sgns_loss(v(words), u(contexts), u(noise))
+        v_word, u_context, u_noise = v(words), u(contexts), u(noise)
+        # each lookup's gradient times min(1, MAX_STEPS / k), k = how often its row is looked up in the batch
+        v_scale = MAX_STEPS / torch.bincount(words, minlength=len(vocab)).clamp(min=MAX_STEPS)
+        u_scale = MAX_STEPS / torch.bincount(torch.cat([contexts, noise.flatten()]), minlength=len(vocab)).clamp(min=MAX_STEPS)
+        for looked_up, scale in ((v_word, v_scale[words]), (u_context, u_scale[contexts]), (u_noise, u_scale[noise])):
+            looked_up.register_hook(lambda grad, scale=scale: grad * scale[..., None].float())
+        return sgns_loss(v_word, u_context, u_noise)
 
     optimizer = torch.optim.SGD([v.weight, u.weight], lr=lr)
     losses = run_epochs('sgns', make_examples, batch_loss, optimizer, epochs, batch_size, lr, rng)
@@ -169,6 +194,11 @@ def cooccurrence(ids, window):
     return pairs // n, pairs % n, np.bincount(inverse, weights=np.concatenate(weights))
 
 
+def glove_weight(x, x_max, alpha):
+    """f(x) = min(1, (x / x_max)^alpha): rare co-occurrences count less, none counts more than 1."""
+    return np.minimum(1.0, (x / x_max) ** alpha)
+
+
 def glove_loss(w_i, w_j, b_i, b_j, log_x, f):
     """J = Σ f(X_ij) (w_i·w~_j + b_i + b~_j - log X_ij)^2, summed over the batch."""
     return (f * ((w_i * w_j).sum(-1) + b_i + b_j - log_x) ** 2).sum()
@@ -178,7 +208,7 @@ def train_glove(tokens, dim, window, x_max=100, alpha=0.75, epochs=25, batch_siz
     """GloVe with AdaGrad, as in the paper. Returns (W_E = w + w~ (VOCAB_SIZE, dim), loss per epoch)."""
     vocab, ids = compact_ids(tokens)
     rows, cols, x = cooccurrence(ids, window)
-    f = np.minimum(1.0, (x / x_max) ** alpha).astype(np.float32)
+    f = glove_weight(x, x_max, alpha).astype(np.float32)
     log_x = np.log(x).astype(np.float32)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -227,6 +257,8 @@ if __name__ == '__main__':
             W_E, losses = train_sgns(tokens, dim, window, negatives, epochs, batch_size, lr, subsample, seed)
         else:
             W_E, losses = train_glove(tokens, dim, window, x_max, alpha, epochs, batch_size, lr, seed)
+    except FloatingPointError as e:
+        sys.exit(f"error: {e}; nothing was written")
     except KeyboardInterrupt:
         sys.exit("interrupted; nothing was written")
     wall_time = time.time() - start

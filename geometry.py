@@ -28,7 +28,7 @@ def pearson(x, y):
 def rankdata(x):
     """Ranks 1..n, ties sharing their average rank (as Spearman's rho needs)."""
     x = np.asarray(x)
-    order = np.argsort(x, kind='stable')
+    order = np.argsort(x)  # any order within a run of ties: they share its mean rank
     sorted_x = x[order]
     first = np.r_[True, sorted_x[1:] != sorted_x[:-1]]  # where each run of equal values starts
     starts = np.flatnonzero(first)
@@ -104,14 +104,20 @@ def positional_geometry(P):
 
 # ---- token embeddings -----------------------------------------------------------------------
 
+def mean_pair_cos(X):
+    """Mean cos(x_i, x_j) over all pairs i != j of the rows that are not all zero (a zero row has no
+    direction); nan for fewer than two such rows."""
+    U = unit_rows(X[np.linalg.norm(X, axis=1) > 0].astype(np.float64))
+    s, n = U.sum(0), len(U)
+    # sum over i != j of u_i . u_j = |sum_i u_i|^2 - n, so no n x n matrix is needed
+    return float((s @ s - n) / (n * (n - 1))) if n > 1 else float('nan')
+
+
 def anisotropy(W):
-    """Mean cosine over all pairs of distinct rows, raw and after removing the mean row (rows that
-    are all zero, e.g. untrained ones, have no direction and are left out)."""
-    def mean_pair_cos(X):
-        # sum over i != j of u_i . u_j = |sum_i u_i|^2 - n, so no n x n matrix is needed
-        U = unit_rows(X[np.linalg.norm(X, axis=1) > 0]).astype(np.float64)
-        s, n = U.sum(0), len(U)
-        return float((s @ s - n) / (n * (n - 1)))
+    """Mean cosine over all pairs of distinct rows, raw and after removing the mean row. Rows that
+    are all zero (the untrained rows of SGNS and GloVe) are dropped first: centred, they would all
+    become the same row -mean and add a block of cosines of 1."""
+    W = W[np.linalg.norm(W, axis=1) > 0]
     return {'raw': mean_pair_cos(W), 'centred': mean_pair_cos(W - W.mean(0))}
 
 
@@ -145,6 +151,13 @@ def norm_vs_frequency(W, counts):
     return {'spearman_seen': spearman(norms[seen], np.log(counts[seen])), 'n_seen': int(seen.sum()),
             'n_unseen': int((~seen).sum()), 'mean_norm_seen': float(norms[seen].mean()),
             'mean_norm_unseen': float(norms[~seen].mean()) if (~seen).any() else None}
+
+
+def drift_vs_frequency(W0, W, counts):
+    """Spearman correlation of each seen token's drift |W[i] - W0[i]| from an earlier table W0 with
+    its log count: negative when rare tokens moved further."""
+    seen = counts > 0
+    return spearman(np.linalg.norm(W[seen] - W0[seen], axis=1), np.log(counts[seen]))
 
 
 # ---- two embeddings of the same items (seeds, objectives) -----------------------------------
@@ -187,3 +200,59 @@ def similarity(A, B):
     """All four comparisons of two embeddings of the same n items (rows in the same order)."""
     return {'procrustes_cos': procrustes_cos(A, B), 'cka': linear_cka(A, B), 'rsa': rsa(A, B),
             'nn_overlap_10': nn_overlap(A, B, 10)}
+
+
+# ---- contextual embeddings: one vector per occurrence of a token ----------------------------
+# H (n, d) holds the vector of each token occurrence in a text at one layer, ids (n,) its token id.
+# A static table W gives H = W[ids]; a transformer gives each occurrence a vector of its own.
+
+def occurrences_by_type(ids, types):
+    """For each token id in types, the indices of its occurrences in ids."""
+    order = np.argsort(ids, kind='stable')
+    starts = np.searchsorted(ids[order], types)
+    ends = np.searchsorted(ids[order], types, side='right')
+    return [order[a:b] for a, b in zip(starts, ends)]
+
+
+def first_pc_share(X):
+    """Share of the (uncentred) sum of squares of the rows X explained by their first principal
+    component, sigma_1^2 / sum sigma_i^2: 1 when the rows are multiples of one vector. The sigma_i^2
+    are the eigenvalues of X X^T and of X^T X, whichever is smaller."""
+    X = np.asarray(X, np.float64)
+    gram = X @ X.T if len(X) < X.shape[1] else X.T @ X
+    return float(np.linalg.eigvalsh(gram)[-1] / np.trace(gram))
+
+
+def intra_context_similarity(H, window):
+    """Mean over occurrences of cos(h_t, mean of the h in its context window), the occurrences
+    coming in consecutive windows of `window` (zero rows left out). The mean includes h_t itself,
+    so vectors of pure noise give about 1/sqrt(window), not 0."""
+    H = np.asarray(H, np.float64).reshape(-1, window, H.shape[-1])
+    cos = (unit_rows(H.reshape(-1, H.shape[-1])) * unit_rows(np.repeat(H.mean(1), window, 0))).sum(1)
+    return float(cos[np.linalg.norm(H.reshape(-1, H.shape[-1]), axis=1) > 0].mean())
+
+
+def contextual_geometry(H, ids, types, window, seed=0):
+    """How context-dependent one layer's occurrence vectors H are (Ethayarajh 2019), averaged over
+    `types` (ids with at least 2 occurrences):
+      anisotropy       mean cos of two random occurrences: the baseline of the next two
+      self_similarity  mean cos between occurrences of the same type, minus anisotropy
+                       (a static table: 1 - anisotropy; a fresh vector per occurrence: ~0)
+      intra_context    mean cos of an occurrence with its window's mean vector, minus anisotropy
+      pc_share         share of a type's occurrence vectors on their first principal component
+                       (static: 1), and pc_share_random for as many occurrences of any type.
+    self_similarity_by_type gives each type's value, minus anisotropy."""
+    groups, rng = occurrences_by_type(ids, types), np.random.default_rng(seed)
+    baseline = mean_pair_cos(H)
+    self_similarity = np.array([mean_pair_cos(H[g]) for g in groups]) - baseline
+    return {'anisotropy': baseline, 'self_similarity': float(np.nanmean(self_similarity)),
+            'intra_context': intra_context_similarity(H, window) - baseline,
+            'pc_share': float(np.mean([first_pc_share(H[g]) for g in groups])),
+            'pc_share_random': float(np.mean([first_pc_share(H[rng.choice(len(H), len(g), replace=False)])
+                                              for g in groups])),
+            'self_similarity_by_type': dict(zip(np.asarray(types).tolist(), self_similarity.tolist()))}
+
+
+def type_means(H, ids, types):
+    """The mean occurrence vector of each type, (len(types), d): a static table read off a layer."""
+    return np.stack([H[g].mean(0) for g in occurrences_by_type(ids, types)])

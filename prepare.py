@@ -132,7 +132,8 @@ def main():
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, not {chunk_tokens}")
     raw = fetch_raw(source, data_dir, force, timeout)
-    text = strip_gutenberg(check_text(raw, source))
+    whole = check_text(raw, source)
+    text = strip_gutenberg(whole)
     ids = np.array(get_tokenizer().encode_ordinary(text), dtype=np.uint16)
     if split == 'interleaved' and len(ids) < 2 * chunk_tokens * round(1 / val_fraction):
         raise ValueError(f"the text has {len(ids):,} tokens: too few for chunks of {chunk_tokens} with one in every "
@@ -145,6 +146,7 @@ def main():
     meta = {
         'vocab_size': VOCAB_SIZE, 'eot_token': EOT_TOKEN, 'dtype': 'uint16',
         'train_tokens': len(train_ids), 'val_tokens': len(val_ids), 'total_tokens': len(ids),
+        'raw_tokens': len(encoding.encode_ordinary(whole)),  # the file as given, Gutenberg header and licence too
         # UTF-8 bytes of text per split, for losses in bits per byte (data.bits_per_byte)
         'train_bytes': len(encoding.decode_bytes(train_ids.tolist())),
         'val_bytes': len(encoding.decode_bytes(val_ids.tolist())),
@@ -158,7 +160,8 @@ def main():
     write_atomic({os.path.join(data_dir, 'train.bin'): train_bytes,
                   os.path.join(data_dir, 'val.bin'): val_bytes,
                   os.path.join(data_dir, 'meta.json'): (json.dumps(meta, indent=2) + '\n').encode()})
-    print(f"{len(text):,} characters -> {len(ids):,} tokens: train {len(train_ids):,}, "
+    print(f"{len(whole):,} characters, {meta['raw_tokens']:,} tokens as given; without the Gutenberg header and "
+          f"licence {len(text):,} characters -> {len(ids):,} tokens: train {len(train_ids):,}, "
           f"val {len(val_ids):,} ({len(val_ids) / len(ids):.1%}, split={split})")
     print(f"wrote {data_dir}/train.bin, val.bin, meta.json")
 

@@ -41,7 +41,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from atomic import write_atomic
 from configurator import (at_least, below, check, check_model, check_resume, configure, one_of, resolve_device,
                           resolve_dtype)
-from data import bits_per_byte, epoch_offsets, mask_tokens, open_data, random_offsets, split_batch, windows
+from data import (bits_per_byte, epoch_offsets, mask_tokens, open_data, random_offsets, split_batch, target_positions,
+                  windows)
 from download import DownloadError
 from machine import choose_cpu_dtype, keep_freed_memory, measure_matmul_flops
 from model import GPT, GPTConfig, POS_EMBS, PRETRAINED, load_checkpoint
@@ -174,27 +175,32 @@ train_rng = np.random.default_rng(seed + rank)  # random offsets and masking: ea
 epoch_rng = np.random.default_rng(seed)         # sampler='epoch': one shuffle, the same on every rank
 epoch_state = {'order': np.zeros(0, dtype=np.int64), 'pos': 0}
 covered = np.zeros(n_train, dtype=bool)  # train tokens used as targets so far (all ranks' at each eval)
-tokens_drawn = 0                         # target tokens drawn by all ranks together
+targets_drawn = 0                        # target tokens this rank has drawn
 
 
-def train_offsets():
-    """The window starts of this rank's next micro-batch, from the sampler; marks their targets covered."""
-    global tokens_drawn
+def train_batch():
+    """This rank's next micro-batch from the sampler: (offsets, x, y), x and y on the device. Marks
+    its targets covered: every next token for the GPT, the masked positions only for the masked LM."""
+    global targets_drawn
     if sampler == 'epoch':
         offsets = epoch_offsets(epoch_state, epoch_rng, n_train, block_size, micro_batch, rank, world_size)
     else:
         offsets = random_offsets(train_rng, n_train, block_size, micro_batch)
-    covered[(offsets[:, None] + 1 + np.arange(block_size)).ravel()] = True
-    tokens_drawn += micro_batch * block_size * world_size  # every rank draws as many
-    return offsets
+    x, y = batch_arrays('train', offsets, train_rng)
+    positions = target_positions(offsets, y, causal=objective == 'clm')
+    covered[positions] = True
+    targets_drawn += len(positions)
+    return offsets, *to_device(x, y)
 
 
-def get_batch(split, offsets, rng):
-    """The windows of a split at these offsets as a batch (x, y) on the device; the masked LM
-    chooses its masked positions with rng."""
+def batch_arrays(split, offsets, rng):
+    """The windows of a split at these offsets, (x, y) as numpy arrays; the masked LM chooses its
+    masked positions with rng."""
     x, y = windows(data[split], offsets, block_size)
-    if objective == 'mlm':
-        x, y = mask_tokens(x, rng, meta['vocab_size'])
+    return mask_tokens(x, rng, meta['vocab_size']) if objective == 'mlm' else (x, y)
+
+
+def to_device(x, y):
     x, y = torch.from_numpy(x), torch.from_numpy(y)
     if device_type == 'cuda':
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
@@ -214,6 +220,7 @@ if init_from != 'resume' and not eval_only and os.path.exists(ckpt_path) and not
          f"--out_dir, or --overwrite=True to replace it")
 CHECKPOINT_KEYS = ('model', 'model_args', 'config', 'optimizers', 'scaler', 'iter_num', 'best_val_loss', 'elapsed',
                    'ranks', 'coverage', 'data')
+RANK_STATE_KEYS = ('python', 'torch', 'cuda', 'sampler', 'epoch_rng', 'epoch_order', 'epoch_pos', 'targets_drawn')
 iter_num, best_val_loss, checkpoint = 0, 1e9, None
 elapsed_before = 0.0  # seconds of training loop spent by the run this one resumes
 if init_from == 'scratch':
@@ -226,6 +233,7 @@ elif init_from == 'resume':
     except (RuntimeError, OSError, KeyError, EOFError, TypeError, ValueError, pickle.UnpicklingError) as e:
         fail(f"cannot load {ckpt_path} ({type(e).__name__}); the file is damaged: delete it or train from scratch")
     missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    missing += [f'ranks[0].{key}' for key in RANK_STATE_KEYS if 'ranks' in checkpoint and key not in checkpoint['ranks'][0]]
     if missing:
         fail(f"{ckpt_path} lacks {', '.join(missing)} (an older train.py wrote it, or it is damaged); train from scratch")
     model_args = {**checkpoint['model_args'], 'dropout': dropout}
@@ -276,7 +284,7 @@ if checkpoint is not None:
         torch.cuda.set_rng_state(own['cuda'])
     train_rng.bit_generator.state, epoch_rng.bit_generator.state = own['sampler'], own['epoch_rng']
     epoch_state = {'order': own['epoch_order'].numpy(), 'pos': own['epoch_pos']}
-    covered, tokens_drawn = checkpoint['coverage']['covered'].numpy().copy(), checkpoint['coverage']['tokens_drawn']
+    covered, targets_drawn = checkpoint['coverage']['covered'].numpy().copy(), own['targets_drawn']
     checkpoint = None  # free the memory
 raw_model = model  # the plain GPT: what checkpoints save, never a compiled or DDP wrapper
 if compile:
@@ -298,7 +306,7 @@ def estimate_loss():
         rng = np.random.default_rng(seed + 1_000_003)  # the same batches at every evaluation
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
-            X, Y = get_batch(split, random_offsets(rng, len(data[split]), block_size, batch_size), rng)
+            X, Y = to_device(*batch_arrays(split, random_offsets(rng, len(data[split]), block_size, batch_size), rng))
             with ctx:
                 losses[k] = eval_model(X, Y)[1].item()
         out[split] = losses.mean().item()
@@ -339,7 +347,8 @@ def rank_state():
     return {'python': random.getstate(), 'torch': torch.get_rng_state(),
             'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
             'sampler': train_rng.bit_generator.state, 'epoch_rng': epoch_rng.bit_generator.state,
-            'epoch_order': torch.from_numpy(epoch_state['order']), 'epoch_pos': epoch_state['pos']}
+            'epoch_order': torch.from_numpy(epoch_state['order']), 'epoch_pos': epoch_state['pos'],
+            'targets_drawn': targets_drawn}
 
 
 def gather_rank_states():
@@ -369,7 +378,7 @@ def save_checkpoint(rank_states):
         'optimizers': [opt.state_dict() for opt in optimizers], 'scaler': scaler.state_dict(),
         'iter_num': iter_num, 'best_val_loss': best_val_loss,
         'elapsed': elapsed_before + time.time() - t_start,
-        'ranks': rank_states, 'coverage': {'covered': torch.from_numpy(covered), 'tokens_drawn': tokens_drawn},
+        'ranks': rank_states, 'coverage': {'covered': torch.from_numpy(covered)},
         'data': data_fingerprint,
     }
     try:
@@ -437,7 +446,8 @@ while True:
         losses = estimate_loss()
         # the masked LM's loss is over the 15% masked tokens only: no bits per byte of text
         val_bpb = bits_per_byte(losses['val'], meta['val_tokens'], meta['val_bytes']) if objective == 'clm' else None
-        coverage, predicted = covered.mean(), 1 - math.exp(-tokens_drawn / n_train)
+        drawn = sum(state['targets_drawn'] for state in rank_states)  # all ranks' targets
+        coverage, predicted = covered.mean(), 1 - math.exp(-drawn / n_train)
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
               + (f", val bpb {val_bpb:.4f}" if val_bpb is not None else "")
               + f", coverage {coverage:.1%} (random offsets: {predicted:.1%}), {elapsed:.0f} s")
@@ -453,10 +463,9 @@ while True:
 
     # one optimizer step: micro_steps forward/backward passes on each rank, then clip and update
     for micro_step in range(micro_steps):
-        offsets = train_offsets()
+        offsets, X, Y = train_batch()
         if ddp and iter_num == start_iter and micro_step == 0:
             log_first_windows(offsets)
-        X, Y = get_batch('train', offsets, train_rng)
         sync = not ddp or micro_step == micro_steps - 1  # all-reduce the gradients only on the last
         with ctx, (nullcontext() if sync else model.no_sync()):
             logits, loss = model(X, Y)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from analyze import compare_argv, load_matrix, logit_lens, qk_decomposition
+from analyze import compare_argv, load_matrix, logit_lens, qk_decomposition, residual_stream
 from conftest import ROOT, run_script
-from geometry import (analogy, anisotropy, cosine_matrix, exp_fit, linear_cka, mean_cos_by_distance,
-                      nearest_neighbours, nn_overlap, positional_geometry, procrustes_cos, rankdata, rsa,
-                      similarity, spearman)
+from geometry import (analogy, anisotropy, contextual_geometry, cosine_matrix, drift_vs_frequency, exp_fit,
+                      linear_cka, mean_cos_by_distance, nearest_neighbours, nn_overlap, occurrences_by_type,
+                      positional_geometry, procrustes_cos, rankdata, rsa, similarity, spearman, type_means, unit_rows)
 from model import GPT, GPTConfig
 from tokenizer import get_tokenizer
 
@@ -81,6 +81,69 @@ def test_anisotropy_matches_brute_force_and_sees_a_shared_direction():
     assert abs(anisotropy(W)['raw'] - 9 / 17) < 0.05 and abs(anisotropy(W)['centred']) < 0.05
     # all-zero rows (tokens an embedding never trained) have no direction and do not count
     assert np.isclose(anisotropy(np.vstack([W, np.zeros((30, 8))]))['raw'], anisotropy(W)['raw'])
+
+
+def test_anisotropy_leaves_zero_rows_out_before_centring():
+    # SGNS and GloVe keep all-zero rows for the tokens they never saw: 900 of them beside 300 trained
+    W = np.random.default_rng(3).standard_normal((300, 16)) + 0.5
+    with_zeros = anisotropy(np.vstack([W, np.zeros((900, 16))]))
+    assert with_zeros == anisotropy(W)
+    assert abs(with_zeros['centred']) < 0.01 and with_zeros['raw'] > 0.1  # a shared offset, then none
+
+
+def test_drift_vs_frequency_sign_and_size_on_planted_drifts():
+    rng = np.random.default_rng(4)
+    counts = np.r_[rng.integers(1, 5000, 500), np.zeros(100, dtype=int)]  # 100 tokens never seen
+    W0 = rng.standard_normal((600, 8))
+    direction = unit_rows(rng.standard_normal((600, 8)))
+    rare_move_more = W0 + direction / np.sqrt(np.maximum(counts, 1))[:, None]
+    assert drift_vs_frequency(W0, rare_move_more, counts) == pytest.approx(-1)
+    assert drift_vs_frequency(W0, W0 + direction * np.log1p(counts)[:, None], counts) == pytest.approx(1)
+    noisy = W0 + direction * (1 + 0.5 * rng.random(600))[:, None] / np.sqrt(np.maximum(counts, 1))[:, None]
+    assert -0.97 < drift_vs_frequency(W0, noisy, counts) < -0.8
+    assert drift_vs_frequency(W0, W0 + direction, counts) == pytest.approx(0, abs=0.1)  # drift unrelated to count
+
+
+# ---- static vs contextual: known answers ----------------------------------------------------
+
+def occurrences(n_types=60, windows=40, window=32, seed=5):
+    """Token ids of windows x window occurrences, Zipf-like, and the types seen at least 5 times."""
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(n_types, windows * window, p=1 / np.arange(1, n_types + 1) / (1 / np.arange(1, n_types + 1)).sum())
+    types, counts = np.unique(ids, return_counts=True)
+    return ids, types[counts >= 5]
+
+
+def test_a_static_table_is_fully_self_similar():
+    # the "model" returns the input embedding at every occurrence: cos(h_i, h_j) = 1 for two occurrences of a type
+    ids, types = occurrences()
+    E = np.random.default_rng(6).standard_normal((60, 24)) + 1.0  # a shared offset: anisotropic
+    g = contextual_geometry(E[ids], ids, types, window=32)
+    assert g['anisotropy'] > 0.3
+    assert g['self_similarity'] == pytest.approx(1 - g['anisotropy'], abs=1e-12)
+    assert np.allclose(list(g['self_similarity_by_type'].values()), 1 - g['anisotropy'], atol=1e-12)
+    assert g['pc_share'] == pytest.approx(1, abs=1e-12) and g['pc_share_random'] < 0.9
+    assert np.allclose(type_means(E[ids], ids, types), E[types], atol=1e-12)
+    assert linear_cka(type_means(E[ids], ids, types), E[types]) == pytest.approx(1)
+
+
+def test_noise_per_occurrence_is_not_self_similar():
+    ids, types = occurrences()
+    H = np.random.default_rng(7).standard_normal((len(ids), 256))
+    g = contextual_geometry(H, ids, types, window=32)
+    assert abs(g['anisotropy']) < 0.005 and abs(g['self_similarity']) < 0.01
+    assert abs(g['pc_share'] - g['pc_share_random']) < 0.02
+    assert g['intra_context'] == pytest.approx(1 / np.sqrt(32), abs=0.02)  # the mean includes the vector itself
+
+
+def test_intra_context_is_one_when_a_window_shares_one_vector():
+    ids, types = occurrences()
+    rng = np.random.default_rng(8)
+    H = np.repeat(rng.standard_normal((40, 24)), 32, axis=0)  # every occurrence in window b is v_b
+    g = contextual_geometry(H, ids, types, window=32)
+    assert g['intra_context'] == pytest.approx(1 - g['anisotropy'], abs=1e-12)
+    groups = occurrences_by_type(ids, types)
+    assert [sorted(g.tolist()) for g in groups] == [np.flatnonzero(ids == t).tolist() for t in types]
 
 
 def test_exp_fit_recovers_the_decay_rate():
@@ -171,6 +234,17 @@ def test_logit_lens_ends_at_the_models_own_loss():
     assert abs(losses[-1] - model(x, y)[1].item()) < 1e-4
 
 
+def test_residual_stream_starts_at_the_embeddings_and_ends_at_the_trunk():
+    model = tiny_model()
+    x = torch.randint(0, 50257, (3, 32))
+    stream = residual_stream(model, x)
+    assert len(stream) == 3 and all(h.shape == (3, 32, 32) for h in stream)
+    with torch.no_grad():
+        assert torch.allclose(stream[0], model.transformer.wte(x) + model.W_pos, atol=1e-6)
+        assert torch.allclose(stream[1], model.transformer.h[0](stream[0]), atol=1e-6)
+        assert torch.allclose(model.transformer.ln_f(stream[-1]), model.trunk(x), atol=1e-6)
+
+
 def test_compare_argv_and_matrix_checks(tmp_path):
     assert compare_argv(['cfg.py', '--compare', 'a', 'b/', '--top_n=5']) == ['cfg.py', "--compare=['a', 'b/']", '--top_n=5']
     assert compare_argv(['--out_dir=x']) == ['--out_dir=x']
@@ -202,7 +276,7 @@ def run(tmp_path_factory):
     os.makedirs(data_dir)
     os.makedirs(out_dir / 'snapshots')
     np.array(enc.encode_ordinary(TEXT * 8), np.uint16).tofile(data_dir / 'train.bin')
-    np.array(enc.encode_ordinary(TEXT * 2), np.uint16).tofile(data_dir / 'val.bin')
+    np.array(enc.encode_ordinary(TEXT * 6), np.uint16).tofile(data_dir / 'val.bin')  # each word 6+ times
     model = tiny_model()
     np.savez(out_dir / 'snapshots' / 'iter_000000.npz', W_E=model.W_E.detach().half().numpy(),
              W_pos=model.W_pos.detach().half().numpy())
@@ -289,19 +363,42 @@ def test_wpe_file_alone(tmp_path):
 
 def test_compare_a_checkpoint_with_a_rotated_w_e(run, tmp_path):
     root, _ = run
-    result = run_script('analyze.py', '--compare', str(root / 'out'), str(root / 'rotated'),
+    result = run_script('analyze.py', '--compare', str(root / 'out'), str(root / 'rotated'), str(root / 'seed2'),
                         f'--report_dir={tmp_path}', timeout=120)
     assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / 'report.json').read_text())['compare']
-    names = [os.path.normpath(root / 'out'), os.path.normpath(root / 'rotated')]
-    assert report['models'] == names and len(report['pairs']) == 1
+    full = json.loads((tmp_path / 'report.json').read_text())
+    report = full['compare']
+    names = [os.path.normpath(root / d) for d in ('out', 'rotated', 'seed2')]
+    assert report['models'] == names and len(report['pairs']) == 3
     pair = report['pairs'][0]
     assert abs(pair['cka'] - 1) < 1e-4 and pair['nn_overlap_10'] == 1 and abs(pair['procrustes_cos'] - 1) < 1e-4
-    a, b = (report['token_studies'][n] for n in names)
+    a, b = (report['token_studies'][n] for n in names[:2])
     assert [t for t, _ in a['neighbours'][' king'][:3]] == [t for t, _ in b['neighbours'][' king'][:3]]
     assert np.allclose([c for _, c in a['neighbours'][' king']], [c for _, c in b['neighbours'][' king']], atol=1e-4)
     assert [x['rank_excluding_inputs'] for x in a['analogies']] == [x['rank_excluding_inputs'] for x in b['analogies']]
     assert (tmp_path / 'compare.png').stat().st_size > 10000 and 'compare.png' in (tmp_path / 'report.md').read_text()
+    # the models' losses, from out/log.jsonl (seed2 has no log)
+    assert full['training'] == {names[0]: {
+        'objective': 'clm', 'seed': 0, 'sampler': None, 'iterations': 100, 'init_val_loss': None,
+        'init_expected': pytest.approx(np.log(50257) + 32 * 0.02 ** 2 / 2), 'val_loss': 6.5,
+        'perplexity': pytest.approx(np.exp(6.5)), 'val_bpb': 2.25, 'coverage': None}}
+    # static vs contextual: the checkpoints by layer, the W_E.npy as one static "layer"
+    contextual = full['contextual']
+    out, static, seed2 = (contextual['models'][n] for n in names)
+    assert contextual['window'] == 32 and contextual['types'] > 30
+    assert len(out['layers']) == len(seed2['layers']) == 3 and len(static['layers']) == 1
+    assert out['contextual'] and not static['contextual']
+    rotated = static['layers'][0]
+    assert rotated['self_similarity'] == pytest.approx(1 - rotated['anisotropy'], abs=1e-9)
+    assert rotated['pc_share'] == pytest.approx(1) and rotated['cka'][names[1]] == pytest.approx(1)
+    # seed2's token and position tables are rotated copies of out's: layer 0 has the same cosines, the blocks differ
+    assert contextual['seed_pairs'] == [[names[0], names[2]]]
+    for key in ('anisotropy', 'self_similarity', 'intra_context', 'pc_share'):
+        assert out['layers'][0][key] == pytest.approx(seed2['layers'][0][key], abs=1e-5)
+    assert contextual['seed_spread']['anisotropy'] > 1e-3
+    assert out['layers'][0]['cka'][names[1]] == pytest.approx(seed2['layers'][0]['cka'][names[1]], abs=1e-5)
+    assert {'contextual.png', 'contextual_cka.png'} <= set(full['figures'])
+    assert '# Static vs contextual' in (tmp_path / 'report.md').read_text()
 
 
 @pytest.mark.parametrize('matrix, message', [

@@ -52,6 +52,7 @@ def make_files(tmp):
     good = torch.load(tmp / 'good' / 'ckpt.pt', weights_only=True)
     for name, state in (('no_key', {k: v for k, v in good.items() if k != 'ranks'}),
                         ('wrong_type', {**good, 'model_args': [1, 2]}),
+                        ('old_ranks', {**good, 'ranks': [{k: v for k, v in good['ranks'][0].items() if k != 'targets_drawn'}]}),
                         ('mlm', {**good, 'model_args': {**good['model_args'], 'causal': False},
                                  'config': {**good['config'], 'objective': 'mlm'}})):
         (tmp / name).mkdir()
@@ -128,6 +129,8 @@ CASES = [
     ('train: resume with another optimizer', [*TRAIN, '--init_from=resume', '--out_dir={tmp}/good',
                                               '--optimizer=muon'], "holds the state of optimizer='adamw'"),
     ('train: checkpoint without a key', [*TRAIN, '--init_from=resume', '--out_dir={tmp}/no_key'], 'lacks ranks'),
+    ('train: rank state of an older train.py', [*TRAIN, '--init_from=resume', '--out_dir={tmp}/old_ranks'],
+     'lacks ranks[0].targets_drawn'),
     ('train: checkpoint with a wrong type', [*TRAIN, '--init_from=resume', '--out_dir={tmp}/wrong_type'], 'damaged'),
     ('train: gpt2 with rope', [*TRAIN, '--init_from=gpt2', '--pos_emb=rope'], "GPT-2 with pos_emb='learned'"),
     ('train: gpt2 as a masked LM', [*TRAIN, '--init_from=gpt2', '--objective=mlm'], "drop --objective=mlm"),

@@ -7,68 +7,128 @@ import torch
 from torch.nn import functional as F
 
 from conftest import run_script
-from embeddings import cooccurrence, glove_loss, sgns_loss, train_glove, train_sgns
+from embeddings import (cooccurrence, glove_loss, glove_weight, keep_probability, noise_distribution, sgns_loss,
+                        skipgram_pairs, train_glove, train_sgns, METHOD_DEFAULTS)
+from model import GPT, GPTConfig
 from tokenizer import VOCAB_SIZE
 
-# --- loss-function facts --------------------------------------------------------
+# --- the gradients the objectives rest on, through the project's own code --------
 
 
-def random_logits(n=7, seed=0):
-    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+def tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=40, dropout=0.0)).double()
 
 
-def test_cross_entropy_gradient_wrt_logits_is_p_minus_y():
-    logits, target = random_logits().requires_grad_(), 3
-    F.cross_entropy(logits[None], torch.tensor([target])).backward()
+def batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 40, (2, 8), generator=g), torch.randint(0, 40, (2, 8), generator=g)
+
+
+def loss_of_logits(model, x, y):
+    """z -> the loss model(x, y) computes when its head outputs the logits z (B, T, V): the model's
+    own cross-entropy as a function of the logits."""
+    def loss(z):
+        hook = model.lm_head.register_forward_hook(lambda module, inputs, output: z)
+        try:
+            return model(x, y)[1]
+        finally:
+            hook.remove()
+    return loss
+
+
+def test_gradient_of_the_model_loss_wrt_its_logits_is_p_minus_y():
+    model, (x, y) = tiny_gpt(), batch()
+    logits = model(x)[0].detach().requires_grad_()
+    loss_of_logits(model, x, y)(logits).backward()
     p = F.softmax(logits.detach(), -1)
-    assert torch.allclose(logits.grad, p - F.one_hot(torch.tensor(target), len(p)), atol=1e-12)
+    assert torch.allclose(logits.grad, (p - F.one_hot(y, 40)) / y.numel(), atol=1e-15)  # the mean over B*T
 
 
-@pytest.mark.parametrize('target', [0, 4])
-def test_cross_entropy_hessian_is_diag_p_minus_ppT_and_psd(target):
-    logits = random_logits()
-    hessian = torch.autograd.functional.hessian(lambda z: F.cross_entropy(z[None], torch.tensor([target])), logits)
-    p = F.softmax(logits, -1)
-    assert torch.allclose(hessian, torch.diag(p) - torch.outer(p, p), atol=1e-12)  # the same for every target
-    assert torch.linalg.eigvalsh(hessian).min() >= -1e-6
-    assert torch.allclose(hessian.sum(1), torch.zeros_like(p), atol=1e-12)  # null along (1, ..., 1)
+def test_hessian_of_the_model_loss_wrt_one_positions_logits_is_diag_p_minus_ppT():
+    model, (x, y) = tiny_gpt(), batch()
+    logits = model(x)[0].detach()
+    loss = loss_of_logits(model, x, y)
+
+    def loss_of_row(z):  # vary the logits of position (0, 3) only
+        full = logits.clone()
+        full[0, 3] = z
+        return loss(full)
+    hessian = torch.autograd.functional.hessian(loss_of_row, logits[0, 3])
+    p = F.softmax(logits[0, 3], -1)
+    assert torch.allclose(hessian * y.numel(), torch.diag(p) - torch.outer(p, p), atol=1e-12)  # whatever the target
+    assert torch.linalg.eigvalsh(hessian).min() >= -1e-12  # convex in the logits
+    assert torch.allclose(hessian.sum(1), torch.zeros(40, dtype=torch.float64), atol=1e-14)  # flat along (1, ..., 1)
 
 
-def test_tied_weights_gradient_rows():
-    # W is both the embedding (h = tanh(W[x])) and the output layer (logits = W h)
-    V, d, x, y = 6, 4, 1, 4
-    W = torch.randn(V, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64).requires_grad_()
-    h = torch.tanh(W[x])
-    logits = W @ h
-    F.cross_entropy(logits[None], torch.tensor([y])).backward()
-    p, h = F.softmax(logits.detach(), -1), h.detach()
-    output_grad = (p - F.one_hot(torch.tensor(y), V))[:, None] * h  # row y: (p_y - 1) h, row i: p_i h
-    assert torch.allclose(W.grad[y], (p[y] - 1) * h, atol=1e-12)
-    others = [i for i in range(V) if i not in (x, y)]
-    assert torch.allclose(W.grad[others], p[others, None] * h, atol=1e-12)
-    # the embedding row x also gets the gradient through h: dL/dh = W^T (p - y), dh/dW[x] = 1 - h^2
-    input_grad = (1 - h ** 2) * (W.detach().T @ (p - F.one_hot(torch.tensor(y), V)))
-    assert torch.allclose(W.grad[x], output_grad[x] + input_grad, atol=1e-12)
+def test_the_tied_matrix_gets_the_output_gradient_plus_the_input_gradient():
+    # W = wte.weight is both the embedding and the head: dL/dW = (p - y)^T h_final + the lookups' gradients
+    model, (x, y) = tiny_gpt(), batch()
+    W = model.transformer.wte.weight
+    assert W is model.lm_head.weight
+    captured = {}
+    hooks = [module.register_forward_hook(lambda m, i, out, name=name: captured.__setitem__(name, out) or out.retain_grad())
+             for name, module in (('lookup', model.transformer.wte), ('h_final', model.transformer.ln_f))]
+    logits, loss = model(x, y)
+    logits.retain_grad()
+    loss.backward()
+    for hook in hooks:
+        hook.remove()
+    h = captured['h_final'].detach().reshape(-1, 16)
+    output_part = logits.grad.reshape(-1, 40).T @ h  # row i: sum over positions of (p_i - y_i) h
+    input_part = torch.zeros_like(W).index_add_(0, x.flatten(), captured['lookup'].grad.reshape(-1, 16))
+    assert torch.allclose(W.grad, output_part + input_part, atol=1e-15)
+    unused = sorted(set(range(40)) - set(x.flatten().tolist()) - set(y.flatten().tolist()))
+    p = F.softmax(logits.detach(), -1).reshape(-1, 40)
+    assert unused and torch.allclose(W.grad[unused], p[:, unused].T @ h / y.numel(), atol=1e-15)  # only p_i h
 
 
-def test_derivative_of_log_sigmoid_is_one_minus_sigmoid():
-    x = torch.linspace(-20, 20, 101, dtype=torch.float64, requires_grad=True)
-    F.logsigmoid(x).sum().backward()
-    assert torch.allclose(x.grad, 1 - torch.sigmoid(x.detach()), atol=1e-12)
-    x.grad = None
-    F.logsigmoid(-x).sum().backward()  # the negative-sample term: d/dx log σ(-x) = -σ(x)
-    assert torch.allclose(x.grad, -torch.sigmoid(x.detach()), atol=1e-12)
-
-
-def test_sgns_gradient_on_the_word_vector():
-    # dL/dv_w = (σ(u_c·v_w) - 1) u_c + Σ_k σ(u_k·v_w) u_k
+def test_sgns_gradients_are_those_of_log_sigmoid():
+    # L = -log σ(u_c·v) - Σ_k log σ(-u_k·v), and d/dx log σ(x) = 1 - σ(x):
+    # dL/dv = (σ(u_c·v) - 1) u_c + Σ_k σ(u_k·v) u_k, dL/du_c = (σ(u_c·v) - 1) v, dL/du_k = σ(u_k·v) v
     g = torch.Generator().manual_seed(2)
-    v, u_c, u_n = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((1, 8), (1, 8), (1, 5, 8)))
-    v.requires_grad_()
+    v, u_c, u_n = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+                   for shape in ((3, 8), (3, 8), (3, 5, 8)))
     sgns_loss(v, u_c, u_n).backward()
-    v_w = v[0].detach()
-    expected = (torch.sigmoid(u_c[0] @ v_w) - 1) * u_c[0] + (torch.sigmoid(u_n[0] @ v_w)[:, None] * u_n[0]).sum(0)
-    assert torch.allclose(v.grad[0], expected, atol=1e-12)
+    positive = torch.sigmoid((u_c * v).sum(-1, keepdim=True)).detach()
+    negative = torch.sigmoid(torch.einsum('bkd,bd->bk', u_n, v))[..., None].detach()
+    assert torch.allclose(v.grad, (positive - 1) * u_c + (negative * u_n).sum(1), atol=1e-12)
+    assert torch.allclose(u_c.grad, (positive - 1) * v, atol=1e-12)
+    assert torch.allclose(u_n.grad, negative * v[:, None], atol=1e-12)
+    assert sgns_loss(v, u_c, u_n).item() == pytest.approx(
+        -(torch.log(positive).sum() + torch.log(1 - negative).sum()).item(), rel=1e-12)
+
+
+def test_glove_weighting():
+    x = np.array([0.5, 10, 50, 100, 400])
+    assert np.allclose(glove_weight(x, 100, 0.75), [0.005 ** 0.75, 0.1 ** 0.75, 0.5 ** 0.75, 1, 1], rtol=1e-12)
+
+
+def test_subsampling_keeps_a_token_of_frequency_f_with_sqrt_t_over_f():
+    counts = np.array([1, 4, 16, 979])  # total 1000: frequencies 0.001, 0.004, 0.016, 0.979
+    assert np.allclose(keep_probability(counts, 0.004), [1, 1, 0.5, np.sqrt(0.004 / 0.979)], rtol=1e-12)
+
+
+def test_noise_distribution_is_the_unigram_to_the_three_quarters():
+    p = noise_distribution(np.array([1, 16, 81, 0]))  # 16^0.75 = 8, 81^0.75 = 27
+    assert np.allclose(p, np.array([1, 8, 27, 0]) / 36, rtol=1e-12)
+
+
+def test_skipgram_pairs_draw_one_span_per_word():
+    # distinct tokens, so every pair names its two positions
+    n, window = 4000, 4
+    words, contexts = skipgram_pairs(np.arange(n), window, np.random.default_rng(0))
+    spans = np.zeros(n, dtype=int)
+    np.maximum.at(spans, words, np.abs(contexts - words))
+    for i in (0, 1, 1000, n - 1):  # each word pairs with every token within its span on both sides, no further
+        expected = {j for j in range(i - spans[i], i + spans[i] + 1) if j != i and 0 <= j < n}
+        assert set(contexts[words == i].tolist()) == expected
+    inner = spans[window:-window]
+    assert set(inner.tolist()) == set(range(1, window + 1))
+    assert np.allclose(np.bincount(inner)[1:] / len(inner), 1 / window, atol=0.03)  # b uniform on 1..window
+    distance = np.abs(contexts - words)
+    # so a context at distance d is used with probability (window - d + 1) / window
+    assert np.allclose(np.bincount(distance)[1:] / (2 * n), [1, 0.75, 0.5, 0.25], atol=0.03)
 
 
 def test_glove_loss_is_zero_at_a_perfect_fit_and_weighted():
@@ -81,19 +141,20 @@ def test_glove_loss_is_zero_at_a_perfect_fit_and_weighted():
 # --- the trainers on tiny data --------------------------------------------------
 
 GROUP_A, GROUP_B = np.arange(100, 105), np.arange(200, 205)  # never within a window of each other...
-CONTEXT_A, CONTEXT_B = np.arange(300, 310), np.arange(400, 410)  # ...but each group has its own contexts
-# 30 distinct tokens: small batches, so that one batch does not pile hundreds of SGD updates on a row
+# ...but each group has its own contexts, tokens 300.. and 400..
+# small and fast: 16 dimensions, a few epochs
 TINY = {'sgns': lambda tokens, seed=0: train_sgns(tokens, 16, 2, 5, epochs=3, batch_size=128, subsample=1.0,
                                                   seed=seed),
         'glove': lambda tokens, seed=0: train_glove(tokens, 16, 2, epochs=10, batch_size=256, seed=seed)}
 
 
-def planted_corpus(n_sentences=1000, seed=0):
-    """Sentences `c c w c c`: w from one group, every c from that group's own context tokens."""
+def planted_corpus(n_sentences=1000, n_contexts=10, seed=0):
+    """Sentences `c c w c c`: w from one group, every c from that group's own n_contexts context tokens."""
     rng = np.random.default_rng(seed)
     tokens = []
     for _ in range(n_sentences):
-        group, context = (GROUP_A, CONTEXT_A) if rng.random() < 0.5 else (GROUP_B, CONTEXT_B)
+        group, context = (GROUP_A, 300) if rng.random() < 0.5 else (GROUP_B, 400)
+        context = context + np.arange(n_contexts)
         tokens += [*rng.choice(context, 2), rng.choice(group), *rng.choice(context, 2)]
     return np.array(tokens, dtype=np.uint16)
 
@@ -104,15 +165,30 @@ def trained():
     return tokens, {name: train(tokens) for name, train in TINY.items()}
 
 
-@pytest.mark.parametrize('name', TINY)
-def test_trainer_finds_the_planted_groups(trained, name):
-    W_E = trained[1][name][0]
+def group_cosines(W_E):
+    """(mean cosine within the planted groups, mean cosine between them)."""
     unit = W_E / np.linalg.norm(W_E, axis=1, keepdims=True).clip(1e-12)
     a, b = unit[GROUP_A], unit[GROUP_B]
     off_diagonal = ~np.eye(len(a), dtype=bool)
-    within = np.concatenate([(a @ a.T)[off_diagonal], (b @ b.T)[off_diagonal]]).mean()
-    between = (a @ b.T).mean()
+    return np.concatenate([(a @ a.T)[off_diagonal], (b @ b.T)[off_diagonal]]).mean(), (a @ b.T).mean()
+
+
+@pytest.mark.parametrize('name', TINY)
+def test_trainer_finds_the_planted_groups(trained, name):
+    within, between = group_cosines(trained[1][name][0])
     assert within > between + 0.3, (within, between)
+
+
+@pytest.mark.parametrize('name', TINY)
+def test_default_settings_on_a_small_vocabulary(name):
+    # 40 distinct tokens in 40,000: each batch looks every row up dozens to hundreds of times
+    tokens = planted_corpus(8000, n_contexts=15)
+    assert len(np.unique(tokens)) == 40
+    train = train_sgns if name == 'sgns' else train_glove
+    W_E, losses = train(tokens, 256, 2, *([5] if name == 'sgns' else []), **METHOD_DEFAULTS[name])
+    assert np.isfinite(W_E).all() and np.isfinite(losses).all() and losses[-1] < 0.8 * losses[0], losses
+    within, between = group_cosines(W_E)
+    assert within > between + 0.2, (within, between)
 
 
 @pytest.mark.parametrize('name', TINY)
@@ -202,7 +278,7 @@ def test_cli_without_train_bin(tmp_path):
     ('--dim=0', 'dim must be a positive integer'),
     ('--window=-1', 'window must be a positive integer'),
     ('--epochs=0', 'epochs must be a positive integer'),
-    ('--lr=1.0', 'the loss diverged'),  # 30 distinct tokens: a batch of 1024 adds ~200 updates to each row
+    ('--lr=10.0', 'sgns: the loss is'),  # non-finite: refused, nothing written
 ])
 def test_cli_bad_settings(tiny_data_dir, tmp_path, arg, message):
     result = run_script('embeddings.py', f'--data_dir={tiny_data_dir}', f'--out_dir={tmp_path / "out"}', arg,

@@ -122,6 +122,17 @@ def test_rope_and_alibi_scores_depend_only_on_relative_offset():
     assert torch.allclose(alibi_slopes(8), 2 ** (-torch.arange(1., 9.)))
 
 
+def test_sinusoidal_table_values():
+    P = tiny(pos_emb='sinusoidal').pos_table.double()  # what the model adds to its token embeddings
+    T, d = P.shape
+    t, i = torch.arange(T, dtype=torch.float64)[:, None], torch.arange(d // 2, dtype=torch.float64)
+    angle = t / 10000 ** (2 * i / d)  # PE[t, 2i] = sin(angle), PE[t, 2i+1] = cos(angle), times 0.02 sqrt(2)
+    assert torch.allclose(P[:, 0::2], torch.sin(angle) * 0.02 * math.sqrt(2), atol=1e-8)
+    assert torch.allclose(P[:, 1::2], torch.cos(angle) * 0.02 * math.sqrt(2), atol=1e-8)
+    assert P[0, 0] == 0 and P[0, 1] == pytest.approx(0.02 * math.sqrt(2))
+    assert P.pow(2).mean().sqrt() == pytest.approx(0.02, rel=1e-3)  # the RMS of a learned table at init
+
+
 @pytest.mark.parametrize('pos_emb', ['learned', 'sinusoidal', 'rope', 'alibi', 'none'])
 def test_kv_cache_equals_recompute(pos_emb):
     model = tiny(pos_emb=pos_emb)

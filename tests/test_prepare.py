@@ -61,6 +61,10 @@ def test_prepare_on_the_book(book_path, tmp_path):
     assert abs(total - 143_711) / 143_711 < 0.01
     assert 0.095 <= meta['val_tokens'] / total <= 0.105
     assert f"{meta['train_tokens']:,}" in result.stdout
+    # the file as given (this copy holds the marker lines around the book) against the book alone
+    whole = open(book_path, 'rb').read().decode('utf-8-sig')
+    assert meta['raw_tokens'] == len(get_tokenizer().encode_ordinary(whole)) > total
+    assert f"{meta['raw_tokens']:,} tokens as given" in result.stdout
     train = np.fromfile(tmp_path / 'train.bin', dtype=np.uint16)
     assert len(train) == meta['train_tokens']
     assert get_tokenizer().decode(train[:20].tolist()).startswith('GULLIVER’S TRAVELS')
@@ -92,6 +96,8 @@ def test_download_retries_5xx_then_succeeds(book_path, http_server, tmp_path):
     assert (tmp_path / 'raw' / 'pg829.txt').read_bytes() == page
     meta = json.load(open(tmp_path / 'meta.json'))
     assert abs(meta['total_tokens'] - 143_711) / 143_711 < 0.01
+    # the download's header, licence line and CRLF line ends count in raw_tokens, not in the book
+    assert meta['raw_tokens'] == len(get_tokenizer().encode_ordinary(page.decode('utf-8-sig'))) > meta['total_tokens'] + 500
     # a second run reuses the cached download without touching the network
     again = run_script('prepare.py', f'--source={url}/pg829.txt', f'--data_dir={tmp_path}')
     assert again.returncode == 0 and 'cached' in again.stdout and len(hits) == 3

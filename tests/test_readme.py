@@ -1,5 +1,6 @@
 """Every command in README.md's fenced bash blocks is run here, with tiny overrides, in a
-scratch folder that links the project's files, or is named below with the reason it is not."""
+scratch folder that links the project's code, configs and assets (never a folder a run wrote),
+or is named below with the reason it is not."""
 import os
 import re
 import shlex
@@ -60,7 +61,7 @@ def tiny_command(command):
 def scratch(tmp_path_factory):
     folder = tmp_path_factory.mktemp('readme')
     for name in os.listdir(ROOT):
-        if name not in ('data', '.git', 'tests') and not name.startswith('out'):
+        if name.endswith('.py') or name in ('config', 'assets'):
             os.symlink(os.path.join(ROOT, name), folder / name)
     np.save(folder / 'W_pos.npy', np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32))
     (folder / 'tiny_cpu.py').write_text('n_layer = 1\nn_head = 1\nn_embd = 16\nblock_size = 16\nbatch_size = 2\n')

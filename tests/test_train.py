@@ -15,7 +15,7 @@ import torch
 
 from conftest import ROOT, run_in_process, run_script, write_token_data
 from configurator import configure
-from data import MASK_TOKEN, epoch_offsets, mask_tokens, random_offsets, split_batch, windows
+from data import MASK_TOKEN, epoch_offsets, mask_tokens, random_offsets, split_batch, target_positions, windows
 from model import load_checkpoint
 from tokenizer import get_tokenizer
 
@@ -218,7 +218,7 @@ def test_epoch_sampler_covers_every_window(small_data, tmp_path):
                         '--batch_size=17', '--max_iters=11', '--eval_interval=11', '--sample_tokens=0')
     assert result.returncode == 0, result.stderr
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
-    assert ckpt['coverage']['covered'].sum().item() == 187 * 32 and ckpt['coverage']['tokens_drawn'] == 187 * 32
+    assert ckpt['coverage']['covered'].sum().item() == 187 * 32 and ckpt['ranks'][0]['targets_drawn'] == 187 * 32
     assert sorted(ckpt['ranks'][0]['epoch_order'].tolist()) == list(range(0, 187 * 32, 32))
 
 
@@ -230,6 +230,25 @@ def test_masked_lm_objective(book_data, tmp_path):
     assert evals[-1]['val_loss'] < evals[0]['val_loss'] - 2
     model, ckpt = load_checkpoint(tmp_path / 'ckpt.pt')
     assert model.config.causal is False and events(tmp_path, 'sample') == []
+    # only the masked positions are targets: replay the run's batches and masks (seed 1337, rank 0)
+    train = np.fromfile(os.path.join(book_data, 'train.bin'), dtype=np.uint16)
+    rng, expected = np.random.default_rng(1337), np.zeros(len(train), dtype=bool)
+    drawn = 0
+    for _ in range(40):
+        offsets = random_offsets(rng, len(train), 32, 8)
+        x, y = mask_tokens(windows(train, offsets, 32)[0], rng, 50257)
+        expected[target_positions(offsets, y, causal=False)] = True
+        drawn += (y >= 0).sum()
+    assert np.array_equal(ckpt['coverage']['covered'].numpy(), expected)
+    assert ckpt['ranks'][0]['targets_drawn'] == drawn and 0.12 < drawn / (40 * 8 * 32) < 0.18
+    assert evals[-1]['coverage'] == pytest.approx(expected.mean())
+
+
+def test_target_positions_of_both_objectives():
+    offsets = np.array([0, 10])
+    next_tokens, masked = np.array([[5, 6, 7], [9, 8, 4]]), np.array([[5, 6, 7], [-1, 8, -1]])
+    assert target_positions(offsets, next_tokens, causal=True).tolist() == [1, 2, 3, 11, 12, 13]
+    assert target_positions(offsets, masked, causal=False).tolist() == [0, 1, 2, 11]
 
 
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']  # = torchrun
@@ -263,7 +282,8 @@ def test_ddp_shipped_config_one_epoch_and_the_gradient_of_one_process(small_data
     _, ckpt = load_checkpoint(tmp_path / 'ddp' / 'ckpt.pt')
     assert ckpt['iter_num'] == 1 and len(ckpt['ranks']) == 2
     # all ranks' targets counted: every target token of the epoch, each drawn exactly once
-    assert ckpt['coverage']['covered'].sum().item() == ckpt['coverage']['tokens_drawn'] == 124 * 48
+    assert ckpt['coverage']['covered'].sum().item() == 124 * 48
+    assert [state['targets_drawn'] for state in ckpt['ranks']] == [62 * 48, 62 * 48]
     # after one AdamW step the first moment is (1 - beta1) * gradient: the DDP gradient, exactly read back
     moments = [[state['exp_avg'] / (1 - 0.9) for state in c['optimizers'][0]['state'].values()]
                for c in (ckpt, torch.load(tmp_path / 'one' / 'ckpt.pt', weights_only=True))]
