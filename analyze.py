@@ -9,8 +9,8 @@ stable they are across seeds. Writes report.md (tables, figures inline), report.
     $ python analyze.py --out_dir=out-gulliver --compare_out_dir=out-gulliver-seed2
     $ python analyze.py --compare out-gulliver out-mlm out-sgns out-glove
 
-The studies themselves are plain functions of arrays in geometry.py (and qk_decomposition,
-logit_lens below, which need the model); this script loads, checks, wires and reports.
+The studies themselves are plain functions of arrays in geometry.py, and of the model in
+circuits.py; this script loads, checks, wires and reports.
 """
 import glob
 import json
@@ -22,12 +22,12 @@ import time
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 import matplotlib
 matplotlib.use('Agg')  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from atomic import write_atomic
+from circuits import TERMS, logit_lens, position_table, qk_decomposition, residual_stream
 from configurator import configure, resolve_device
 from download import DownloadError
 from geometry import (analogy, anisotropy, contextual_geometry, cosine_matrix, drift_vs_frequency, linear_cka,
@@ -58,91 +58,12 @@ ANALOGIES = [(' man', ' king', ' woman', ' queen'), (' man', ' men', ' woman', '
 MIN_COUNT = 5  # tokens seen fewer times in train.bin are left out of the comparisons between tables
 SIMILARITIES = {'cka': 'linear CKA', 'rsa': 'RSA (Spearman of the cosines)', 'nn_overlap_10': 'neighbour overlap @10',
                 'procrustes_cos': 'mean cosine after Procrustes'}
-TERMS = ['token-token', 'position-position', 'token-position', 'position-token', 'bias']
 CONTEXT_PROBES = [' king', ' sea', ' ship', ' little', ' great', ' said']
 CONTEXT_MEASURES = {'anisotropy': 'anisotropy (mean cos of two occurrences)',
                     'self_similarity': 'self-similarity - anisotropy',
                     'intra_context': 'intra-context similarity - anisotropy',
                     'pc_share': 'share of a type on its first PC'}
 FREQUENCY_BINS = [(0, 0, 'unseen'), (1, 9, '1-9'), (10, 99, '10-99'), (100, 999, '100-999'), (1000, math.inf, '1000+')]
-
-
-def position_table(model):
-    """The table added to the token embeddings: the learned W_pos, the sinusoidal one, or None."""
-    return model.W_pos if model.W_pos is not None else getattr(model, 'pos_table', None)
-
-
-@torch.no_grad()
-def qk_decomposition(model, x):
-    """Layer-0 query-key scores on token ids x (B, T), split exactly into five parts; each part's
-    share of the within-query score variance per head, and max |sum of parts - model's scores|."""
-    block, d, H = model.transformer.h[0], model.config.n_embd, model.config.n_head
-    dh, T, ln = d // H, x.size(1), block.ln_1
-    W, b = block.attn.c_attn.weight, block.attn.c_attn.bias  # rows: W_Q, W_K, W_V; q = LN(h) W_Q^T + b_Q
-    W_Q, W_K, zero = W[:d], W[d:2 * d], torch.zeros(d, device=W.device)
-    beta = ln.bias if ln.bias is not None else zero
-    b_Q = beta @ W_Q.T + (b[:d] if b is not None else zero)  # LN's beta goes through W_Q into the bias
-    b_K = beta @ W_K.T + (b[d:2 * d] if b is not None else zero)
-    mask = torch.ones(T, T, dtype=torch.bool, device=W.device)
-    mask = mask.tril() if model.config.causal else mask
-
-    def heads(v):  # (B, T, d) -> (B, H, T, dh)
-        return v.view(-1, T, H, dh).transpose(1, 2)
-
-    def centre(s):  # subtract each query's mean over the keys it sees: softmax ignores that part
-        s = s.masked_fill(~mask, 0)
-        return (s - s.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True)).masked_fill(~mask, 0)
-
-    p = position_table(model)[:T]
-    cov, var, error, largest = torch.zeros(len(TERMS), H, device=W.device), torch.zeros(H, device=W.device), 0.0, 0.0
-    for xb in x.split(1):
-        e = model.transformer.wte(xb)
-        # LN(e + p) = gamma*(e - mean e)/sigma + gamma*(p - mean p)/sigma + beta exactly, sigma = std(e + p)
-        sigma = torch.sqrt((e + p).var(-1, unbiased=False, keepdim=True) + ln.eps)
-        e_n = ln.weight * (e - e.mean(-1, keepdim=True)) / sigma
-        p_n = ln.weight * (p - p.mean(-1, keepdim=True)) / sigma
-        qe, qp, ke, kp = heads(e_n @ W_Q.T), heads(p_n @ W_Q.T), heads(e_n @ W_K.T), heads(p_n @ W_K.T)
-        qb, kb = b_Q.view(H, 1, dh), b_K.view(H, 1, dh)
-        parts = torch.stack([qe @ ke.mT, qp @ kp.mT, qe @ kp.mT, qp @ ke.mT,
-                             qb @ (ke + kp).mT + (qe + qp) @ kb.mT + qb @ kb.mT]) / math.sqrt(dh)
-        q, k, _ = block.attn.c_attn(ln(e + p)).split(d, dim=2)  # the model's own layer-0 scores
-        scores = heads(q) @ heads(k).mT / math.sqrt(dh)
-        error = max(error, (parts.sum(0) - scores).abs().max().item())
-        largest = max(largest, scores.abs().max().item())
-        total = centre(scores)
-        # share_i = Cov(part_i, score) / Var(score): the shares of the five parts add up to 1
-        cov += (centre(parts) * total).sum((1, 3, 4))
-        var += (total ** 2).sum((0, 2, 3))
-    share = (cov / var).T.cpu()
-    return {'terms': TERMS, 'share_by_head': share.tolist(), 'share_mean': share.mean(0).tolist(),
-            'max_abs_error': error, 'max_abs_score': largest, 'tokens': x.numel()}
-
-
-@torch.no_grad()
-def residual_stream(model, x):
-    """The residual stream after the embeddings (entry 0) and after each block, for token ids x
-    (B, T): a list of n_layer + 1 tensors (B, T, d). A masked LM reads x as it is, nothing masked."""
-    residuals = []
-    hooks = [m.register_forward_hook(lambda module, inputs, output: residuals.append(output))
-             for m in [model.transformer.drop, *model.transformer.h]]
-    try:
-        model.trunk(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return residuals
-
-
-@torch.no_grad()
-def logit_lens(model, x, y):
-    """Next-token loss of decoding the residual stream after the embeddings (entry 0) and after each
-    block through the final LayerNorm and the tied head; the last entry is the model's own loss."""
-    losses = torch.zeros(model.config.n_layer + 1)
-    for xb, yb in zip(x.split(1), y.split(1)):
-        for layer, h in enumerate(residual_stream(model, xb)):
-            logits = model.lm_head(model.transformer.ln_f(h))[..., :model.config.vocab_size]
-            losses[layer] += F.cross_entropy(logits.flatten(0, 1), yb.flatten()).item()
-    return (losses / len(x)).tolist()
 
 
 def token_studies(W, counts, probe_ids, enc):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from analyze import compare_argv, load_matrix, logit_lens, qk_decomposition, residual_stream
+from analyze import compare_argv, load_matrix
+from circuits import logit_lens, qk_decomposition, residual_stream
 from conftest import ROOT, run_script
 from geometry import (analogy, anisotropy, contextual_geometry, cosine_matrix, drift_vs_frequency, exp_fit,
                       linear_cka, mean_cos_by_distance, nearest_neighbours, nn_overlap, occurrences_by_type,
