@@ -167,8 +167,9 @@ def train_sgns(tokens, dim, window, negatives, epochs=15, batch_size=1024, lr=0.
     def batch_loss(words, contexts, noise):
         v_word, u_context, u_noise = v(words), u(contexts), u(noise)
         # each lookup's gradient times min(1, MAX_STEPS / k), k = how often its row is looked up in the batch
+        u_rows = torch.cat([contexts, noise.flatten()])
         v_scale = MAX_STEPS / torch.bincount(words, minlength=len(vocab)).clamp(min=MAX_STEPS)
-        u_scale = MAX_STEPS / torch.bincount(torch.cat([contexts, noise.flatten()]), minlength=len(vocab)).clamp(min=MAX_STEPS)
+        u_scale = MAX_STEPS / torch.bincount(u_rows, minlength=len(vocab)).clamp(min=MAX_STEPS)
         for looked_up, scale in ((v_word, v_scale[words]), (u_context, u_scale[contexts]), (u_noise, u_scale[noise])):
             looked_up.register_hook(lambda grad, scale=scale: grad * scale[..., None].float())
         return sgns_loss(v_word, u_context, u_noise)

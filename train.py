@@ -233,7 +233,8 @@ elif init_from == 'resume':
     except (RuntimeError, OSError, KeyError, EOFError, TypeError, ValueError, pickle.UnpicklingError) as e:
         fail(f"cannot load {ckpt_path} ({type(e).__name__}); the file is damaged: delete it or train from scratch")
     missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
-    missing += [f'ranks[0].{key}' for key in RANK_STATE_KEYS if 'ranks' in checkpoint and key not in checkpoint['ranks'][0]]
+    if 'ranks' in checkpoint:
+        missing += [f'ranks[0].{key}' for key in RANK_STATE_KEYS if key not in checkpoint['ranks'][0]]
     if missing:
         fail(f"{ckpt_path} lacks {', '.join(missing)} (an older train.py wrote it, or it is damaged); train from scratch")
     model_args = {**checkpoint['model_args'], 'dropout': dropout}

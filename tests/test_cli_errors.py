@@ -52,7 +52,8 @@ def make_files(tmp):
     good = torch.load(tmp / 'good' / 'ckpt.pt', weights_only=True)
     for name, state in (('no_key', {k: v for k, v in good.items() if k != 'ranks'}),
                         ('wrong_type', {**good, 'model_args': [1, 2]}),
-                        ('old_ranks', {**good, 'ranks': [{k: v for k, v in good['ranks'][0].items() if k != 'targets_drawn'}]}),
+                        ('old_ranks', {**good, 'ranks': [{k: v for k, v in good['ranks'][0].items()
+                                                          if k != 'targets_drawn'}]}),
                         ('mlm', {**good, 'model_args': {**good['model_args'], 'causal': False},
                                  'config': {**good['config'], 'objective': 'mlm'}})):
         (tmp / name).mkdir()

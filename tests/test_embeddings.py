@@ -67,8 +67,14 @@ def test_the_tied_matrix_gets_the_output_gradient_plus_the_input_gradient():
     W = model.transformer.wte.weight
     assert W is model.lm_head.weight
     captured = {}
-    hooks = [module.register_forward_hook(lambda m, i, out, name=name: captured.__setitem__(name, out) or out.retain_grad())
-             for name, module in (('lookup', model.transformer.wte), ('h_final', model.transformer.ln_f))]
+
+    def keep(name):  # a forward hook that keeps a module's output and its gradient
+        def hook(module, inputs, output):
+            output.retain_grad()
+            captured[name] = output
+        return hook
+    hooks = [model.transformer.wte.register_forward_hook(keep('lookup')),
+             model.transformer.ln_f.register_forward_hook(keep('h_final'))]
     logits, loss = model(x, y)
     logits.retain_grad()
     loss.backward()
