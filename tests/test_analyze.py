@@ -402,6 +402,19 @@ def test_compare_a_checkpoint_with_a_rotated_w_e(run, tmp_path):
     assert '# Static vs contextual' in (tmp_path / 'report.md').read_text()
 
 
+def test_compare_skips_the_contextual_study_when_no_token_repeats_in_val(run, tmp_path):
+    root, _ = run
+    os.makedirs(tmp_path / 'data')
+    os.symlink(root / 'data' / 'train.bin', tmp_path / 'data' / 'train.bin')
+    np.arange(1000, 1040, dtype=np.uint16).tofile(tmp_path / 'data' / 'val.bin')  # 40 distinct tokens
+    result = run_script('analyze.py', '--compare', str(root / 'out'), str(root / 'rotated'),
+                        f'--data_dir={tmp_path / "data"}', f'--report_dir={tmp_path / "r"}', timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / 'r' / 'report.json').read_text())
+    assert 'contextual' not in report and 'contextual.png' not in report['figures']
+    assert report['notes'] == ['static vs contextual skipped: no token occurs 5+ times in the val text']
+
+
 @pytest.mark.parametrize('matrix, message', [
     (None, 'no such file'),
     (np.zeros(16, np.float32), 'expected a matrix (rows, d), got shape (16,)'),
