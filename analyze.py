@@ -417,7 +417,7 @@ def training_section(names, settings, models, dirs):
                        [[name, *(('' if r[key] is None else r[key]) for key in list(r))] for name, r in out.items()])]
 
 
-def contextual_section(names, tables, models, counts, val):
+def contextual_section(names, tables, models, counts, val, enc):
     """Static vs contextual over the val text: for each transformer the measures of
     geometry.contextual_geometry after every layer, for each static table the same with every
     occurrence given its row, and the CKA of each layer's per-type means with every table: (json, markdown)."""
@@ -427,7 +427,7 @@ def contextual_section(names, tables, models, counts, val):
     if not len(types):
         notes.append(f'static vs contextual skipped: no token occurs {MIN_COUNT}+ times in the val text')
         return None, []
-    probe_ids = {w: get_tokenizer().encode_ordinary(w)[0] for w in CONTEXT_PROBES}
+    probe_ids = {w: enc.encode_ordinary(w)[0] for w in CONTEXT_PROBES}
     out = {'tokens': len(ids), 'window': T, 'types': len(types), 'min_count': MIN_COUNT,
            'probe_counts': {w: int((ids == i).sum()) for w, i in probe_ids.items()}, 'models': {}}
     for name, W in zip(names, tables):
@@ -579,14 +579,14 @@ if __name__ == '__main__':
     except OSError as e:
         sys.exit(f"error: cannot write to report_dir {report_dir!r} ({e.strerror}); pass a --report_dir you can write to")
     if compare:
-        tables, settings, models = [W for W, *_ in loaded], [c for *_, c, _ in loaded], [m for *_, m in loaded]
+        tables, _, settings, models = zip(*loaded)
         report['compare'], md = compare_section(names, tables, counts, probe_ids, enc)
         report['compare']['data_dir'] = data_dir
         report['training'], section = training_section(names, settings, models, compare)
         md += section
         if any(models):
             contextual, section = contextual_section(
-                names, tables, {name: m for name, m in zip(names, models) if m is not None}, counts, val)
+                names, tables, {name: m for name, m in zip(names, models) if m is not None}, counts, val, enc)
             if contextual:
                 report['contextual'] = contextual
             md += section

@@ -227,9 +227,10 @@ def intra_context_similarity(H, window):
     """Mean over occurrences of cos(h_t, mean of the h in its context window), the occurrences
     coming in consecutive windows of `window` (zero rows left out). The mean includes h_t itself,
     so vectors of pure noise give about 1/sqrt(window), not 0."""
-    H = np.asarray(H, np.float64).reshape(-1, window, H.shape[-1])
-    cos = (unit_rows(H.reshape(-1, H.shape[-1])) * unit_rows(np.repeat(H.mean(1), window, 0))).sum(1)
-    return float(cos[np.linalg.norm(H.reshape(-1, H.shape[-1]), axis=1) > 0].mean())
+    H = np.asarray(H, np.float64)
+    window_means = np.repeat(H.reshape(-1, window, H.shape[-1]).mean(1), window, 0)  # each row's own window
+    cos = (unit_rows(H) * unit_rows(window_means)).sum(1)
+    return float(cos[np.linalg.norm(H, axis=1) > 0].mean())
 
 
 def contextual_geometry(H, ids, types, window, seed=0):
