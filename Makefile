@@ -7,7 +7,7 @@ CONFIG := $(if $(filter cuda,$(DEVICE)),config/gulliver.py,config/gulliver_cpu.p
 OUT := $(if $(filter cuda,$(DEVICE)),out-gulliver,out-gulliver-cpu)
 PROMPT := "I was going to"
 
-.PHONY: install test data demo
+.PHONY: install test data demo gpu-check
 
 install:
 	@$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
@@ -29,3 +29,8 @@ demo: install data
 	@echo "== analysing the embeddings"
 	$(PYTHON) analyze.py --out_dir=$(OUT) --report_dir=$(OUT)/report
 	@echo "== done: report $(OUT)/report/report.md, figures $(OUT)/report/*.png, checkpoint $(OUT)/ckpt.pt, loss curve $(OUT)/loss.png"
+
+# the GPU path, about 5 minutes on one H100: installs nothing (a GPU machine may have no network),
+# needs data/gulliver prepared; writes gpu_check.md
+gpu-check:
+	$(PYTHON) gpu_check.py

@@ -3,7 +3,7 @@ What a trained GPT-2 put in its embeddings: the geometry of the position table W
 token table W_E, how layer-0 attention uses them, how they formed during training and how
 stable they are across seeds. Writes report.md (tables, figures inline), report.json and PNGs.
 
-    $ python analyze.py --out_dir=out-gulliver              # a checkpoint written by train.py
+    $ python analyze.py --out_dir=out-gulliver              # a run of train.py: its best.pt, else ckpt.pt
     $ python analyze.py --init_from=gpt2                    # the pretrained GPT-2 weights
     $ python analyze.py --wpe_file=W_pos.npy                # any position table (T, d), T >= 8
     $ python analyze.py --out_dir=out-gulliver --compare_out_dir=out-gulliver-seed2
@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from atomic import write_atomic
 from circuits import TERMS, logit_lens, position_table, qk_decomposition, residual_stream
-from configurator import configure, resolve_device
+from configurator import check, configure, one_of, resolve_device
 from download import DownloadError
 from geometry import (analogy, anisotropy, contextual_geometry, cosine_matrix, drift_vs_frequency, linear_cka,
                       mean_cos_by_distance, nearest_neighbours, norm_vs_frequency, pca, positional_geometry, similarity,
@@ -38,8 +38,9 @@ from runlog import read_events
 from tokenizer import VOCAB_SIZE, get_tokenizer
 
 # -----------------------------------------------------------------------------
-init_from = 'resume'      # 'resume' (out_dir/ckpt.pt), 'gpt2'..'gpt2-xl', or a Hugging Face directory
-out_dir = 'out-gulliver'  # with init_from='resume': ckpt.pt, log.jsonl and snapshots/
+init_from = 'resume'      # 'resume' (the run in out_dir), 'gpt2'..'gpt2-xl', or a Hugging Face directory
+out_dir = 'out-gulliver'  # with init_from='resume': best.pt or ckpt.pt, log.jsonl and snapshots/
+checkpoint = 'best'       # 'best': a run's best.pt where train.py kept one, else its ckpt.pt; 'last': ckpt.pt
 wpe_file = ''             # a .npy position table (T, d) to analyse instead of a model
 wte_file = ''             # a .npy token table (50257, d) to analyse instead of a model
 data_dir = ''             # train.bin and val.bin; '': the checkpoint's data_dir, else data/gulliver
@@ -111,10 +112,10 @@ def load_matrix(path, name, min_rows=1, rows=None):
 def load_eval_model(init_from, out_dir, device):
     """(model in eval mode, train.py's settings or {}), or exit with one line."""
     try:
-        model, checkpoint = load_model(init_from, out_dir, device)
+        model, saved = load_model(init_from, out_dir, device, checkpoint)
     except (DownloadError, ValueError) as e:
         sys.exit(f"error: {e}")
-    return model.eval(), checkpoint.get('config', {})
+    return model.eval(), saved.get('config', {})
 
 
 def load_tables(path, name):
@@ -530,6 +531,7 @@ def plain(o):
 
 if __name__ == '__main__':
     configure(globals(), compare_argv(sys.argv[1:]))
+    check(globals(), {'checkpoint': one_of('best', 'last')})
     t0, enc, figures, report, notes = time.time(), get_tokenizer(), [], {}, []
     device = resolve_device(device)
     probe_words = PROBE_WORDS + [' ' + w.strip() for w in probes.split(',') if w.strip()]

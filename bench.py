@@ -5,9 +5,10 @@ appended to out_file as a JSON line.
     $ python bench.py                      # CPU: fp32 and bf16, the GPT-2 small shape and the CPU config
     $ python bench.py --device=cuda        # GPU: bf16, compiled, fused AdamW, block_size 1024
 
-Rows: the matmul peak and memory bandwidth; the dtype train.py's 'auto' picks on this CPU; a
-training step (forward + backward + optimizer) in tokens/s and MFU for the GPT-2 small shape
-and for the shape of cpu_config, eager against compiled and fp32 against bf16; get_batch
+Rows: the matmul peak (and the size n that reached it) and memory bandwidth; the dtype
+train.py's 'auto' picks on this CPU; a training step (forward + backward + optimizer) in
+tokens/s and MFU for the GPT-2 small shape and for the shape of cpu_config, eager against
+compiled and fp32 against bf16, and on CUDA GPT-2 small at larger micro-batches; get_batch
 against a loader that reopens the file every batch; generation with and without the KV cache
 beside the memory-bandwidth limit. Every row takes its sizes from the settings below (the small
 model's from cpu_config). Where this CPU emulates bf16 (its bf16 matmul peak is below fp32's),
@@ -32,6 +33,7 @@ from model import GPT, GPTConfig
 device = 'auto'
 n_layer, n_head, n_embd = 12, 12, 768     # the "GPT-2 small" rows
 batch_size = 0            # 0: 4 on CPU, 16 on CUDA
+large_batches = [24, 32, 48, 64]          # CUDA: GPT-2 small, compiled bf16, at these micro-batches up to the first that does not fit
 block_size = 0            # 0: 256 on CPU, 1024 on CUDA
 cpu_config = 'config/gulliver_cpu.py'     # the small-model rows train with this config's shape and dtype
 data_dir = 'data/gulliver'                # for the get_batch rows (random tokens if absent)
@@ -44,6 +46,7 @@ out_file = 'bench.jsonl'
 configure(globals())
 device = resolve_device(device)
 cuda = device.startswith('cuda')
+torch.backends.cuda.matmul.allow_tf32 = True  # as train.py: fp32 matmuls on a GPU run in TF32
 batch_size = batch_size or (16 if cuda else 4)
 block_size = block_size or (1024 if cuda else 256)
 if not os.path.exists(cpu_config):
@@ -98,10 +101,12 @@ def train_step_speed(config, dtype, compiled, B, T):
     return B * T / seconds, seconds, model
 
 
-peak = {dt: measure_matmul_flops(device, getattr(torch, dt)) for dt in ('float32', 'bfloat16')}
+peak, peak_n = {}, {}
+for dt in ('float32', 'bfloat16'):
+    peak[dt], peak_n[dt] = measure_matmul_flops(device, getattr(torch, dt))
 bandwidth = measure_bandwidth()
-row('peak matmul fp32', tflops=peak['float32'] / 1e12)
-row('peak matmul bf16', tflops=peak['bfloat16'] / 1e12, vs_fp32=peak['bfloat16'] / peak['float32'])
+row('peak matmul fp32' + (' (TF32)' if cuda else ''), tflops=peak['float32'] / 1e12, n=peak_n['float32'])
+row('peak matmul bf16', tflops=peak['bfloat16'] / 1e12, n=peak_n['bfloat16'], vs_fp32=peak['bfloat16'] / peak['float32'])
 row('memory bandwidth (copy)', gb_per_s=bandwidth / 1e9)
 dtypes = ['float32', 'bfloat16'] if peak['bfloat16'] > peak['float32'] else ['float32']
 
@@ -132,6 +137,20 @@ for shape_name, config, B, T in shapes:
         extra = {'vs_baseline': speed / base_speed} if shape_name == 'CPU config' and not cuda else {}
         row(f"{shape_name}: {mode} {dtype}, B={B} T={T}", tokens_per_s=speed, ms_per_step=seconds * 1000,
             mfu=mfu, **extra)
+if cuda and compile:  # larger micro-batches fill the GPU better, until memory runs out
+    gpt2_config = shapes[0][1]
+    for B in large_batches:
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            speed, seconds, model = train_step_speed(gpt2_config, 'bfloat16', True, B, block_size)
+        except torch.cuda.OutOfMemoryError:
+            model = None
+            torch.cuda.empty_cache()
+            row(f"GPT-2 small: compiled bfloat16, B={B} T={block_size}", fits=False)
+            break
+        row(f"GPT-2 small: compiled bfloat16, B={B} T={block_size}", tokens_per_s=speed, ms_per_step=seconds * 1000,
+            mfu=model.estimate_mfu(speed, peak['bfloat16'], block_size),
+            peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9)
 
 # --- data: get_batch on the memmap opened once, against reopening the file for every batch
 data_file = os.path.join(data_dir, 'train.bin')

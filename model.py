@@ -16,7 +16,6 @@ compared with: a fixed sinusoidal table, rotary embeddings (RoPE) and ALiBi, or 
 import json
 import math
 import os
-import pickle
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +23,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from atomic import write_atomic
+from checkpoint import checkpoint_to_read, read_checkpoint
 from download import download
 
 HF_HUB_URL = 'https://huggingface.co'
@@ -183,6 +183,14 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 n_layer)
             if name.endswith('c_proj.weight'):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.padded_vocab_size > config.vocab_size:
+            # the padding columns of the head get a constant bias of -inf: their logits are -inf
+            # whatever the weights, and exp(-inf) = 0 adds nothing to a softmax over the padded
+            # width. A buffer, not a parameter: no gradient, and not in the state dict.
+            del self.lm_head.bias
+            pad_bias = torch.zeros(config.padded_vocab_size)
+            pad_bias[config.vocab_size:] = float('-inf')
+            self.lm_head.register_buffer('bias', pad_bias, persistent=False)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -243,12 +251,16 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
-        """Return (logits (B, T, vocab_size), mean cross-entropy over targets != -1, or None)."""
-        logits = self.lm_head(self.trunk(idx))[..., :self.config.vocab_size]
+        """Return (logits (B, T, vocab_size), mean cross-entropy over targets != -1, or None).
+        The loss is taken over the head's padded width, whose padding columns are -inf (see
+        __init__), so it equals the loss over the vocabulary while the logits stay one contiguous
+        tensor: a slice of the real columns would be copied by the softmax and its gradient. The
+        logits returned are a view of the real columns."""
+        logits = self.lm_head(self.trunk(idx))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits[..., :self.config.vocab_size], loss
 
     @torch.no_grad()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True, generator=None):
@@ -371,6 +383,33 @@ class GPT(nn.Module):
                       os.path.join(folder, 'config.json'): json.dumps(hf_config, indent=2).encode()})
 
 
+def step_unless(optimizers, skip):
+    """Step every optimizer, except where skip (a 0-d float32 tensor on the parameters' device,
+    1.0 or 0.0) is 1: then the parameters and the optimizer state stay exactly as they were.
+    Decided on the device: skip is never read on the host, so the CPU does not wait here for
+    the backward pass to finish. Fused AdamW takes skip as its found_inf flag and leaves
+    everything untouched (its step count included); another optimizer (Muon) has no such
+    flag, so its parameters and state tensors are copied before the step and put back with
+    torch.where (a momentum buffer that the step created is put back as zeros, how Muon starts it)."""
+    for opt in optimizers:
+        if opt.defaults.get('fused'):
+            opt.grad_scale, opt.found_inf = None, skip
+            opt.step()
+            del opt.grad_scale, opt.found_inf
+            continue
+        params = [p for group in opt.param_groups for p in group['params'] if p.grad is not None]
+        before = {p: [p.detach().clone()] + [v.clone() for v in opt.state[p].values() if torch.is_tensor(v)]
+                  for p in params}
+        opt.step()
+        keep = skip.bool()
+        for p, (old_param, *old_state) in before.items():
+            p.detach().copy_(torch.where(keep, old_param, p.detach()))
+            new_state = [v for v in opt.state[p].values() if torch.is_tensor(v)]
+            old_state = old_state or [torch.zeros_like(v) for v in new_state]
+            for old, new in zip(old_state, new_state):
+                new.copy_(torch.where(keep, old, new))
+
+
 def read_config_json(path):
     with open(path, encoding='utf-8') as f:
         hf = json.load(f)
@@ -404,33 +443,33 @@ def read_hf_file(path, cached):
         raise ValueError(f"{path} is damaged ({e}); {advice}") from None
 
 
-def load_model(init_from, out_dir, device='cpu'):
-    """(model, checkpoint dict or {}) for sample.py and analyze.py: init_from is 'resume'
-    (out_dir/ckpt.pt), 'scratch' (untrained, with the checkpoint's shape if there is one,
-    else GPT-2 small), a GPT-2 name or a Hugging Face directory. Raises ValueError (one line)."""
-    path = os.path.join(out_dir, 'ckpt.pt')
+def load_model(init_from, out_dir, device='cpu', which='best'):
+    """(model, checkpoint dict or {}) for sample.py and analyze.py: init_from is 'resume' (the
+    run in out_dir: its best.pt where train.py kept one and which is 'best', else its ckpt.pt),
+    'scratch' (untrained, with the checkpoint's shape if there is one, else GPT-2 small), a GPT-2
+    name or a Hugging Face directory. Raises ValueError (one line)."""
+    path = checkpoint_to_read(out_dir, which)
     if init_from in PRETRAINED or (init_from not in ('resume', 'scratch') and os.path.isdir(init_from)):
         return GPT.from_pretrained(init_from).to(device), {}
     if init_from not in ('resume', 'scratch'):
         raise ValueError(f"unknown model {init_from!r}; use resume, scratch, {', '.join(PRETRAINED)} or a directory")
     if init_from == 'resume' and not os.path.exists(path):
         raise ValueError(f"no checkpoint at {path}; run python train.py first, or pass --out_dir or --init_from=gpt2")
-    try:
-        if init_from == 'resume':
-            return load_checkpoint(path, device)
-        model_args = torch.load(path, map_location='cpu', weights_only=True)['model_args'] if os.path.exists(path) else {}
-        return GPT(GPTConfig(**model_args)).to(device), {}
-    except (RuntimeError, OSError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
-        raise ValueError(f"cannot load {path} ({type(e).__name__}); the file is damaged: train again or pass another --out_dir")
+    if init_from == 'resume':
+        return load_checkpoint(path, device)
+    model_args = read_checkpoint(path)['model_args'] if os.path.exists(path) else {}
+    return GPT(GPTConfig(**model_args)).to(device), {}
 
 
 def load_checkpoint(path, device='cpu', **overrides):
-    """Return (model, checkpoint) from a ckpt.pt written by train.py, the model built from the
-    checkpoint's 'model_args' with any GPTConfig field in overrides (train.py passes dropout).
-    The checkpoint dict holds 'model' (state dict), 'model_args', 'config' (train.py's
-    settings), 'iter_num', 'best_val_loss', and for resuming 'optimizers', 'scaler', 'elapsed',
-    'ranks' (each process's RNG and sampler state), 'coverage' and 'data' (the bins' sha256)."""
-    checkpoint = torch.load(path, map_location=device, weights_only=True)
-    model = GPT(GPTConfig(**{**checkpoint['model_args'], **overrides}))
-    model.load_state_dict(checkpoint['model'])
+    """Return (model, checkpoint) from a ckpt.pt or best.pt written by train.py (checkpoint.py
+    lists what each holds), the model built from the checkpoint's 'model_args' with any GPTConfig
+    field in overrides (train.py passes dropout). ValueError (one line) for a damaged file."""
+    checkpoint = read_checkpoint(path, device)
+    try:
+        model = GPT(GPTConfig(**{**checkpoint['model_args'], **overrides}))
+        model.load_state_dict(checkpoint['model'])
+    except (TypeError, KeyError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0]
+        raise ValueError(f"{path} holds no model that its model_args describe ({reason}); train again") from None
     return model.to(device), checkpoint

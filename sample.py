@@ -5,7 +5,11 @@ Generate text from a trained checkpoint, from GPT-2 weights, or from an untraine
     $ python sample.py --init_from=scratch --max_new_tokens=30             # what an untrained model says
     $ python sample.py --init_from=gpt2 --start=FILE:prompt.txt --top_p=0.9
 
-Tokens stream to stdout as they are generated; the speed goes to stderr at the end.
+With init_from='resume' the model is the run's best.pt (the evaluation with the lowest val
+loss) where train.py kept one, else its ckpt.pt; --checkpoint=last reads ckpt.pt. Tokens stream
+to stdout as they are generated. The speed goes to stderr at the end, in two parts: the time to
+the first token (the prompt's forward pass, prefill, which also pays for a cold start: a fresh
+CUDA context, a first kernel launch) and the steady rate of the tokens after it.
 """
 import codecs
 import os
@@ -15,14 +19,16 @@ from contextlib import nullcontext
 
 import torch
 
-from configurator import configure, resolve_device, resolve_dtype
+from checkpoint import checkpoint_to_read
+from configurator import check, configure, one_of, resolve_device, resolve_dtype
 from download import DownloadError
 from model import load_model
 from tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
-init_from = 'resume'   # 'resume' (out_dir/ckpt.pt), 'scratch' (untrained), 'gpt2'..'gpt2-xl', or a HF directory
+init_from = 'resume'   # 'resume' (the run in out_dir), 'scratch' (untrained), 'gpt2'..'gpt2-xl', or a HF directory
 out_dir = 'out-gulliver'
+checkpoint = 'best'    # 'best': out_dir/best.pt where train.py kept one, else ckpt.pt; 'last': ckpt.pt
 start = '\n'           # the prompt, or FILE:path to read it from a file
 num_samples = 1
 max_new_tokens = 200
@@ -36,6 +42,7 @@ dtype = 'auto'         # 'auto', 'float32', 'bfloat16', 'float16'
 compile = False
 # -----------------------------------------------------------------------------
 configure(globals())
+check(globals(), {'checkpoint': one_of('best', 'last')})
 if temperature < 0:
     sys.exit(f"error: temperature must be >= 0 (0 is greedy), not {temperature}")
 if not 0 < top_p <= 1:
@@ -49,12 +56,14 @@ dtype = resolve_dtype(dtype, device)
 torch.manual_seed(seed)
 
 try:
-    model, _ = load_model(init_from, out_dir, device)
+    model, saved = load_model(init_from, out_dir, device, checkpoint)
 except (DownloadError, ValueError) as e:
     sys.exit(f"error: {e}")
+path = checkpoint_to_read(out_dir, checkpoint)
+source = f"{path}, iteration {saved['iter_num']}: " if init_from == 'resume' else ''
 if not model.config.causal:
-    sys.exit(f"error: {out_dir}/ckpt.pt is a masked LM (objective='mlm'): it fills in masked tokens and cannot "
-             f"generate text left to right; sample from a GPT checkpoint")
+    sys.exit(f"error: {path} is a masked LM (objective='mlm'): it fills in masked tokens and cannot generate text "
+             f"left to right; sample from a GPT checkpoint")
 
 model.eval().to(device)
 if compile:
@@ -78,16 +87,19 @@ if len(start_ids) > block_size:
 x = torch.tensor([start_ids], dtype=torch.long, device=device)
 
 generator = torch.Generator(device=device).manual_seed(seed)
-tokens_made, t0 = 0, time.time()
+tokens_made, first_token_seconds, t0 = 0, 0.0, time.time()
 try:
     with ctx:
         for k in range(num_samples):
             utf8 = codecs.getincrementaldecoder('utf-8')(errors='replace')  # a character may span two tokens
             sys.stdout.write(start)
-            for token in model.stream(x, max_new_tokens, temperature, top_k, top_p if top_p < 1 else None,
-                                      kv_cache, generator):
-                sys.stdout.write(utf8.decode(enc.decode_single_token_bytes(token.item())))
+            t_sample = time.time()
+            for i, token in enumerate(model.stream(x, max_new_tokens, temperature, top_k, top_p if top_p < 1 else None,
+                                                   kv_cache, generator)):
+                sys.stdout.write(utf8.decode(enc.decode_single_token_bytes(token.item())))  # item() waits for the token
                 sys.stdout.flush()
+                if i == 0:
+                    first_token_seconds += time.time() - t_sample
                 tokens_made += 1
             sys.stdout.write(utf8.decode(b'', final=True) + '\n' + ('---------------\n' if k < num_samples - 1 else ''))
 except BrokenPipeError:  # the reader has gone (python sample.py | head): stop quietly, as other tools do
@@ -96,4 +108,7 @@ except BrokenPipeError:  # the reader has gone (python sample.py | head): stop q
 except KeyboardInterrupt:
     sys.exit("\ninterrupted")
 elapsed = time.time() - t0
-print(f"{tokens_made} tokens in {elapsed:.2f} s: {tokens_made / elapsed:.1f} tokens/s", file=sys.stderr)
+steady = tokens_made - num_samples  # the tokens after each sample's first
+print(f"{source}{tokens_made} tokens in {elapsed:.2f} s: prefill of {len(start_ids)} prompt tokens and the first token "
+      f"{first_token_seconds / num_samples * 1000:.1f} ms"
+      + (f", then {steady / (elapsed - first_token_seconds):.1f} tokens/s" if steady else ""), file=sys.stderr)

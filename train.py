@@ -25,7 +25,6 @@ Losses are in nats per token; val_bpb is the val loss in bits per byte (data.bit
 """
 import math
 import os
-import pickle
 import random
 import signal
 import sys
@@ -39,13 +38,14 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from atomic import write_atomic
+from checkpoint import write_checkpoint
 from configurator import (at_least, below, check, check_model, check_resume, configure, one_of, resolve_device,
                           resolve_dtype)
 from data import (bits_per_byte, epoch_offsets, mask_tokens, open_data, random_offsets, split_batch, target_positions,
                   windows)
 from download import DownloadError
 from machine import choose_cpu_dtype, keep_freed_memory, measure_matmul_flops
-from model import GPT, GPTConfig, POS_EMBS, PRETRAINED, load_checkpoint
+from model import GPT, GPTConfig, POS_EMBS, PRETRAINED, load_checkpoint, step_unless
 from runlog import plot_losses, start_log, write_event
 from schedule import learning_rate_at, training_progress
 from tokenizer import get_tokenizer
@@ -86,7 +86,7 @@ weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0         # 0: no clipping
-max_skipped_steps = 10  # stop after this many steps in a row with a non-finite loss or gradient
+max_skipped_steps = 10  # stop after this many steps in a row with a non-finite loss or gradient (read at each log)
 # learning-rate schedule: linear warm-up (iterations), then cosine decay to min_lr at the end of the run
 decay_lr = True
 warmup_iters = 100
@@ -97,6 +97,7 @@ device = 'auto'         # 'auto', 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'auto'          # 'auto' (CUDA: bf16, fp16 without it; CPU: the faster, measured), 'float32', 'bfloat16', 'float16'
 compile = None          # None: on for CUDA, off for the CPU
 peak_flops = 0.0        # FLOP/s that MFU is measured against; 0: measure this machine's matmul peak
+sync_debug = False      # CUDA: a host read of a device tensor in a training step (after the first) is an error
 seed = 1337
 # -----------------------------------------------------------------------------
 chosen = configure(globals())  # the settings a config file or the command line set
@@ -145,6 +146,9 @@ if ddp:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)
     init_process_group(backend=backend if device.startswith('cuda') else 'gloo')
+    # the clock and the stop flag are agreed on every step over gloo, on the CPU: an all-reduce
+    # of a GPU tensor would make the host wait for the GPU at every step
+    host_group = torch.distributed.new_group(backend='gloo') if device.startswith('cuda') else None
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 dtype = dtype if dtype == 'auto' and device_type == 'cpu' else resolve_dtype(dtype, device)  # CPU 'auto': probed below
 compile = device_type == 'cuda' if compile is None else compile
@@ -221,7 +225,7 @@ if init_from != 'resume' and not eval_only and os.path.exists(ckpt_path) and not
 CHECKPOINT_KEYS = ('model', 'model_args', 'config', 'optimizers', 'scaler', 'iter_num', 'best_val_loss', 'elapsed',
                    'ranks', 'coverage', 'data')
 RANK_STATE_KEYS = ('python', 'torch', 'cuda', 'sampler', 'epoch_rng', 'epoch_order', 'epoch_pos', 'targets_drawn')
-iter_num, best_val_loss, checkpoint = 0, 1e9, None
+iter_num, best_iter, best_val_loss, checkpoint = 0, None, 1e9, None
 elapsed_before = 0.0  # seconds of training loop spent by the run this one resumes
 if init_from == 'scratch':
     model = GPT(GPTConfig(**model_args))
@@ -230,8 +234,8 @@ elif init_from == 'resume':
         fail(f"no checkpoint at {ckpt_path} to resume from; train with --init_from=scratch first")
     try:
         model, checkpoint = load_checkpoint(ckpt_path, dropout=dropout)
-    except (RuntimeError, OSError, KeyError, EOFError, TypeError, ValueError, pickle.UnpicklingError) as e:
-        fail(f"cannot load {ckpt_path} ({type(e).__name__}); the file is damaged: delete it or train from scratch")
+    except ValueError as e:
+        fail(str(e))
     missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
     if 'ranks' in checkpoint:
         missing += [f'ranks[0].{key}' for key in RANK_STATE_KEYS if key not in checkpoint['ranks'][0]]
@@ -240,6 +244,7 @@ elif init_from == 'resume':
     model_args = {**checkpoint['model_args'], 'dropout': dropout}
     check_resume(globals(), checkpoint, ckpt_path, world_size, data_fingerprint)
     iter_num, best_val_loss, elapsed_before = checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint['elapsed']
+    best_iter = checkpoint.get('best_iter')  # None in a checkpoint written before best.pt was kept
 else:
     try:
         model = GPT.from_pretrained(init_from, dropout=dropout, pad_vocab_to=pad_vocab_to)
@@ -295,7 +300,7 @@ eval_model = model  # rank 0 evaluates alone: never through the DDP wrapper, who
 if ddp:
     model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
 if not peak_flops:
-    peak_flops = measure_matmul_flops(device, torch.float32 if dtype == 'float32' else getattr(torch, dtype))
+    peak_flops, _ = measure_matmul_flops(device, torch.float32 if dtype == 'float32' else getattr(torch, dtype))
 
 
 @torch.no_grad()
@@ -373,19 +378,21 @@ def log_first_windows(offsets):
     log_event('ddp', iter=iter_num, world_size=world_size, first_offsets=[g.tolist() for g in gathered])
 
 
-def save_checkpoint(rank_states):
+def save_checkpoint(rank_states, best=False):
+    """ckpt.pt, and best.pt too when this evaluation is the best so far (checkpoint.py)."""
     state = {
         'model': raw_model.state_dict(), 'model_args': model_args, 'config': config,
         'optimizers': [opt.state_dict() for opt in optimizers], 'scaler': scaler.state_dict(),
-        'iter_num': iter_num, 'best_val_loss': best_val_loss,
+        'iter_num': iter_num, 'best_iter': best_iter, 'best_val_loss': best_val_loss,
         'elapsed': elapsed_before + time.time() - t_start,
         'ranks': rank_states, 'coverage': {'covered': torch.from_numpy(covered)},
         'data': data_fingerprint,
     }
     try:
-        write_atomic({ckpt_path: lambda tmp: torch.save(state, tmp)})
+        write_checkpoint(out_dir, state, best)
     except OSError as e:  # a full disk, say: the temporary file is gone, the previous checkpoint untouched
         fail(f"cannot write {ckpt_path} ({e.strerror or e}); the previous checkpoint is intact: make room and resume")
+    print(f"saved {ckpt_path}" + (f" and {out_dir}/best.pt" if best else ""))
 
 
 stop_signal = None  # the name of the signal that asked this process to stop
@@ -417,14 +424,16 @@ if master and iter_num == 0 and objective == 'clm' and sample_tokens:
     print(f"sample at iteration 0: {text!r}")
     log_event('sample', iter=0, text=text)
 
-start_iter, t_start, skipped_in_a_row = iter_num, time.time(), 0
+start_iter, t_start = iter_num, time.time()
 t0 = t_start
+# skipped updates, counted on the device and read on the host only at log iterations
+skipped_in_a_row, longest_skipped_run, skipped_since_log = (torch.zeros((), device=device) for _ in range(3))
 while True:
     elapsed = elapsed_before + time.time() - t_start
     stop = stop_signal is not None
     if ddp:  # one all-reduce (max) a step: rank 0's clock (the others send 0) and whether any rank was signalled
-        shared = torch.tensor([elapsed if master else 0.0, stop], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(shared, op=torch.distributed.ReduceOp.MAX)
+        shared = torch.tensor([elapsed if master else 0.0, stop], dtype=torch.float64)
+        torch.distributed.all_reduce(shared, op=torch.distributed.ReduceOp.MAX, group=host_group)
         elapsed, stop = shared[0].item(), shared[1].item() > 0
     progress = training_progress(iter_num, max_iters, elapsed, max_seconds)
     lr = learning_rate_at(iter_num, progress, learning_rate, min_lr, warmup_iters) if decay_lr else learning_rate
@@ -440,7 +449,6 @@ while True:
               f"({stop_signal or 'another process was signalled'})", flush=True)
         if master and iter_num > start_iter:  # before anything else: torchrun kills 30 s after a signal
             save_checkpoint(rank_states)
-            print(f"saved {ckpt_path}")
     if master and snapshot_interval and (iter_num % snapshot_interval == 0 or last):
         save_snapshot()
     if master and (iter_num % eval_interval == 0 or last):
@@ -454,15 +462,21 @@ while True:
               + f", coverage {coverage:.1%} (random offsets: {predicted:.1%}), {elapsed:.0f} s")
         log_event('eval', iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], val_bpb=val_bpb,
                   elapsed=elapsed, lr=lr, coverage=float(coverage), coverage_predicted=predicted)
-        improved = losses['val'] < best_val_loss
-        best_val_loss = min(best_val_loss, losses['val'])
-        if iter_num > start_iter and not stop and math.isfinite(losses['val']) and (improved or always_save_checkpoint):
-            save_checkpoint(rank_states)
-            print(f"saved {ckpt_path}")
+        # best.pt: the lowest val loss of the evaluations that are saved (not the one a run starts from)
+        if iter_num > start_iter and not stop and math.isfinite(losses['val']):
+            improved = losses['val'] < best_val_loss
+            if improved:
+                best_iter, best_val_loss = iter_num, losses['val']
+            if improved or always_save_checkpoint:
+                save_checkpoint(rank_states, best=improved)
     if last:
         break
 
-    # one optimizer step: micro_steps forward/backward passes on each rank, then clip and update
+    # one optimizer step: micro_steps forward/backward passes on each rank, then clip and update.
+    # Nothing here reads a device tensor on the host, so the CPU queues the next step while the
+    # GPU still runs this one (sync_debug makes such a read an error on CUDA).
+    if sync_debug and device_type == 'cuda' and iter_num > start_iter:  # the first step compiles
+        torch.cuda.set_sync_debug_mode('error')
     for micro_step in range(micro_steps):
         offsets, X, Y = train_batch()
         if ddp and iter_num == start_iter and micro_step == 0:
@@ -475,22 +489,29 @@ while True:
     for opt in optimizers:
         scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip else float('inf'))
-    if torch.isfinite(grad_norm) or scaler.is_enabled():  # the scaler skips non-finite steps itself
-        for opt in optimizers:
-            scaler.step(opt)
-        skipped_in_a_row = 0
-    else:
-        skipped_in_a_row += 1
-        print(f"iter {iter_num}: non-finite loss or gradient; update skipped")
-        log_event('skipped', iter=iter_num, loss=loss.item() * micro_steps)
-        if skipped_in_a_row >= max_skipped_steps:  # every rank sees the same all-reduced gradient norm
-            fail(f"the loss or gradient was not finite for {skipped_in_a_row} steps in a row: the run diverged. "
-                 f"{ckpt_path} keeps the last good state; lower --learning_rate")
+    # a non-finite loss or gradient (fp16's scaler overflowing included) skips the update, on the device
+    skip = (~torch.isfinite(grad_norm)).float()
+    step_unless(optimizers, skip)
     scaler.update()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
+    skipped_in_a_row = (skipped_in_a_row + 1) * skip
+    longest_skipped_run = torch.maximum(longest_skipped_run, skipped_in_a_row)
+    skipped_since_log += skip
+    if sync_debug and device_type == 'cuda':
+        torch.cuda.set_sync_debug_mode('default')
 
     iter_num += 1
+    if iter_num % log_interval == 0:  # every rank reads the same counts: the gradient norm is all-reduced
+        skipped, longest = int(skipped_since_log.item()), int(longest_skipped_run.item())
+        if skipped:
+            print(f"iter {iter_num}: {skipped} of the last {log_interval} updates skipped (non-finite loss or gradient)")
+            log_event('skipped', iter=iter_num, steps=skipped, in_a_row=longest, loss=loss.item() * micro_steps)
+        if longest >= max_skipped_steps:
+            fail(f"the loss or gradient was not finite for {longest} steps in a row: the run diverged. "
+                 f"{ckpt_path} keeps the last good state; lower --learning_rate")
+        skipped_since_log.zero_()
+        longest_skipped_run.zero_()
     if master and iter_num % log_interval == 0:
         dt = (time.time() - t0) / log_interval
         t0 = time.time()
@@ -512,11 +533,13 @@ if master:
         print(f"sample at iteration {iter_num}: {text!r}")
         log_event('sample', iter=iter_num, text=text)
     elapsed = elapsed_before + time.time() - t_start
-    log_event('end', iter=iter_num, best_val_loss=best_val_loss, elapsed=elapsed)
+    log_event('end', iter=iter_num, best_iter=best_iter, best_val_loss=best_val_loss, elapsed=elapsed)
     log_file.close()
     plot_losses(out_dir)
-    print(f"done in {elapsed:.0f} s of training; best val loss {best_val_loss:.4f}; "
-          f"checkpoint {ckpt_path}, log {out_dir}/log.jsonl, plot {out_dir}/loss.png")
+    best = (f"best val loss {best_val_loss:.4f} at iteration {best_iter} in {out_dir}/best.pt"
+            if best_iter is not None else "no evaluation saved")
+    print(f"done in {elapsed:.0f} s of training; {best}; latest checkpoint {ckpt_path} (iteration {iter_num}), "
+          f"log {out_dir}/log.jsonl, plot {out_dir}/loss.png")
 if ddp:  # tear down together, then leave at once: everything is written, and gloo's transport
     # threads, left to the interpreter's own exit, sometimes abort it ("terminate called ...")
     torch.distributed.barrier()

@@ -100,7 +100,7 @@ def book_path():
 def book_data(book_path, tmp_path_factory):
     """data_dir with train.bin/val.bin/meta.json prepared from the local book (tail split)."""
     data_dir = tmp_path_factory.mktemp('gulliver')
-    result = run_script('prepare.py', f'--source={book_path}', f'--data_dir={data_dir}')
+    result = run_in_process('prepare.py', f'--source={book_path}', f'--data_dir={data_dir}')
     assert result.returncode == 0, result.stderr
     return str(data_dir)
 
@@ -133,3 +133,11 @@ def send(request, status, body, content_type='text/plain; charset=utf-8', length
     request.send_header('Content-Length', str(len(body) if length is None else length))
     request.end_headers()
     request.wfile.write(body)
+
+
+def pytest_collection_modifyitems(items):
+    """The longest tests first (the README's commands, the GPU check, the training runs): pytest -n
+    hands each worker half of the list and a worker that runs out takes tests from the other's
+    queue, so the short tests at the end even out the workers' loads."""
+    first = ('test_readme.py', 'test_gpu_check.py', 'test_train.py')
+    items.sort(key=lambda item: first.index(item.path.name) if item.path.name in first else len(first))

@@ -8,7 +8,7 @@ import torch
 
 from analyze import compare_argv, load_matrix
 from circuits import logit_lens, qk_decomposition, residual_stream
-from conftest import ROOT, run_script
+from conftest import ROOT, run_in_process
 from geometry import (analogy, anisotropy, contextual_geometry, cosine_matrix, drift_vs_frequency, exp_fit,
                       linear_cka, mean_cos_by_distance, nearest_neighbours, nn_overlap, occurrences_by_type,
                       positional_geometry, procrustes_cos, rankdata, rsa, similarity, spearman, type_means, unit_rows)
@@ -308,8 +308,8 @@ def run(tmp_path_factory):
 def test_analyze_checkpoint_end_to_end(run):
     root, model = run
     report_dir = root / 'report'
-    result = run_script('analyze.py', f'--out_dir={root / "out"}', f'--report_dir={report_dir}',
-                        f'--compare_out_dir={root / "seed2"}', '--probes=Lilliput,hat', '--device=cpu', timeout=120)
+    result = run_in_process('analyze.py', f'--out_dir={root / "out"}', f'--report_dir={report_dir}',
+                        f'--compare_out_dir={root / "seed2"}', '--probes=Lilliput,hat', '--device=cpu')
     assert result.returncode == 0, result.stderr
     report = json.loads((report_dir / 'report.json').read_text())
     assert {'source', 'loss', 'positional', 'attention_layer0', 'tokens', 'logit_lens', 'dynamics', 'stability',
@@ -352,7 +352,7 @@ def test_analyze_checkpoint_end_to_end(run):
 
 def test_wpe_file_alone(tmp_path):
     np.save(tmp_path / 'W_pos.npy', helix(40, [0.05, 0.4]).astype(np.float16))
-    result = run_script('analyze.py', f'--wpe_file={tmp_path / "W_pos.npy"}', f'--report_dir={tmp_path / "r"}', timeout=120)
+    result = run_in_process('analyze.py', f'--wpe_file={tmp_path / "W_pos.npy"}', f'--report_dir={tmp_path / "r"}')
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / 'r' / 'report.json').read_text())
     assert set(report) == {'source', 'positional', 'figures', 'notes', 'seconds'}
@@ -364,8 +364,8 @@ def test_wpe_file_alone(tmp_path):
 
 def test_compare_a_checkpoint_with_a_rotated_w_e(run, tmp_path):
     root, _ = run
-    result = run_script('analyze.py', '--compare', str(root / 'out'), str(root / 'rotated'), str(root / 'seed2'),
-                        f'--report_dir={tmp_path}', timeout=120)
+    result = run_in_process('analyze.py', '--compare', str(root / 'out'), str(root / 'rotated'), str(root / 'seed2'),
+                        f'--report_dir={tmp_path}')
     assert result.returncode == 0, result.stderr
     full = json.loads((tmp_path / 'report.json').read_text())
     report = full['compare']
@@ -407,8 +407,8 @@ def test_compare_skips_the_contextual_study_when_no_token_repeats_in_val(run, tm
     os.makedirs(tmp_path / 'data')
     os.symlink(root / 'data' / 'train.bin', tmp_path / 'data' / 'train.bin')
     np.arange(1000, 1040, dtype=np.uint16).tofile(tmp_path / 'data' / 'val.bin')  # 40 distinct tokens
-    result = run_script('analyze.py', '--compare', str(root / 'out'), str(root / 'rotated'),
-                        f'--data_dir={tmp_path / "data"}', f'--report_dir={tmp_path / "r"}', timeout=120)
+    result = run_in_process('analyze.py', '--compare', str(root / 'out'), str(root / 'rotated'),
+                        f'--data_dir={tmp_path / "data"}', f'--report_dir={tmp_path / "r"}')
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / 'r' / 'report.json').read_text())
     assert 'contextual' not in report and 'contextual.png' not in report['figures']
@@ -424,7 +424,7 @@ def test_bad_wpe_file_is_one_line_and_writes_nothing(tmp_path, matrix, message):
     path = tmp_path / 'W_pos.npy'
     if matrix is not None:
         np.save(path, matrix)
-    result = run_script('analyze.py', f'--wpe_file={path}', f'--report_dir={tmp_path / "r"}', timeout=60)
+    result = run_in_process('analyze.py', f'--wpe_file={path}', f'--report_dir={tmp_path / "r"}')
     assert result.returncode != 0
     assert result.stderr.startswith('error: ') and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / 'r').exists()
@@ -439,8 +439,8 @@ def test_compare_reads_the_data_dir_from_embeddings_json(run, tmp_path):
         np.save(tmp_path / name / 'W_E.npy', W)
         (tmp_path / name / 'embeddings.json').write_text(json.dumps({'settings': {'data_dir': str(data_dir)}}))
     script = os.path.join(ROOT, 'analyze.py')
-    same = run_script(script, '--compare', 'a', 'b', '--report_dir=r', cwd=tmp_path)
+    same = run_in_process(script, '--compare', 'a', 'b', '--report_dir=r', cwd=tmp_path)
     assert same.returncode == 0, same.stderr
     assert json.loads((tmp_path / 'r' / 'report.json').read_text())['compare']['pairs'][0]['nn_overlap_10'] == 1
-    mixed = run_script(script, '--compare', 'a', 'c', '--report_dir=r2', cwd=tmp_path)
+    mixed = run_in_process(script, '--compare', 'a', 'c', '--report_dir=r2', cwd=tmp_path)
     assert mixed.returncode == 1 and mixed.stderr.count('\n') == 1 and 'trained on different data' in mixed.stderr

@@ -1,6 +1,6 @@
 import json
 
-from conftest import run_script
+from conftest import run_in_process
 
 TINY = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=2', '--new_tokens=4',
         '--steps=1', '--warmup=1']
@@ -9,8 +9,8 @@ TINY = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_
 def test_bench_produces_every_row_at_the_sizes_it_is_given(tmp_path):
     out, small = tmp_path / 'bench.jsonl', tmp_path / 'small.py'
     small.write_text('n_layer = 1\nn_head = 2\nn_embd = 32\nblock_size = 24\nbatch_size = 3\n')
-    result = run_script('bench.py', *TINY, '--compile=False', f'--out_file={out}', f'--data_dir={tmp_path}',
-                        f'--cpu_config={small}', timeout=120)
+    result = run_in_process('bench.py', *TINY, '--compile=False', f'--out_file={out}', f'--data_dir={tmp_path}',
+                        f'--cpu_config={small}')
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in open(out)]
     speed = {r['name']: r for r in rows}

@@ -4,6 +4,7 @@ this process (run_in_process); a few run as real subprocesses too, to show that 
 import hashlib
 import json
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -42,7 +43,7 @@ def make_files(tmp):
                              {k: v for k, v in meta.items() if k != 'vocab_size'})))):
         write_token_data(tmp / name, tokens[:2500], tokens[2500:])
         change(tmp / name)
-    result = run_script('train.py', f'--data_dir={data}', f'--out_dir={tmp / "good"}', '--n_layer=1', '--n_head=1',
+    result = run_in_process('train.py', f'--data_dir={data}', f'--out_dir={tmp / "good"}', '--n_layer=1', '--n_head=1',
                         '--n_embd=16', '--block_size=16', '--batch_size=2', '--max_iters=2', '--eval_iters=1',
                         '--sample_tokens=0')
     assert result.returncode == 0, result.stderr
@@ -232,3 +233,30 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     os.close(writer)
     assert process.returncode == 1 and err == 'error: interrupted during start-up; nothing was saved\n', err
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('error', [IndexError('pop from empty list'), AttributeError("'NoneType' has no attribute"),
+                                   struct.error('unpack requires a buffer of 8 bytes'), MemoryError(),
+                                   RuntimeError('PytorchStreamReader failed'), EOFError()])
+def test_any_failure_to_unpickle_a_checkpoint_is_one_line_in_every_reader(workspace, monkeypatch, error):
+    def load(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(torch, 'load', load)
+    for args in (['train.py', f'--data_dir={workspace}/data', f'--out_dir={workspace}/good', '--init_from=resume',
+                  '--block_size=16'],
+                 ['sample.py', f'--out_dir={workspace}/good'], ['analyze.py', f'--out_dir={workspace}/good']):
+        result = run_in_process(*args)
+        assert result.returncode == 1 and result.stderr.count('\n') == 1, result.stderr
+        assert f'({type(error).__name__}); the file is damaged' in result.stderr
+
+
+def test_random_and_truncated_bytes_are_a_damaged_checkpoint(workspace, tmp_path):
+    from model import load_checkpoint
+    good = (workspace / 'good' / 'ckpt.pt').read_bytes()
+    rng = np.random.default_rng(0)
+    contents = [rng.bytes(5000) for _ in range(40)] + [good[:n] for n in rng.integers(0, len(good), 40)]
+    contents += [good[:30] + rng.bytes(len(good) - 30)]  # a zip header, then noise
+    for content in contents:
+        (tmp_path / 'best.pt').write_bytes(content)
+        with pytest.raises(ValueError, match='the file is damaged'):
+            load_checkpoint(tmp_path / 'best.pt')

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import run_script
+from conftest import run_in_process
 from embeddings import (cooccurrence, glove_loss, glove_weight, keep_probability, noise_distribution, sgns_loss,
                         skipgram_pairs, train_glove, train_sgns, METHOD_DEFAULTS)
 from model import GPT, GPTConfig
@@ -74,13 +74,12 @@ def test_the_tied_matrix_gets_the_output_gradient_plus_the_input_gradient():
             captured[name] = output
         return hook
     hooks = [model.transformer.wte.register_forward_hook(keep('lookup')),
-             model.transformer.ln_f.register_forward_hook(keep('h_final'))]
-    logits, loss = model(x, y)
-    logits.retain_grad()
-    loss.backward()
+             model.transformer.ln_f.register_forward_hook(keep('h_final')),
+             model.lm_head.register_forward_hook(keep('logits'))]
+    model(x, y)[1].backward()
     for hook in hooks:
         hook.remove()
-    h = captured['h_final'].detach().reshape(-1, 16)
+    h, logits = captured['h_final'].detach().reshape(-1, 16), captured['logits']
     output_part = logits.grad.reshape(-1, 40).T @ h  # row i: sum over positions of (p_i - y_i) h
     input_part = torch.zeros_like(W).index_add_(0, x.flatten(), captured['lookup'].grad.reshape(-1, 16))
     assert torch.allclose(W.grad, output_part + input_part, atol=1e-15)
@@ -252,9 +251,9 @@ def tiny_data_dir(tmp_path_factory):
 @pytest.mark.parametrize('method', ['sgns', 'glove'])
 def test_cli_writes_W_E_and_json(tiny_data_dir, tmp_path, method):
     out_dir = tmp_path / 'out'
-    result = run_script('embeddings.py', f'--method={method}', f'--data_dir={tiny_data_dir}',
+    result = run_in_process('embeddings.py', f'--method={method}', f'--data_dir={tiny_data_dir}',
                         f'--out_dir={out_dir}', '--dim=8', '--window=2', '--epochs=2', '--batch_size=128',
-                        '--subsample=1.0', timeout=120)
+                        '--subsample=1.0')
     assert result.returncode == 0, result.stderr
     assert 'epoch 2/2' in result.stdout and 'pairs/s' in result.stdout
     W_E = np.load(out_dir / 'W_E.npy')
@@ -273,8 +272,7 @@ def check_one_line_error(result, message):
 
 
 def test_cli_without_train_bin(tmp_path):
-    result = run_script('embeddings.py', f'--data_dir={tmp_path / "nothing"}', f'--out_dir={tmp_path / "out"}',
-                        timeout=60)
+    result = run_in_process('embeddings.py', f'--data_dir={tmp_path / "nothing"}', f'--out_dir={tmp_path / "out"}')
     check_one_line_error(result, 'run python prepare.py first')
     assert not (tmp_path / 'out').exists()
 
@@ -287,7 +285,6 @@ def test_cli_without_train_bin(tmp_path):
     ('--lr=10.0', 'sgns: the loss is'),  # non-finite: refused, nothing written
 ])
 def test_cli_bad_settings(tiny_data_dir, tmp_path, arg, message):
-    result = run_script('embeddings.py', f'--data_dir={tiny_data_dir}', f'--out_dir={tmp_path / "out"}', arg,
-                        timeout=60)
+    result = run_in_process('embeddings.py', f'--data_dir={tiny_data_dir}', f'--out_dir={tmp_path / "out"}', arg)
     check_one_line_error(result, message)
     assert not (tmp_path / 'out').exists()

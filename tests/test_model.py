@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from conftest import send
 from download import DownloadError
@@ -34,10 +36,55 @@ def test_parameter_count_and_loss_at_init():
 def test_padded_vocab_never_reaches_the_logits():
     model = tiny(pad_vocab_to=64)
     assert model.transformer.wte.weight.shape[0] == 50304 and model.W_E.shape == (50257, 32)
+    with torch.no_grad():  # padding rows aligned with every hidden state: a leaked column would win every draw
+        model.transformer.wte.weight[50257:] = 1e3 * model.transformer.ln_f.weight
     logits, _ = model(torch.randint(0, 50257, (1, 8)))
-    assert logits.shape == (1, 8, 50257)
+    assert logits.shape == (1, 8, 50257) and logits.abs().max() < 100
     out = model.generate(torch.zeros(1, 1, dtype=torch.long), 50, temperature=1.0)
     assert out.max() < 50257
+
+
+class LargeTensors(TorchDispatchMode):
+    """Records (op, contiguous) for every tensor of at least n elements that an op takes or returns."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n, self.seen = n, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves((args, kwargs, out)):
+            if isinstance(t, torch.Tensor) and t.numel() >= self.n:
+                self.seen.append((func.__name__.split('.')[0], t.is_contiguous()))
+        return out
+
+
+def test_loss_over_the_padded_head_equals_the_loss_over_the_vocabulary_without_copying_the_logits():
+    model = tiny(pad_vocab_to=64).train()
+    with torch.no_grad():  # padding rows that would dominate any softmax they reached
+        model.transformer.wte.weight[50257:] = 1e3 * model.transformer.ln_f.weight
+    x, y = torch.randint(0, 50257, (2, 4, 32))
+    y[0, :5] = -1
+    # a copy is an op that writes a tensor as large as the logits from another: a clone, or a kernel
+    # given a strided view (the softmax makes it contiguous first); views and matmuls of a transpose are not
+    copies = ('clone', '_to_copy', 'copy_', 'contiguous', 'slice_backward', 'cat')
+    strided_ok = ('slice', 't', 'view', 'mm', 'addmm')
+    no_copy = lambda seen: all(op not in copies and (contiguous or op in strided_ok) for op, contiguous in seen)
+
+    def losses_and_gradients(loss_fn):
+        model.zero_grad()
+        with LargeTensors(4 * 32 * 50257) as large:
+            loss = loss_fn()
+            loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, large.seen
+    loss, grads, seen = losses_and_gradients(lambda: model(x, y)[1])
+    # the reference: the cross-entropy over the 50,257 real columns, as a slice of the logits
+    full = lambda: model.lm_head(model.trunk(x))
+    ref_loss, ref_grads, ref_seen = losses_and_gradients(
+        lambda: F.cross_entropy(full()[..., :50257].reshape(-1, 50257), y.reshape(-1), ignore_index=-1))
+    assert torch.equal(loss, ref_loss) and all(torch.equal(grads[n], ref_grads[n]) for n in grads)
+    assert seen and no_copy(seen), seen
+    assert not no_copy(ref_seen)  # control: the slice's copies are seen
 
 
 def test_gradient_of_loss_wrt_logits_is_softmax_minus_onehot():

@@ -4,13 +4,11 @@ or is named below with the reason it is not."""
 import os
 import re
 import shlex
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import BOOK, ROOT
+from conftest import BOOK, ROOT, run_in_process
 
 TINY = {
     'prepare.py': ['--source={book}'],
@@ -27,7 +25,10 @@ NOT_RUN = {  # command prefix -> why this test does not run it
     'make demo': 'the whole pipeline, minutes long; run by hand and in the README numbers',
     'make test': 'this very test suite',
     'make data': 'downloads the book from the internet',
-    'torchrun --standalone --nproc_per_node=8': '8 processes; the 2-process command runs here, on the CPU',
+    'make gpu-check': 'needs a GPU and minutes; tests/test_gpu_check.py runs gpu_check.py tiny on the CPU',
+    'torchrun --standalone --nproc_per_node=8': '8 GPUs; tests/test_train.py runs the same launch with 2 CPU processes',
+    'torchrun --standalone --nproc_per_node=2': 'tests/test_train.py runs this launch (2 CPU processes, gloo) and checks it',
+    'torchrun --nnodes=2': 'two machines; tests/test_train.py runs two one-process nodes on one machine',
     'python train.py config/finetune_gulliver.py': 'downloads GPT-2 weights; tests/test_model.py tests that path',
     'python sample.py --init_from=gpt2': 'downloads GPT-2 weights; tests/test_model.py tests that path',
     'python analyze.py --init_from=gpt2': 'downloads GPT-2 weights; tests/test_model.py tests that path',
@@ -75,15 +76,14 @@ def test_readme_has_commands():
 
 
 def test_readme_commands_run(scratch, book_path):
+    # each runs in this process, as `python script args` would, without paying for torch's import again
     ran = 0
     for command in readme_commands():
         if any(command.startswith(prefix) for prefix in NOT_RUN):
             continue
-        assert command.startswith(('python ', 'torchrun ')), f"README command neither run nor explained: {command}"
-        command = tiny_command(command).replace('python ', f'{sys.executable} ', 1)
-        command = command.replace('torchrun ', f'{sys.executable} -m torch.distributed.run ', 1)
-        result = subprocess.run(command, shell=True, cwd=scratch, capture_output=True, text=True, timeout=120,
-                                executable='/bin/bash')
+        assert command.startswith('python '), f"README command neither run nor explained: {command}"
+        command = tiny_command(command)
+        result = run_in_process(*shlex.split(command)[1:], cwd=scratch)
         assert result.returncode == 0, f"{command}\n{result.stderr[-2000:]}"
         ran += 1
     assert ran >= 8

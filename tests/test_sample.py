@@ -2,7 +2,7 @@ import dataclasses
 
 import torch
 
-from conftest import run_script
+from conftest import run_in_process
 from model import GPT, GPTConfig
 
 
@@ -19,10 +19,10 @@ def tiny_checkpoint(folder):
 def test_same_seed_same_text_and_streaming(tmp_path):
     tiny_checkpoint(tmp_path / 'out')
     args = ['sample.py', f'--out_dir={tmp_path / "out"}', '--max_new_tokens=12', '--start=Hello', '--num_samples=2']
-    first, second = run_script(*args, '--seed=7'), run_script(*args, '--seed=7')
+    first, second = run_in_process(*args, '--seed=7'), run_in_process(*args, '--seed=7')
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout and first.stdout.startswith('Hello') and '---------------' in first.stdout
-    assert run_script(*args, '--seed=8').stdout != first.stdout
+    assert run_in_process(*args, '--seed=8').stdout != first.stdout
     assert 'tokens/s' in first.stderr and '24 tokens' in first.stderr
 
 
@@ -32,7 +32,7 @@ def test_greedy_sample_matches_generate(tmp_path):
     enc = get_tokenizer()
     prompt = torch.tensor([enc.encode_ordinary('Hello')])
     expected = enc.decode(model.generate(prompt, 10, temperature=0)[0].tolist())
-    result = run_script('sample.py', f'--out_dir={tmp_path / "out"}', '--max_new_tokens=10', '--start=Hello',
+    result = run_in_process('sample.py', f'--out_dir={tmp_path / "out"}', '--max_new_tokens=10', '--start=Hello',
                         '--temperature=0')
     assert result.stdout == expected + '\n'
 
@@ -41,7 +41,7 @@ def test_over_long_prompt_is_cropped_with_a_note(tmp_path):
     tiny_checkpoint(tmp_path / 'out')
     prompt = tmp_path / 'prompt.txt'
     prompt.write_text(' word' * 40)
-    result = run_script('sample.py', f'--out_dir={tmp_path / "out"}', f'--start=FILE:{prompt}', '--max_new_tokens=3')
+    result = run_in_process('sample.py', f'--out_dir={tmp_path / "out"}', f'--start=FILE:{prompt}', '--max_new_tokens=3')
     assert result.returncode == 0, result.stderr
     assert 'the prompt has 40 tokens; keeping the last 16' in result.stderr
 

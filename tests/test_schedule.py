@@ -95,16 +95,37 @@ def test_time_head_runs_both_dtypes():
 
 
 def test_matmul_peak_on_a_fake_clock_stops_growing_once_a_product_is_slow(monkeypatch):
-    """With a clock that says every product of size n takes n^3 / 1e9 s, the probe grows n
-    until one product passes seconds / 20 and reports 2 n^3 / (n^3 / 1e9) = 2e9 FLOP/s."""
+    """With a clock on which an n x n product runs at 1e9 * n / 128 FLOP/s (still rising), so that
+    it takes 2 n^3 / rate = 256 n^2 / 1e9 s, the probe grows n until one product passes
+    seconds / 20 = 5 ms (n = 256: 17 ms) and reports that size's rate, 2e9 FLOP/s."""
     now, sizes = [0.0], []
     real_matmul = torch.Tensor.__matmul__
 
     def slow_matmul(a, b):
         sizes.append(a.shape[0])
-        now[0] += a.shape[0] ** 3 / 1e9
+        now[0] += 256 * a.shape[0] ** 2 / 1e9
         return real_matmul(a, b)
     monkeypatch.setattr(machine.time, 'perf_counter', lambda: now[0])
     monkeypatch.setattr(torch.Tensor, '__matmul__', slow_matmul)
-    flops = machine.measure_matmul_flops('cpu', torch.float32, seconds=0.1)
-    assert set(sizes) == {128, 256} and flops == pytest.approx(2e9)  # 256^3 / 1e9 = 0.017 s > 0.005 s
+    flops, n = machine.measure_matmul_flops('cpu', torch.float32, seconds=0.1)
+    assert set(sizes) == {128, 256} and n == 256 and flops == pytest.approx(2e9)
+
+
+def test_matmul_peak_grows_the_product_until_the_rate_stops_rising(monkeypatch):
+    """A fake GPU: a product of size n takes 2 n^3 / rate(n) s, with a rate that grows 1.9x per
+    doubling up to n = 4096 and then by 1%: the probe stops at 8192, the first size that gains less
+    than 3%, and reports the best rate it saw (no product comes near the time cap, seconds / 20)."""
+    now, sizes = [0.0], []
+    real_matmul = torch.Tensor.__matmul__
+    rate = lambda n: 1e12 * 1.9 ** min(n.bit_length() - 8, 5) * (1.01 if n > 4096 else 1.0)  # 128 -> 1e12
+
+    def matmul(a, b):
+        n = a.shape[0]
+        sizes.append(n)
+        now[0] += 2 * n ** 3 / rate(n)
+        return real_matmul(a[:2, :2], b[:2, :2])  # the real product of a small corner: only the clock matters
+    monkeypatch.setattr(machine.time, 'perf_counter', lambda: now[0])
+    monkeypatch.setattr(torch.Tensor, '__matmul__', matmul)
+    monkeypatch.setattr(torch, 'randn', lambda n, *args, **kwargs: torch.empty(n, 2))  # no 8192^2 matrices
+    flops, n = machine.measure_matmul_flops('cpu', torch.float32, seconds=1)
+    assert n == max(sizes) == 8192 and flops == pytest.approx(rate(8192))

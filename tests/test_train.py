@@ -7,13 +7,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_in_process, run_script, write_token_data
+from conftest import ROOT, run_in_process, write_token_data
 from configurator import configure
 from data import MASK_TOKEN, epoch_offsets, mask_tokens, random_offsets, split_batch, target_positions, windows
 from model import load_checkpoint
@@ -131,7 +130,7 @@ def test_mask_tokens_follows_bert():
 
 def test_loss_falls_on_the_book_and_writes_outputs(book_data, tmp_path):
     out = tmp_path / 'out'
-    result = run_script('train.py', *TINY, f'--data_dir={book_data}', f'--out_dir={out}', '--max_iters=60',
+    result = run_in_process('train.py', *TINY, f'--data_dir={book_data}', f'--out_dir={out}', '--max_iters=60',
                         '--eval_interval=30', '--log_interval=10', '--snapshot_interval=30')
     assert result.returncode == 0, result.stderr
     evals = events(out, 'eval')
@@ -156,7 +155,7 @@ def test_resume_is_bit_exact(small_data, tmp_path):
     common = [*TINY, f'--data_dir={small_data}', '--dropout=0.1', '--log_interval=1', '--eval_interval=20',
               '--max_iters=40', '--max_seconds=3600', '--sample_tokens=0']
     straight, split = tmp_path / 'straight', tmp_path / 'split'
-    assert run_script('train.py', *common, f'--out_dir={straight}').returncode == 0
+    assert run_in_process('train.py', *common, f'--out_dir={straight}').returncode == 0
     process = subprocess.Popen([sys.executable, 'train.py', *common, f'--out_dir={split}'], cwd=ROOT, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED='1'))
     wait_for_line(process, 'iter 5:')
@@ -164,7 +163,7 @@ def test_resume_is_bit_exact(small_data, tmp_path):
     assert process.communicate(timeout=120)[0].count('saved') >= 1
     stopped = torch.load(split / 'ckpt.pt', weights_only=True)
     assert 5 <= stopped['iter_num'] < 40 and stopped['elapsed'] > 0
-    resumed = run_script('train.py', *common, f'--out_dir={split}', '--init_from=resume')
+    resumed = run_in_process('train.py', *common, f'--out_dir={split}', '--init_from=resume')
     assert resumed.returncode == 0, resumed.stderr
     losses = lambda d: [(e['iter'], e['loss']) for e in events(d, 'train')]
     assert losses(straight) == losses(split) and len(losses(split)) == 40
@@ -176,7 +175,7 @@ def test_resume_is_bit_exact(small_data, tmp_path):
 def test_wall_clock_budget_ends_the_run_at_min_lr(small_data, tmp_path):
     common = [*TINY[:-1], f'--data_dir={small_data}', '--max_iters=1000000', '--eval_interval=25', '--min_lr=1e-4',
               '--sample_tokens=0']  # dtype 'auto': the probe runs and says what it chose
-    result = run_script('train.py', *common, f'--out_dir={tmp_path}', '--max_seconds=2')
+    result = run_in_process('train.py', *common, f'--out_dir={tmp_path}', '--max_seconds=2')
     assert result.returncode == 0, result.stderr
     assert 'budget 2 s' in result.stdout and 'progress 0.' in result.stdout
     assert result.stdout.startswith('dtype auto: ') and ' ms in float32, ' in result.stdout
@@ -188,7 +187,7 @@ def test_wall_clock_budget_ends_the_run_at_min_lr(small_data, tmp_path):
     first = load_checkpoint(tmp_path / 'ckpt.pt')[1]
     assert first['iter_num'] == evals[-1]['iter'] and first['elapsed'] >= 2
     # a doubled budget trains on from where the first stopped
-    result = run_script('train.py', *common, f'--out_dir={tmp_path}', '--max_seconds=4', '--init_from=resume')
+    result = run_in_process('train.py', *common, f'--out_dir={tmp_path}', '--max_seconds=4', '--init_from=resume')
     assert result.returncode == 0, result.stderr
     second = load_checkpoint(tmp_path / 'ckpt.pt')[1]
     assert second['iter_num'] > first['iter_num'] and 4 <= second['elapsed'] < first['elapsed'] + 30
@@ -198,12 +197,12 @@ def test_val_bpb_is_the_loss_in_bits_per_byte_of_the_val_text(tmp_path):
     text = 'Gulliver’s hat, the Emperor’s palace — “Lilliput”, naïve 1726.\n' * 120
     (tmp_path / 'book.txt').write_text(text, encoding='utf-8')
     data, out = tmp_path / 'data', tmp_path / 'out'
-    assert run_script('prepare.py', f'--source={tmp_path / "book.txt"}', f'--data_dir={data}').returncode == 0
+    assert run_in_process('prepare.py', f'--source={tmp_path / "book.txt"}', f'--data_dir={data}').returncode == 0
     meta = json.loads((data / 'meta.json').read_text())
     val_ids = np.fromfile(data / 'val.bin', dtype=np.uint16).tolist()
     assert text.encode('utf-8')[-meta['val_bytes']:] == get_tokenizer().decode_bytes(val_ids)
     assert meta['train_bytes'] + meta['val_bytes'] == len(text.encode('utf-8'))
-    result = run_script('train.py', *TINY, '--block_size=16', f'--data_dir={data}', f'--out_dir={out}',
+    result = run_in_process('train.py', *TINY, '--block_size=16', f'--data_dir={data}', f'--out_dir={out}',
                         '--max_iters=2', '--eval_interval=1')
     assert result.returncode == 0, result.stderr
     for e in events(out, 'eval'):
@@ -214,7 +213,7 @@ def test_val_bpb_is_the_loss_in_bits_per_byte_of_the_val_text(tmp_path):
 
 def test_epoch_sampler_covers_every_window(small_data, tmp_path):
     # 6,000 tokens, block 32: 187 windows = 11 batches of 17, one epoch
-    result = run_script('train.py', *TINY, f'--data_dir={small_data}', f'--out_dir={tmp_path}', '--sampler=epoch',
+    result = run_in_process('train.py', *TINY, f'--data_dir={small_data}', f'--out_dir={tmp_path}', '--sampler=epoch',
                         '--batch_size=17', '--max_iters=11', '--eval_interval=11', '--sample_tokens=0')
     assert result.returncode == 0, result.stderr
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
@@ -223,7 +222,7 @@ def test_epoch_sampler_covers_every_window(small_data, tmp_path):
 
 
 def test_masked_lm_objective(book_data, tmp_path):
-    result = run_script('train.py', *TINY, f'--data_dir={book_data}', f'--out_dir={tmp_path}', '--objective=mlm',
+    result = run_in_process('train.py', *TINY, f'--data_dir={book_data}', f'--out_dir={tmp_path}', '--objective=mlm',
                         '--max_iters=40', '--eval_interval=40', '--decay_lr=False')
     assert result.returncode == 0, result.stderr
     evals = events(tmp_path, 'eval')
@@ -265,17 +264,28 @@ def finish(process):
     return out
 
 
-def test_ddp_shipped_config_one_epoch_and_the_gradient_of_one_process(small_data, tmp_path):
-    # The README's command shape. 6,000 tokens, block 48: 124 windows, one epoch in one step of a global
-    # batch of 124, dealt out 62 to each rank. The single process draws the same windows (same seed).
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_one_epoch_and_the_gradient_of_one_process(small_data, tmp_path):
+    # The README's multi-node command, two "nodes" of one process on this machine: on the second,
+    # RANK is 1 and LOCAL_RANK 0. 6,000 tokens, block 48: 124 windows, one epoch in one step of a
+    # global batch of 124, dealt out 62 to each rank. The single process draws the same windows (same seed).
+    node = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', '--nproc_per_node=1', '--rdzv-backend=c10d',
+            f'--rdzv-endpoint=127.0.0.1:{free_port()}', '--rdzv-id=two-nodes']
     args = ['config/gulliver_cpu.py', *TINY, '--block_size=48', '--batch_size=124', f'--data_dir={small_data}',
             '--sampler=epoch', '--max_iters=1', '--eval_interval=1', '--grad_clip=0', '--sample_tokens=0']
-    ddp, single = start(TORCHRUN, *args, f'--out_dir={tmp_path / "ddp"}'), start([sys.executable], *args,
-                                                                                 f'--out_dir={tmp_path / "one"}')
-    out = finish(ddp)
+    nodes = [start(node, *args, f'--out_dir={tmp_path / "ddp"}') for _ in range(2)]
+    single = start([sys.executable], *args, f'--out_dir={tmp_path / "one"}')
+    outputs = [finish(process) for process in nodes]
     finish(single)
+    out = ''.join(outputs)
     assert '5,952 tokens per iteration (2 processes x 1 micro-batches x 62 sequences x 48 tokens)' in out
-    assert 'saved' in out and len(events(tmp_path / 'ddp', 'start')) == 1  # only rank 0 logs
+    assert out.count('saved') == 1 and len(events(tmp_path / 'ddp', 'start')) == 1  # rank 0 saves and logs, once
     [first] = events(tmp_path / 'ddp', 'ddp')
     rank0, rank1 = (set(offsets) for offsets in first['first_offsets'])
     assert len(rank0) == len(rank1) == 62 and rank0 | rank1 == set(range(0, 124 * 48, 48))  # disjoint, all
@@ -309,7 +319,7 @@ def test_ddp_stop_and_resume_equals_the_straight_run(small_data, tmp_path):
     for first in events(tmp_path / 'split', 'ddp'):  # the ranks draw different windows, after the resume too
         assert first['first_offsets'][0] != first['first_offsets'][1]
     # the checkpoint holds two ranks' states: one process cannot continue it
-    result = run_script('train.py', *common, f'--out_dir={tmp_path / "split"}', '--init_from=resume')
+    result = run_in_process('train.py', *common, f'--out_dir={tmp_path / "split"}', '--init_from=resume')
     assert result.returncode == 2 and result.stderr.count('\n') == 1
     assert 'holds the sampler states of 2 processes; resume it with as many (torchrun --nproc_per_node=2' in result.stderr
 
@@ -348,17 +358,17 @@ def test_sigterm_to_one_rank_stops_both_after_the_same_step(small_data, tmp_path
 def test_runs_in_one_out_dir_and_a_diverged_run(small_data, tmp_path):
     common = [*TINY, f'--data_dir={small_data}', f'--out_dir={tmp_path}', '--sample_tokens=0', '--eval_interval=3',
               '--log_interval=1']
-    assert run_script('train.py', *common, '--max_iters=3').returncode == 0
+    assert run_in_process('train.py', *common, '--max_iters=3').returncode == 0
     # a new run over it only when told to; the first run's log is kept under a dated name
-    refused = run_script('train.py', *common, '--max_iters=3')
+    refused = run_in_process('train.py', *common, '--max_iters=3')
     assert refused.returncode == 1 and "holds another run's checkpoint" in refused.stderr
-    assert run_script('train.py', *common, '--max_iters=6', '--overwrite=True').returncode == 0
+    assert run_in_process('train.py', *common, '--max_iters=6', '--overwrite=True').returncode == 0
     [old_log] = [name for name in os.listdir(tmp_path) if name.startswith('log-')]
     assert len(events(tmp_path, 'start')) == 1 and len(events(tmp_path, 'train')) == 6
     assert [e['event'] for e in map(json.loads, open(tmp_path / old_log))].count('train') == 3
     # the learning rate sends the weights to infinity: the steps are skipped, then the run stops
     good = (tmp_path / 'ckpt.pt').read_bytes()
-    diverged = run_script('train.py', *common, '--init_from=resume', '--max_iters=100', '--learning_rate=1e30',
+    diverged = run_in_process('train.py', *common, '--init_from=resume', '--max_iters=100', '--learning_rate=1e30',
                           '--max_skipped_steps=3')
     assert diverged.returncode == 1 and diverged.stderr.count('\n') == 1
     assert 'was not finite for 3 steps in a row: the run diverged' in diverged.stderr
@@ -373,7 +383,7 @@ def test_runs_in_one_out_dir_and_a_diverged_run(small_data, tmp_path):
 
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(small_data, tmp_path, monkeypatch):
     common = [*TINY, f'--data_dir={small_data}', f'--out_dir={tmp_path}', '--sample_tokens=0', '--eval_interval=2']
-    assert run_script('train.py', *common, '--max_iters=2').returncode == 0
+    assert run_in_process('train.py', *common, '--max_iters=2').returncode == 0
     good = (tmp_path / 'ckpt.pt').read_bytes()
     (tmp_path / '.tmp-killed.pt').write_bytes(b'half a checkpoint')  # left by a writer that was killed
 
@@ -428,13 +438,70 @@ def test_a_second_ctrl_c_exits_at_once(small_data, tmp_path):
     torch.load(tmp_path / 'ckpt.pt', weights_only=True)  # whole: the one before, or the one the first stop saved
 
 
+# train.py, run so that the process kills itself (SIGKILL: no cleanup) halfway through writing its
+# second checkpoint: after the first ckpt.pt is on disk, torch.save writes half a file and the kill follows
+KILLED_IN_THE_SECOND_SAVE = """
+import os, runpy, signal, sys, torch
+real_save = torch.save
+def save(obj, path):
+    real_save(obj, path)
+    if os.path.exists(os.path.join(os.path.dirname(path), 'ckpt.pt')):
+        os.truncate(path, os.path.getsize(path) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save
+sys.argv = sys.argv[1:]
+runpy.run_path('train.py', run_name='__main__')
+"""
+
+
 def test_kill_during_checkpoint_writes_keeps_a_loadable_checkpoint(small_data, tmp_path):
-    # a checkpoint after every step: SIGKILL lands during writes more often than not
-    for delay in (0.05, 0.2, 0.45):
-        process = start_training(small_data, tmp_path, '--eval_interval=1', '--eval_iters=1',
-                                 *(['--init_from=resume'] if (tmp_path / 'ckpt.pt').exists() else []))
-        wait_for_line(process, 'saved')
-        time.sleep(delay)
-        process.kill()
-        process.communicate()
-        load_checkpoint(tmp_path / 'ckpt.pt')  # raises if the file is damaged
+    args = [*TINY, f'--data_dir={small_data}', f'--out_dir={tmp_path}', '--sample_tokens=0', '--eval_interval=1',
+            '--eval_iters=1', '--max_iters=3']
+    killed = subprocess.run([sys.executable, '-c', KILLED_IN_THE_SECOND_SAVE, 'train.py', *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL and killed.stdout.count('saved') == 1, killed.stdout
+    [half_written] = [name for name in os.listdir(tmp_path) if name.startswith('.tmp-')]  # the kill landed mid-write
+    assert load_checkpoint(tmp_path / 'ckpt.pt')[1]['iter_num'] == 1  # the checkpoint before it, whole
+    with pytest.raises(ValueError, match='damaged'):
+        load_checkpoint(tmp_path / half_written)
+    resumed = run_in_process('train.py', *args, '--init_from=resume')
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(tmp_path / 'ckpt.pt')[1]['iter_num'] == 3
+    assert not [name for name in os.listdir(tmp_path) if name.startswith('.tmp-')]  # the leftover is cleared
+
+
+def test_best_pt_keeps_the_best_evaluation_when_a_later_one_is_worse(tmp_path):
+    # 400 random tokens of 64 kinds: val falls to about ln 64 as the model learns the unigrams, then
+    # rises as it memorises the training tokens, so the best evaluation is not the last
+    rng = np.random.default_rng(0)
+    write_token_data(tmp_path / 'data', rng.integers(0, 64, 400), rng.integers(0, 64, 200), vocab_size=512)
+    common = ['train.py', f'--data_dir={tmp_path / "data"}', f'--out_dir={tmp_path / "out"}', '--n_layer=2',
+              '--n_head=2', '--n_embd=64', '--block_size=16', '--batch_size=16', '--eval_iters=4', '--dtype=float32',
+              '--peak_flops=1e12', '--sample_tokens=0', '--learning_rate=1e-2', '--warmup_iters=5', '--decay_lr=False',
+              '--eval_interval=30', '--log_interval=1000', '--snapshot_interval=30']
+    result = run_in_process(*common, '--max_iters=150')
+    assert result.returncode == 0, result.stderr
+    evals = {e['iter']: e['val_loss'] for e in events(tmp_path / 'out', 'eval')}
+    best_iter = min((i for i in evals if i > 0), key=evals.get)
+    assert best_iter < 150 and evals[150] > evals[best_iter] + 0.1
+    assert (f"best val loss {evals[best_iter]:.4f} at iteration {best_iter} in {tmp_path / 'out'}/best.pt; "
+            f"latest checkpoint {tmp_path / 'out'}/ckpt.pt (iteration 150)") in result.stdout
+    best, best_ckpt = load_checkpoint(tmp_path / 'out' / 'best.pt')
+    assert best_ckpt['iter_num'] == best_ckpt['best_iter'] == best_iter and best_ckpt['best_val_loss'] == evals[best_iter]
+    assert 'optimizers' not in best_ckpt  # the model alone: resuming reads ckpt.pt
+    snapshot = np.load(tmp_path / 'out' / 'snapshots' / f'iter_{best_iter:06d}.npz')
+    assert np.array_equal(best.W_E.detach().half().numpy(), snapshot['W_E'])  # the weights of that iteration
+    # sample.py reads best.pt unless told otherwise
+    for which, name, iteration in (('best', 'best.pt', best_iter), ('last', 'ckpt.pt', 150)):
+        sampled = run_in_process('sample.py', f'--out_dir={tmp_path / "out"}', f'--checkpoint={which}',
+                                 '--max_new_tokens=3', '--start=a')
+        assert sampled.returncode == 0 and f"{tmp_path / 'out'}/{name}, iteration {iteration}: 3 tokens" in sampled.stderr
+    # a checkpoint written before best.pt was kept (no best_iter) resumes, and a new run sets best.pt aside
+    old = torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=True)
+    del old['best_iter']
+    torch.save(old, tmp_path / 'out' / 'ckpt.pt')
+    assert run_in_process(*common, '--max_iters=152', '--init_from=resume').returncode == 0
+    assert run_in_process(*common, '--max_iters=2', '--overwrite=True').returncode == 0
+    [aside] = [name for name in os.listdir(tmp_path / 'out') if name.startswith('best-')]
+    assert torch.load(tmp_path / 'out' / aside, weights_only=True)['iter_num'] == best_iter
+    assert torch.load(tmp_path / 'out' / 'best.pt', weights_only=True)['iter_num'] == 2

@@ -1,0 +1,45 @@
+"""gpu_check.py on the CPU at tiny sizes, so that it is known to work before a GPU is at hand;
+and what can only be checked on CUDA, skipped without it (pytest -m cuda on a GPU machine)."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_script, write_token_data
+
+TINY_MODEL = '--n_layer=1 --n_head=2 --n_embd=32 --block_size=16 --batch_size=4'
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('data')
+    pattern = np.random.default_rng(0).integers(0, 500, 50)
+    write_token_data(folder, np.resize(pattern, 3000), np.resize(pattern, 500), vocab_size=512)
+    return folder
+
+
+def test_gpu_check_runs_every_part_on_the_cpu(data, tmp_path):
+    report, small = tmp_path / 'gpu_check.md', tmp_path / 'small.py'
+    small.write_text('n_layer = 1\nn_head = 2\nn_embd = 32\nblock_size = 16\nbatch_size = 2\n')
+    bench = f'{TINY_MODEL} --new_tokens=4 --steps=1 --warmup=1 --compile=False --cpu_config={small}'
+    flagship = f'{TINY_MODEL} --max_iters=4 --eval_interval=2 --eval_iters=1 --log_interval=2 --snapshot_interval=0 ' \
+               f'--sample_tokens=0 --peak_flops=1e12'
+    result = run_script('gpu_check.py', '--device=cpu', f'--data_dir={data}', f'--work_dir={tmp_path / "runs"}',
+                        f'--out_file={report}', f'--small_args={TINY_MODEL}', '--numerics_steps=4',
+                        f'--bench_args={bench}', f'--flagship_args={flagship}', timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = report.read_text()
+    assert all(line in result.stdout for line in text.splitlines())  # printed as written
+    for line in ('peak matmul fp32', 'memory bandwidth (copy)', 'generate 4 tokens, KV cache', '| 4 |',
+                 'best.pt: iteration', 'bf16 on cpu against fp32 on the CPU', 'resumed after 2 steps', 'all checks passed'):
+        assert line in text, line
+    # on the CPU a resume is bit-exact: the largest difference is 0
+    assert 'resumed after 2 steps against the straight run: largest relative difference 0.00e+00' in text
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_a_compiled_bf16_step_on_cuda_reads_nothing_on_the_host(data, tmp_path):
+    result = run_script('train.py', f'--data_dir={data}', f'--out_dir={tmp_path}', *TINY_MODEL.split(),
+                        '--device=cuda', '--max_iters=30', '--log_interval=10', '--eval_interval=30', '--eval_iters=1',
+                        '--sync_debug=True', '--sample_tokens=0', timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
