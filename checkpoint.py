@@ -12,6 +12,7 @@ sample.py and analyze.py read best.pt where train.py kept one. Both are written 
 files and renamed together (atomic.py), so a crash never leaves half of either.
 """
 import os
+import warnings
 
 import torch
 
@@ -25,12 +26,16 @@ def read_checkpoint(path, device='cpu'):
     bytes of a damaged file make torch.load fail in many ways (EOFError, RuntimeError, an
     IndexError or struct.error from the weights-only unpickler, MemoryError, ...)."""
     damaged = "the file is damaged: delete it, or train again"
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except OSError as e:
-        raise ValueError(f"cannot read {path} ({e.strerror or e}); check the path and its permissions") from None
-    except Exception as e:
-        raise ValueError(f"cannot load {path} ({type(e).__name__}); {damaged}") from None
+    with warnings.catch_warnings(record=True) as caught:  # what the unpickler says of bad bytes, kept until it succeeds
+        warnings.simplefilter('always')
+        try:
+            checkpoint = torch.load(path, map_location=device, weights_only=True)
+        except OSError as e:
+            raise ValueError(f"cannot read {path} ({e.strerror or e}); check the path and its permissions") from None
+        except Exception as e:
+            raise ValueError(f"cannot load {path} ({type(e).__name__}); {damaged}") from None
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('model_args'), dict):
         raise ValueError(f"cannot load {path} (no model_args dict); {damaged}")
     return checkpoint
