@@ -22,6 +22,12 @@ decay on a slow machine and a fast one alike. The budget counts the training loo
 and checkpoints included, but not the start-up before it (loading data, building and compiling
 the model, the machine probes) nor the final evaluation, checkpoint and sample after it.
 Losses are in nats per token; val_bpb is the val loss in bits per byte (data.bits_per_byte).
+
+A training step reads no device tensor on the host, so on a GPU the CPU queues the next step
+while this one runs. A step with a non-finite loss or gradient changes no weight and no
+optimizer state (model.step_unless decides on the device); the skipped steps are counted on
+the device and read at the next log, eval or stop iteration, which is where a run that stays
+non-finite for max_skipped_steps steps in a row is stopped.
 """
 import math
 import os
@@ -86,7 +92,7 @@ weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0         # 0: no clipping
-max_skipped_steps = 10  # stop after this many steps in a row with a non-finite loss or gradient (read at each log)
+max_skipped_steps = 10  # stop after this many steps in a row with a non-finite loss or gradient (seen at a log)
 # learning-rate schedule: linear warm-up (iterations), then cosine decay to min_lr at the end of the run
 decay_lr = True
 warmup_iters = 100
@@ -426,8 +432,9 @@ if master and iter_num == 0 and objective == 'clm' and sample_tokens:
 
 start_iter, t_start = iter_num, time.time()
 t0 = t_start
-# skipped updates, counted on the device and read on the host only at log iterations
-skipped_in_a_row, longest_skipped_run, skipped_since_log = (torch.zeros((), device=device) for _ in range(3))
+# skipped updates, counted on the device: the host reads them only at log, eval and stop iterations
+skipped_in_a_row, longest_skipped_run, skipped_since_read = (torch.zeros((), device=device) for _ in range(3))
+read_at = iter_num
 while True:
     elapsed = elapsed_before + time.time() - t_start
     stop = stop_signal is not None
@@ -442,6 +449,19 @@ while True:
             group['lr'] = lr
 
     last = progress >= 1 or stop or eval_only
+    # the skipped updates since the last read, read on every rank at log, eval and stop iterations
+    if iter_num > start_iter and (iter_num % log_interval == 0 or iter_num % eval_interval == 0 or last):
+        skipped, longest = int(skipped_since_read.item()), int(longest_skipped_run.item())
+        if skipped:
+            print(f"iter {iter_num}: {skipped} of the last {iter_num - read_at} updates skipped "
+                  f"(non-finite loss or gradient)")
+            log_event('skipped', iter=iter_num, steps=skipped, in_a_row=longest, loss=loss.item() * micro_steps)
+        if longest >= max_skipped_steps:  # every rank reads the same counts: the gradient norm is all-reduced
+            fail(f"the loss or gradient was not finite for {longest} steps in a row: the run diverged. "
+                 f"{ckpt_path} keeps the last good state; lower --learning_rate")
+        skipped_since_read.zero_()
+        longest_skipped_run.zero_()
+        read_at = iter_num
     if iter_num % eval_interval == 0 or last:
         rank_states = gather_rank_states()
     if stop:
@@ -497,21 +517,11 @@ while True:
         opt.zero_grad(set_to_none=True)
     skipped_in_a_row = (skipped_in_a_row + 1) * skip
     longest_skipped_run = torch.maximum(longest_skipped_run, skipped_in_a_row)
-    skipped_since_log += skip
+    skipped_since_read += skip
     if sync_debug and device_type == 'cuda':
         torch.cuda.set_sync_debug_mode('default')
 
     iter_num += 1
-    if iter_num % log_interval == 0:  # every rank reads the same counts: the gradient norm is all-reduced
-        skipped, longest = int(skipped_since_log.item()), int(longest_skipped_run.item())
-        if skipped:
-            print(f"iter {iter_num}: {skipped} of the last {log_interval} updates skipped (non-finite loss or gradient)")
-            log_event('skipped', iter=iter_num, steps=skipped, in_a_row=longest, loss=loss.item() * micro_steps)
-        if longest >= max_skipped_steps:
-            fail(f"the loss or gradient was not finite for {longest} steps in a row: the run diverged. "
-                 f"{ckpt_path} keeps the last good state; lower --learning_rate")
-        skipped_since_log.zero_()
-        longest_skipped_run.zero_()
     if master and iter_num % log_interval == 0:
         dt = (time.time() - t0) / log_interval
         t0 = time.time()
