@@ -33,7 +33,7 @@ from model import GPT, GPTConfig
 device = 'auto'
 n_layer, n_head, n_embd = 12, 12, 768     # the "GPT-2 small" rows
 batch_size = 0            # 0: 4 on CPU, 16 on CUDA
-large_batches = [24, 32, 48, 64]          # CUDA: GPT-2 small, compiled bf16, at these micro-batches up to the first that does not fit
+large_batches = [24, 32, 48, 64]          # CUDA: GPT-2 small compiled, up to the first micro-batch that does not fit
 block_size = 0            # 0: 256 on CPU, 1024 on CUDA
 cpu_config = 'config/gulliver_cpu.py'     # the small-model rows train with this config's shape and dtype
 data_dir = 'data/gulliver'                # for the get_batch rows (random tokens if absent)
@@ -106,7 +106,8 @@ for dt in ('float32', 'bfloat16'):
     peak[dt], peak_n[dt] = measure_matmul_flops(device, getattr(torch, dt))
 bandwidth = measure_bandwidth()
 row('peak matmul fp32' + (' (TF32)' if cuda else ''), tflops=peak['float32'] / 1e12, n=peak_n['float32'])
-row('peak matmul bf16', tflops=peak['bfloat16'] / 1e12, n=peak_n['bfloat16'], vs_fp32=peak['bfloat16'] / peak['float32'])
+row('peak matmul bf16', tflops=peak['bfloat16'] / 1e12, n=peak_n['bfloat16'],
+    vs_fp32=peak['bfloat16'] / peak['float32'])
 row('memory bandwidth (copy)', gb_per_s=bandwidth / 1e9)
 dtypes = ['float32', 'bfloat16'] if peak['bfloat16'] > peak['float32'] else ['float32']
 

@@ -14,8 +14,8 @@ from atomic import remove_orphans, write_atomic
 
 def start_log(out_dir, new_run):
     """Create out_dir, clear the temporary files of a killed writer, set an earlier run's log,
-    snapshots and best.pt aside if this is a new run, and return log.jsonl open for appending. OSError if
-    out_dir cannot be written."""
+    snapshots and best.pt aside if this is a new run, and return log.jsonl open for appending.
+    OSError if out_dir cannot be written."""
     os.makedirs(out_dir, exist_ok=True)
     for folder in (out_dir, os.path.join(out_dir, 'snapshots')):
         remove_orphans(folder)
