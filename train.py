@@ -62,7 +62,7 @@ out_dir = 'out'
 eval_interval = 250
 log_interval = 10
 eval_iters = 50
-eval_only = False
+eval_only = False       # evaluate the run in out_dir (its ckpt.pt) once, log the eval, and change no file
 always_save_checkpoint = True
 overwrite = False       # let init_from='scratch' or a pretrained model replace the run in out_dir
 init_from = 'scratch'   # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'
@@ -132,6 +132,10 @@ signal.signal(signal.SIGINT, lambda signum, frame: fail("interrupted during star
 
 if n_embd % n_head:
     fail(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head})")
+if eval_only and init_from in PRETRAINED:
+    fail(f"eval_only evaluates the run in out_dir (its ckpt.pt), not {init_from}; drop --init_from")
+if eval_only:  # the run's checkpoint, read as a resume reads it: no new run, nothing set aside
+    init_from = 'resume'
 for name, value in (('pos_emb', 'learned'), ('bias', True), ('objective', 'clm')):
     if init_from in PRETRAINED and name in chosen and globals()[name] != value:
         fail(f"init_from={init_from!r} is GPT-2 with {name}={value!r}; drop --{name}={globals()[name]}")
@@ -225,7 +229,7 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
 # out_dir holds one run: a new run never replaces another's checkpoint unless told to, and
 # starts a log and snapshots of its own (the earlier ones are kept under a dated name, below)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-if init_from != 'resume' and not eval_only and os.path.exists(ckpt_path) and not overwrite:
+if init_from != 'resume' and os.path.exists(ckpt_path) and not overwrite:
     fail(f"{out_dir} holds another run's checkpoint; continue it with --init_from=resume, or pass another "
          f"--out_dir, or --overwrite=True to replace it")
 CHECKPOINT_KEYS = ('model', 'model_args', 'config', 'optimizers', 'scaler', 'iter_num', 'best_val_loss', 'elapsed',
@@ -237,7 +241,8 @@ if init_from == 'scratch':
     model = GPT(GPTConfig(**model_args))
 elif init_from == 'resume':
     if not os.path.exists(ckpt_path):
-        fail(f"no checkpoint at {ckpt_path} to resume from; train with --init_from=scratch first")
+        fail(f"no checkpoint at {ckpt_path} to {'evaluate' if eval_only else 'resume from'}; train with "
+             f"--init_from=scratch first")
     try:
         model, checkpoint = load_checkpoint(ckpt_path, dropout=dropout)
     except ValueError as e:
@@ -422,9 +427,10 @@ if master:
           f"{micro_steps} micro-batches x {micro_batch} sequences x {block_size} tokens), device {device}, "
           f"dtype {dtype}, compile {compile}, MFU peak {peak_flops / 1e12:.2f} TFLOP/s"
           + (f", budget {max_seconds:.0f} s" if max_seconds else ""))
-    log_event('start', iter=iter_num, params=n_params, tokens_per_iter=tokens_per_iter, device=device, dtype=dtype,
-              peak_flops=peak_flops, world_size=world_size, micro_batch=micro_batch, micro_steps=micro_steps,
-              config=config)
+    if not eval_only:
+        log_event('start', iter=iter_num, params=n_params, tokens_per_iter=tokens_per_iter, device=device,
+                  dtype=dtype, peak_flops=peak_flops, world_size=world_size, micro_batch=micro_batch,
+                  micro_steps=micro_steps, config=config)
 if master and iter_num == 0 and objective == 'clm' and sample_tokens:
     text = sample_text()
     print(f"sample at iteration 0: {text!r}")
@@ -469,7 +475,7 @@ while True:
               f"({stop_signal or 'another process was signalled'})", flush=True)
         if master and iter_num > start_iter:  # before anything else: torchrun kills 30 s after a signal
             save_checkpoint(rank_states)
-    if master and snapshot_interval and (iter_num % snapshot_interval == 0 or last):
+    if master and snapshot_interval and (iter_num % snapshot_interval == 0 or last) and not eval_only:
         save_snapshot()
     if master and (iter_num % eval_interval == 0 or last):
         losses = estimate_loss()
@@ -537,8 +543,11 @@ while True:
         log_event('train', iter=iter_num, loss=loss_value, lr=lr, ms_per_iter=dt * 1000, tokens_per_s=tokens_per_s,
                   mfu=mfu, grad_norm=grad_norm.item())
 
-if master:
-    if objective == 'clm' and sample_tokens and not eval_only:
+if master and eval_only:
+    log_file.close()
+    print(f"evaluated {ckpt_path} (iteration {iter_num}); nothing saved, the eval appended to {out_dir}/log.jsonl")
+elif master:
+    if objective == 'clm' and sample_tokens:
         text = sample_text()
         print(f"sample at iteration {iter_num}: {text!r}")
         log_event('sample', iter=iter_num, text=text)

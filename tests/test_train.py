@@ -501,3 +501,23 @@ def test_best_pt_keeps_the_best_evaluation_when_a_later_one_is_worse(tmp_path):
     [aside] = [name for name in os.listdir(tmp_path / 'out') if name.startswith('best-')]
     assert torch.load(tmp_path / 'out' / aside, weights_only=True)['iter_num'] == best_iter
     assert torch.load(tmp_path / 'out' / 'best.pt', weights_only=True)['iter_num'] == 2
+
+
+def test_eval_only_evaluates_the_run_and_changes_no_file(small_data, tmp_path):
+    args = [*TINY, f'--data_dir={small_data}', f'--out_dir={tmp_path}', '--eval_interval=3', '--snapshot_interval=3']
+    refused = run_in_process('train.py', *args, '--eval_only=True')  # no run yet: nothing to evaluate
+    assert refused.returncode == 1 and f'no checkpoint at {tmp_path}/ckpt.pt to evaluate' in refused.stderr
+    assert os.listdir(tmp_path) == []
+    assert run_in_process('train.py', *args, '--max_iters=6').returncode == 0
+    files = lambda: {os.path.relpath(os.path.join(parent, name), tmp_path): open(os.path.join(parent, name), 'rb').read()
+                     for parent, _, names in os.walk(tmp_path) for name in names}
+    before = files()
+    result = run_in_process('train.py', *args, '--max_iters=6', '--eval_only=True')
+    assert result.returncode == 0, result.stderr
+    after = files()
+    assert after.keys() == before.keys() and all(after[k] == before[k] for k in before if k != 'log.jsonl')
+    assert after['log.jsonl'].startswith(before['log.jsonl'])
+    [added] = [json.loads(line) for line in after['log.jsonl'][len(before['log.jsonl']):].decode().splitlines()]
+    saved_eval = [e for e in events(tmp_path, 'eval') if e['iter'] == 6][0]
+    assert added['event'] == 'eval' and added['iter'] == 6 and added['val_loss'] == saved_eval['val_loss']
+    assert f"step 6: train loss {added['train_loss']:.4f}, val loss {added['val_loss']:.4f}" in result.stdout
