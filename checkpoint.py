@@ -7,17 +7,24 @@ A training run's checkpoints in its out_dir, written and read here only.
     best.pt   the model at the evaluation with the lowest val loss so far: the model, its
               settings, the iteration and that val loss ('best_iter', 'best_val_loss')
 
-Resuming reads ckpt.pt (resuming from best.pt would rewind the run's RNG and clock);
-sample.py and analyze.py read best.pt where train.py kept one. Both are written to temporary
-files and renamed together (atomic.py), so a crash never leaves half of either.
+Resuming reads ckpt.pt (resuming from best.pt would rewind the run's RNG and clock), holds it
+to the rules of check_resume and restores each rank's streams with restore_rank_state, the
+inverse of rank_state; sample.py and analyze.py read best.pt where train.py kept one. Both
+files are written to temporary files and renamed together (atomic.py), so a crash never
+leaves half of either.
 """
 import os
+import random
 import warnings
 
 import torch
 
 from atomic import write_atomic
+from configurator import fail
 
+CHECKPOINT_KEYS = ('model', 'model_args', 'config', 'optimizers', 'scaler', 'iter_num', 'best_val_loss', 'elapsed',
+                   'ranks', 'coverage', 'data')  # and 'best_iter', absent from a checkpoint older than best.pt
+RANK_STATE_KEYS = ('python', 'torch', 'cuda', 'sampler', 'epoch_rng', 'epoch_order', 'epoch_pos', 'targets_drawn')
 BEST_KEYS = ('model', 'model_args', 'config', 'iter_num', 'best_iter', 'best_val_loss', 'data')
 
 
@@ -55,3 +62,51 @@ def checkpoint_to_read(out_dir, which='best'):
     latest: what a run written before best.pt existed has)."""
     best = os.path.join(out_dir, 'best.pt')
     return best if which == 'best' and os.path.exists(best) else os.path.join(out_dir, 'ckpt.pt')
+
+
+def rank_state(train_rng, epoch_rng, epoch_state, targets_drawn, cuda):
+    """What one process needs to continue its own streams of batches, masks and dropout: its
+    Python, torch (and CUDA) RNG states, its sampler generators, where it is in the epoch, and how
+    many target tokens it has drawn."""
+    return {'python': random.getstate(), 'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state() if cuda else None,
+            'sampler': train_rng.bit_generator.state, 'epoch_rng': epoch_rng.bit_generator.state,
+            'epoch_order': torch.from_numpy(epoch_state['order']), 'epoch_pos': epoch_state['pos'],
+            'targets_drawn': targets_drawn}
+
+
+def restore_rank_state(own, train_rng, epoch_rng, cuda):
+    """The inverse of rank_state: set this process's RNGs and sampler generators from own, and
+    return (epoch_state, targets_drawn)."""
+    random.setstate((own['python'][0], tuple(own['python'][1]), own['python'][2]))
+    torch.set_rng_state(own['torch'])
+    if cuda and own['cuda'] is not None:
+        torch.cuda.set_rng_state(own['cuda'])
+    train_rng.bit_generator.state, epoch_rng.bit_generator.state = own['sampler'], own['epoch_rng']
+    return {'order': own['epoch_order'].numpy(), 'pos': own['epoch_pos']}, own['targets_drawn']
+
+
+def check_resume(settings, checkpoint, path, world_size, data_fingerprint):
+    """A checkpoint resumes only as it was trained: with all its keys, by as many processes, on
+    the same data, with the same optimizer and fp16 scaler. A schedule setting that changed is
+    printed. Anything else is one line and exit status 2."""
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if 'ranks' in checkpoint:
+        missing += [f'ranks[0].{key}' for key in RANK_STATE_KEYS if key not in checkpoint['ranks'][0]]
+    if missing:
+        fail(f"{path} lacks {', '.join(missing)} (an older train.py wrote it, or it is damaged); train from scratch")
+    saved = checkpoint['config']
+    if len(checkpoint['ranks']) != world_size:
+        fail(f"{path} holds the sampler states of {len(checkpoint['ranks'])} processes; resume it with as "
+             f"many (torchrun --nproc_per_node={len(checkpoint['ranks'])}, or python train.py for 1)")
+    if checkpoint['data'] != data_fingerprint:
+        fail(f"{path} was trained on other data than {settings['data_dir']} holds now (its train.bin or val.bin "
+             f"differ); resume with the data_dir it was trained on ({saved['data_dir']}), or train from scratch")
+    scaler = bool(checkpoint['scaler'])  # the fp16 gradient scaler's state; empty without one
+    if settings['optimizer'] != saved['optimizer'] or (settings['dtype'] == 'float16') != scaler:
+        fail(f"{path} holds the state of optimizer={saved['optimizer']!r}"
+             f"{' with the float16 gradient scaler' if scaler else ''}; resume with "
+             f"--optimizer={saved['optimizer']}{' --dtype=float16' if scaler else ''}")
+    for name in ('max_iters', 'max_seconds', 'warmup_iters', 'learning_rate', 'min_lr', 'decay_lr'):
+        if settings[name] != saved[name]:
+            print(f"note: {name} changed on resume: {saved[name]} -> {settings[name]}")

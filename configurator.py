@@ -112,26 +112,6 @@ def check(settings, rules):
             fail(f"{name} must be {expected}, not {settings[name]!r}")
 
 
-def check_resume(settings, checkpoint, path, world_size, data_fingerprint):
-    """A checkpoint resumes only as it was trained: by as many processes, on the same data, with
-    the same optimizer and fp16 scaler. A schedule setting that changed is printed."""
-    saved = checkpoint['config']
-    if len(checkpoint['ranks']) != world_size:
-        fail(f"{path} holds the sampler states of {len(checkpoint['ranks'])} processes; resume it with as "
-             f"many (torchrun --nproc_per_node={len(checkpoint['ranks'])}, or python train.py for 1)")
-    if checkpoint['data'] != data_fingerprint:
-        fail(f"{path} was trained on other data than {settings['data_dir']} holds now (its train.bin or val.bin "
-             f"differ); resume with the data_dir it was trained on ({saved['data_dir']}), or train from scratch")
-    scaler = bool(checkpoint['scaler'])  # the fp16 gradient scaler's state; empty without one
-    if settings['optimizer'] != saved['optimizer'] or (settings['dtype'] == 'float16') != scaler:
-        fail(f"{path} holds the state of optimizer={saved['optimizer']!r}"
-             f"{' with the float16 gradient scaler' if scaler else ''}; resume with "
-             f"--optimizer={saved['optimizer']}{' --dtype=float16' if scaler else ''}")
-    for name in ('max_iters', 'max_seconds', 'warmup_iters', 'learning_rate', 'min_lr', 'decay_lr'):
-        if settings[name] != saved[name]:
-            print(f"note: {name} changed on resume: {saved[name]} -> {settings[name]}")
-
-
 def check_model(settings, chosen, model_config, source):
     """A resumed or pretrained model has its own shape: a setting chosen to be otherwise fails.
     The objective must always match, chosen or not: it decides what the loss is."""

@@ -44,9 +44,8 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from atomic import write_atomic
-from checkpoint import write_checkpoint
-from configurator import (at_least, below, check, check_model, check_resume, configure, one_of, resolve_device,
-                          resolve_dtype)
+from checkpoint import check_resume, rank_state, restore_rank_state, write_checkpoint
+from configurator import at_least, below, check, check_model, configure, one_of, resolve_device, resolve_dtype
 from data import (bits_per_byte, epoch_offsets, mask_tokens, open_data, random_offsets, split_batch, target_positions,
                   windows)
 from download import DownloadError
@@ -193,7 +192,7 @@ targets_drawn = 0                        # target tokens this rank has drawn
 
 
 def train_batch():
-    """This rank's next micro-batch from the sampler: (offsets, x, y), x and y on the device. Marks
+    """This rank's next micro-batch from the sampler: (x, y) on the device. Marks
     its targets covered: every next token for the GPT, the masked positions only for the masked LM."""
     global targets_drawn
     if sampler == 'epoch':
@@ -204,7 +203,7 @@ def train_batch():
     positions = target_positions(offsets, y, causal=objective == 'clm')
     covered[positions] = True
     targets_drawn += len(positions)
-    return offsets, *to_device(x, y)
+    return to_device(x, y)
 
 
 def batch_arrays(split, offsets, rng):
@@ -232,9 +231,6 @@ ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from != 'resume' and os.path.exists(ckpt_path) and not overwrite:
     fail(f"{out_dir} holds another run's checkpoint; continue it with --init_from=resume, or pass another "
          f"--out_dir, or --overwrite=True to replace it")
-CHECKPOINT_KEYS = ('model', 'model_args', 'config', 'optimizers', 'scaler', 'iter_num', 'best_val_loss', 'elapsed',
-                   'ranks', 'coverage', 'data')
-RANK_STATE_KEYS = ('python', 'torch', 'cuda', 'sampler', 'epoch_rng', 'epoch_order', 'epoch_pos', 'targets_drawn')
 iter_num, best_iter, best_val_loss, checkpoint = 0, None, 1e9, None
 elapsed_before = 0.0  # seconds of training loop spent by the run this one resumes
 if init_from == 'scratch':
@@ -247,13 +243,8 @@ elif init_from == 'resume':
         model, checkpoint = load_checkpoint(ckpt_path, dropout=dropout)
     except ValueError as e:
         fail(str(e))
-    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
-    if 'ranks' in checkpoint:
-        missing += [f'ranks[0].{key}' for key in RANK_STATE_KEYS if key not in checkpoint['ranks'][0]]
-    if missing:
-        fail(f"{ckpt_path} lacks {', '.join(missing)} (an older train.py wrote it, or it is damaged); train from scratch")
-    model_args = {**checkpoint['model_args'], 'dropout': dropout}
     check_resume(globals(), checkpoint, ckpt_path, world_size, data_fingerprint)
+    model_args = {**checkpoint['model_args'], 'dropout': dropout}
     iter_num, best_val_loss, elapsed_before = checkpoint['iter_num'], checkpoint['best_val_loss'], checkpoint['elapsed']
     best_iter = checkpoint.get('best_iter')  # None in a checkpoint written before best.pt was kept
 else:
@@ -294,14 +285,9 @@ if checkpoint is not None:
     for opt, state in zip(optimizers, checkpoint['optimizers']):
         opt.load_state_dict(state)
     scaler.load_state_dict(checkpoint['scaler'])
-    own = checkpoint['ranks'][rank]  # each rank continues its own streams
-    random.setstate((own['python'][0], tuple(own['python'][1]), own['python'][2]))
-    torch.set_rng_state(own['torch'])
-    if device_type == 'cuda' and own['cuda'] is not None:
-        torch.cuda.set_rng_state(own['cuda'])
-    train_rng.bit_generator.state, epoch_rng.bit_generator.state = own['sampler'], own['epoch_rng']
-    epoch_state = {'order': own['epoch_order'].numpy(), 'pos': own['epoch_pos']}
-    covered, targets_drawn = checkpoint['coverage']['covered'].numpy().copy(), own['targets_drawn']
+    epoch_state, targets_drawn = restore_rank_state(checkpoint['ranks'][rank], train_rng, epoch_rng,
+                                                    device_type == 'cuda')  # each rank continues its own streams
+    covered = checkpoint['coverage']['covered'].numpy().copy()
     checkpoint = None  # free the memory
 raw_model = model  # the plain GPT: what checkpoints save, never a compiled or DDP wrapper
 if compile:
@@ -315,20 +301,31 @@ if not peak_flops:
 
 
 @torch.no_grad()
-def estimate_loss():
-    """Mean loss over eval_iters batches of each split, drawn with a fixed generator."""
-    out = {}
+def evaluate(rank_states):
+    """The mean loss over eval_iters batches of each split (the same batches at every evaluation),
+    printed and logged with the val loss in bits per byte and the share of the training tokens
+    drawn as targets so far; returns the val loss."""
+    losses = {}
     eval_model.eval()
     for split in ('train', 'val'):
-        rng = np.random.default_rng(seed + 1_000_003)  # the same batches at every evaluation
-        losses = torch.zeros(eval_iters)
+        rng = np.random.default_rng(seed + 1_000_003)
+        batch_losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
             X, Y = to_device(*batch_arrays(split, random_offsets(rng, len(data[split]), block_size, batch_size), rng))
             with ctx:
-                losses[k] = eval_model(X, Y)[1].item()
-        out[split] = losses.mean().item()
+                batch_losses[k] = eval_model(X, Y)[1].item()
+        losses[split] = batch_losses.mean().item()
     eval_model.train()
-    return out
+    # the masked LM's loss is over the 15% masked tokens only: no bits per byte of text
+    val_bpb = bits_per_byte(losses['val'], meta['val_tokens'], meta['val_bytes']) if objective == 'clm' else None
+    drawn = sum(state['targets_drawn'] for state in rank_states)  # all ranks' targets
+    coverage, predicted = covered.mean(), 1 - math.exp(-drawn / n_train)
+    print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+          + (f", val bpb {val_bpb:.4f}" if val_bpb is not None else "")
+          + f", coverage {coverage:.1%} (random offsets: {predicted:.1%}), {elapsed:.0f} s")
+    log_event('eval', iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], val_bpb=val_bpb,
+              elapsed=elapsed, lr=lr, coverage=float(coverage), coverage_predicted=predicted)
+    return losses['val']
 
 
 def log_event(event, **fields):
@@ -359,34 +356,18 @@ def save_snapshot():
     write_atomic({path: lambda tmp: np.savez(tmp, **arrays)})
 
 
-def rank_state():
-    """What this rank needs to continue its own streams: batches, masks and dropout."""
-    return {'python': random.getstate(), 'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None,
-            'sampler': train_rng.bit_generator.state, 'epoch_rng': epoch_rng.bit_generator.state,
-            'epoch_order': torch.from_numpy(epoch_state['order']), 'epoch_pos': epoch_state['pos'],
-            'targets_drawn': targets_drawn}
-
-
 def gather_rank_states():
-    """Called by all ranks together: every rank's state, on rank 0 (None elsewhere), and on
-    every rank the coverage of all ranks' targets (a max all-reduce of the covered flags)."""
+    """Called by all ranks together: every rank's state (checkpoint.rank_state), on rank 0 (None
+    elsewhere), and on every rank the coverage of all ranks' targets (a max all-reduce of the flags)."""
+    own = rank_state(train_rng, epoch_rng, epoch_state, targets_drawn, device_type == 'cuda')
     if not ddp:
-        return [rank_state()]
+        return [own]
     flags = torch.from_numpy(covered.view(np.uint8)).to(device)
     torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
     covered[:] = flags.cpu().numpy().view(bool)
     states = [None] * world_size if master else None
-    torch.distributed.gather_object(rank_state(), states, dst=0)
+    torch.distributed.gather_object(own, states, dst=0)
     return states
-
-
-def log_first_windows(offsets):
-    """Called by all ranks together: a 'ddp' event with the window starts of each rank's first micro-batch."""
-    mine = torch.from_numpy(offsets).to(device)
-    gathered = [torch.zeros_like(mine) for _ in range(world_size)]
-    torch.distributed.all_gather(gathered, mine)
-    log_event('ddp', iter=iter_num, world_size=world_size, first_offsets=[g.tolist() for g in gathered])
 
 
 def save_checkpoint(rank_states, best=False):
@@ -468,33 +449,24 @@ while True:
         skipped_since_read.zero_()
         longest_skipped_run.zero_()
         read_at = iter_num
-    if iter_num % eval_interval == 0 or last:
+    evaluating = iter_num % eval_interval == 0 or last
+    if evaluating:
         rank_states = gather_rank_states()
     if stop:
         print(f"{f'rank {rank}: ' if ddp else ''}stopping after iteration {iter_num} "
               f"({stop_signal or 'another process was signalled'})", flush=True)
-        if master and iter_num > start_iter:  # before anything else: torchrun kills 30 s after a signal
-            save_checkpoint(rank_states)
     if master and snapshot_interval and (iter_num % snapshot_interval == 0 or last) and not eval_only:
         save_snapshot()
-    if master and (iter_num % eval_interval == 0 or last):
-        losses = estimate_loss()
-        # the masked LM's loss is over the 15% masked tokens only: no bits per byte of text
-        val_bpb = bits_per_byte(losses['val'], meta['val_tokens'], meta['val_bytes']) if objective == 'clm' else None
-        drawn = sum(state['targets_drawn'] for state in rank_states)  # all ranks' targets
-        coverage, predicted = covered.mean(), 1 - math.exp(-drawn / n_train)
-        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-              + (f", val bpb {val_bpb:.4f}" if val_bpb is not None else "")
-              + f", coverage {coverage:.1%} (random offsets: {predicted:.1%}), {elapsed:.0f} s")
-        log_event('eval', iter=iter_num, train_loss=losses['train'], val_loss=losses['val'], val_bpb=val_bpb,
-                  elapsed=elapsed, lr=lr, coverage=float(coverage), coverage_predicted=predicted)
-        # best.pt: the lowest val loss of the evaluations that are saved (not the one a run starts from)
-        if iter_num > start_iter and not stop and math.isfinite(losses['val']):
-            improved = losses['val'] < best_val_loss
-            if improved:
-                best_iter, best_val_loss = iter_num, losses['val']
-            if improved or always_save_checkpoint:
-                save_checkpoint(rank_states, best=improved)
+    # at most one save a step: on a stop before the evaluation (torchrun kills 30 s after a signal),
+    # else after a finite evaluation; best.pt when its val loss is the lowest of the run's saved ones
+    val_loss = evaluate(rank_states) if master and evaluating and not stop else math.nan
+    improved = iter_num > start_iter and val_loss < best_val_loss  # never a NaN, nor the starting point
+    if improved:
+        best_iter, best_val_loss = iter_num, val_loss
+    if master and iter_num > start_iter and (stop or improved or (always_save_checkpoint and math.isfinite(val_loss))):
+        save_checkpoint(rank_states, best=improved)
+    if master and evaluating and stop:
+        evaluate(rank_states)
     if last:
         break
 
@@ -504,9 +476,7 @@ while True:
     if sync_debug and device_type == 'cuda' and iter_num > start_iter:  # the first step compiles
         torch.cuda.set_sync_debug_mode('error')
     for micro_step in range(micro_steps):
-        offsets, X, Y = train_batch()
-        if ddp and iter_num == start_iter and micro_step == 0:
-            log_first_windows(offsets)
+        X, Y = train_batch()
         sync = not ddp or micro_step == micro_steps - 1  # all-reduce the gradients only on the last
         with ctx, (nullcontext() if sync else model.no_sync()):
             logits, loss = model(X, Y)

@@ -289,12 +289,9 @@ def test_two_nodes_one_epoch_and_the_gradient_of_one_process(small_data, tmp_pat
     out = ''.join(outputs)
     assert '5,952 tokens per iteration (2 processes x 1 micro-batches x 62 sequences x 48 tokens)' in out
     assert out.count('saved') == 1 and len(events(tmp_path / 'ddp', 'start')) == 1  # rank 0 saves and logs, once
-    [first] = events(tmp_path / 'ddp', 'ddp')
-    rank0, rank1 = (set(offsets) for offsets in first['first_offsets'])
-    assert len(rank0) == len(rank1) == 62 and rank0 | rank1 == set(range(0, 124 * 48, 48))  # disjoint, all
     _, ckpt = load_checkpoint(tmp_path / 'ddp' / 'ckpt.pt')
     assert ckpt['iter_num'] == 1 and len(ckpt['ranks']) == 2
-    # all ranks' targets counted: every target token of the epoch, each drawn exactly once
+    # all ranks' targets counted: every target token of the epoch, each drawn exactly once (disjoint windows)
     assert ckpt['coverage']['covered'].sum().item() == 124 * 48
     assert [state['targets_drawn'] for state in ckpt['ranks']] == [62 * 48, 62 * 48]
     # after one AdamW step the first moment is (1 - beta1) * gradient: the DDP gradient, exactly read back
@@ -343,9 +340,7 @@ def test_sigterm_to_one_rank_stops_both_and_the_resumed_run_equals_the_straight_
     assert losses('straight') == losses('split') and len(losses('split')) == 30
     a, b = (torch.load(tmp_path / d / 'ckpt.pt', weights_only=True) for d in ('straight', 'split'))
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
-    assert [e['iter'] for e in events(tmp_path / 'split', 'ddp')] == [0, stops[0]]
-    for first in events(tmp_path / 'split', 'ddp'):  # the ranks draw different windows, after the resume too
-        assert first['first_offsets'][0] != first['first_offsets'][1]
+    assert b['ranks'][0]['sampler'] != b['ranks'][1]['sampler']  # each rank its own stream of windows
     # the checkpoint holds two ranks' states: one process cannot continue it
     result = run_in_process('train.py', *common, f'--out_dir={tmp_path / "split"}', '--init_from=resume')
     assert result.returncode == 2 and result.stderr.count('\n') == 1
