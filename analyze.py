@@ -105,7 +105,8 @@ def load_matrix(path, name, min_rows=1, rows=None):
     if len(M) < min_rows or (rows is not None and len(M) != rows):
         sys.exit(f"error: --{name}: expected {rows or f'at least {min_rows}'} rows, got {len(M)}")
     if not np.isfinite(M).all():
-        sys.exit(f"error: --{name}: {path} has {int((~np.isfinite(M)).sum())} NaN or infinite entries")
+        sys.exit(f"error: --{name}: {path} has {int((~np.isfinite(M)).sum())} NaN or infinite entries; save a matrix "
+                 f"of finite numbers")
     return M.astype(np.float32)
 
 

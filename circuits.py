@@ -19,7 +19,8 @@ def position_table(model):
 @torch.no_grad()
 def qk_decomposition(model, x):
     """Layer-0 query-key scores on token ids x (B, T), split exactly into five parts; each part's
-    share of the within-query score variance per head, and max |sum of parts - model's scores|."""
+    share of the within-query score variance per head, and max |sum of parts - model's scores|,
+    the scores taken from the model's own forward pass (a hook on layer 0's query-key projection)."""
     block, d, H = model.transformer.h[0], model.config.n_embd, model.config.n_head
     dh, T, ln = d // H, x.size(1), block.ln_1
     W, b = block.attn.c_attn.weight, block.attn.c_attn.bias  # rows: W_Q, W_K, W_V; q = LN(h) W_Q^T + b_Q
@@ -40,6 +41,14 @@ def qk_decomposition(model, x):
     p = position_table(model)[:T]
     cov, var, error, largest = torch.zeros(len(TERMS), H, device=W.device), torch.zeros(H, device=W.device), 0.0, 0.0
     for xb in x.split(1):
+        # the model's own layer-0 queries and keys, from its forward pass
+        captured = []
+        hook = block.attn.c_attn.register_forward_hook(lambda module, inputs, output: captured.append(output))
+        try:
+            model.trunk(xb)
+        finally:
+            hook.remove()
+        q, k, _ = captured[0].split(d, dim=2)
         e = model.transformer.wte(xb)
         # LN(e + p) = gamma*(e - mean e)/sigma + gamma*(p - mean p)/sigma + beta exactly, sigma = std(e + p)
         sigma = torch.sqrt((e + p).var(-1, unbiased=False, keepdim=True) + ln.eps)
@@ -49,7 +58,6 @@ def qk_decomposition(model, x):
         qb, kb = b_Q.view(H, 1, dh), b_K.view(H, 1, dh)
         parts = torch.stack([qe @ ke.mT, qp @ kp.mT, qe @ kp.mT, qp @ ke.mT,
                              qb @ (ke + kp).mT + (qe + qp) @ kb.mT + qb @ kb.mT]) / math.sqrt(dh)
-        q, k, _ = block.attn.c_attn(ln(e + p)).split(d, dim=2)  # the model's own layer-0 scores
         scores = heads(q) @ heads(k).mT / math.sqrt(dh)
         error = max(error, (parts.sum(0) - scores).abs().max().item())
         largest = max(largest, scores.abs().max().item())

@@ -255,7 +255,8 @@ else:
     model_args = asdict(model.config)
 check_model(globals(), chosen, model.config, ckpt_path if init_from == 'resume' else init_from)
 if model.config.vocab_size != meta['vocab_size']:
-    fail(f"the model's vocab_size {model.config.vocab_size} differs from {data_dir}/meta.json ({meta['vocab_size']})")
+    fail(f"the model's vocab_size {model.config.vocab_size} differs from {data_dir}/meta.json ({meta['vocab_size']}); "
+         f"prepare this data with the model's tokenizer, or train from scratch on it")
 if block_size > model.config.block_size:
     fail(f"block_size {block_size} is larger than the model's context ({model.config.block_size})")
 if block_size < model.config.block_size:

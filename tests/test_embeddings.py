@@ -45,22 +45,6 @@ def test_gradient_of_the_model_loss_wrt_its_logits_is_p_minus_y():
     assert torch.allclose(logits.grad, (p - F.one_hot(y, 40)) / y.numel(), atol=1e-15)  # the mean over B*T
 
 
-def test_hessian_of_the_model_loss_wrt_one_positions_logits_is_diag_p_minus_ppT():
-    model, (x, y) = tiny_gpt(), batch()
-    logits = model(x)[0].detach()
-    loss = loss_of_logits(model, x, y)
-
-    def loss_of_row(z):  # vary the logits of position (0, 3) only
-        full = logits.clone()
-        full[0, 3] = z
-        return loss(full)
-    hessian = torch.autograd.functional.hessian(loss_of_row, logits[0, 3])
-    p = F.softmax(logits[0, 3], -1)
-    assert torch.allclose(hessian * y.numel(), torch.diag(p) - torch.outer(p, p), atol=1e-12)  # whatever the target
-    assert torch.linalg.eigvalsh(hessian).min() >= -1e-12  # convex in the logits
-    assert torch.allclose(hessian.sum(1), torch.zeros(40, dtype=torch.float64), atol=1e-14)  # flat along (1, ..., 1)
-
-
 def test_the_tied_matrix_gets_the_output_gradient_plus_the_input_gradient():
     # W = wte.weight is both the embedding and the head: dL/dW = (p - y)^T h_final + the lookups' gradients
     model, (x, y) = tiny_gpt(), batch()

@@ -2,7 +2,7 @@ import dataclasses
 
 import torch
 
-from conftest import run_in_process
+from conftest import require, run_in_process
 from model import GPT, GPTConfig
 
 
@@ -16,7 +16,7 @@ def tiny_checkpoint(folder):
     return model
 
 
-def test_same_seed_same_text_and_streaming(tmp_path):
+def test_same_seed_same_text(tmp_path):
     tiny_checkpoint(tmp_path / 'out')
     args = ['sample.py', f'--out_dir={tmp_path / "out"}', '--max_new_tokens=12', '--start=Hello', '--num_samples=2']
     first, second = run_in_process(*args, '--seed=7'), run_in_process(*args, '--seed=7')
@@ -26,15 +26,19 @@ def test_same_seed_same_text_and_streaming(tmp_path):
     assert 'tokens/s' in first.stderr and '24 tokens' in first.stderr
 
 
-def test_greedy_sample_matches_generate(tmp_path):
+def test_greedy_sample_matches_transformers_generate(tmp_path):
+    # the reference: Hugging Face's GPT-2 with the same weights, its own greedy decoding
+    transformers = require('transformers')
     from tokenizer import get_tokenizer
     model = tiny_checkpoint(tmp_path / 'out').eval()
+    model.save_pretrained(tmp_path / 'hf')
+    reference = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / 'hf').eval()
     enc = get_tokenizer()
     prompt = torch.tensor([enc.encode_ordinary('Hello')])
-    expected = enc.decode(model.generate(prompt, 10, temperature=0)[0].tolist())
+    expected = reference.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=enc.eot_token)
     result = run_in_process('sample.py', f'--out_dir={tmp_path / "out"}', '--max_new_tokens=10', '--start=Hello',
-                        '--temperature=0')
-    assert result.stdout == expected + '\n'
+                            '--temperature=0')
+    assert result.stdout == enc.decode(expected[0].tolist()) + '\n'
 
 
 def test_over_long_prompt_is_cropped_with_a_note(tmp_path):
@@ -56,6 +60,7 @@ def test_a_reader_that_leaves_early_ends_the_run_quietly(tmp_path):
     process = subprocess.Popen([sys.executable, 'sample.py', f'--out_dir={tmp_path / "out"}', '--max_new_tokens=2000',
                                 '--kv_cache=False'], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert len(process.stdout.read(20)) == 20
+    assert process.poll() is None  # streamed: the first tokens arrive while the rest are still being made
     process.stdout.close()
     err = process.communicate(timeout=120)[1].decode()
     assert process.returncode == 0 and err == '', err
