@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from atomic import write_atomic
 from circuits import TERMS, logit_lens, position_table, qk_decomposition, residual_stream
-from configurator import check, configure, one_of, resolve_device
+from configurator import at_least, check, configure, one_of, resolve_device
 from download import DownloadError
 from geometry import (analogy, anisotropy, contextual_geometry, cosine_matrix, drift_vs_frequency, linear_cka,
                       mean_cos_by_distance, nearest_neighbours, norm_vs_frequency, pca, positional_geometry, similarity,
@@ -532,7 +532,7 @@ def plain(o):
 
 if __name__ == '__main__':
     configure(globals(), compare_argv(sys.argv[1:]))
-    check(globals(), {'checkpoint': one_of('best', 'last')})
+    check(globals(), {'checkpoint': one_of('best', 'last'), 'eval_tokens': at_least(1), 'top_n': at_least(11)})
     t0, enc, figures, report, notes = time.time(), get_tokenizer(), [], {}, []
     device = resolve_device(device)
     probe_words = PROBE_WORDS + [' ' + w.strip() for w in probes.split(',') if w.strip()]

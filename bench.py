@@ -24,7 +24,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from configurator import configure, resolve_device
+from configurator import at_least, check, configure, one_of, resolve_device
 from data import random_offsets, windows
 from machine import choose_cpu_dtype, keep_freed_memory, measure_matmul_flops, synchronize
 from model import GPT, GPTConfig
@@ -44,6 +44,8 @@ compile = True            # include torch.compile rows
 out_file = 'bench.jsonl'
 # -----------------------------------------------------------------------------
 configure(globals())
+check(globals(), {'batch_size': at_least(0), 'block_size': at_least(0), 'steps': at_least(1), 'warmup': at_least(1),
+                  'new_tokens': at_least(1), 'compile': one_of(True, False)})
 device = resolve_device(device)
 cuda = device.startswith('cuda')
 torch.backends.cuda.matmul.allow_tf32 = True  # as train.py: fp32 matmuls on a GPU run in TF32

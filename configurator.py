@@ -86,30 +86,45 @@ def configure(settings, argv=None):
 
 
 # Rules for check(): each takes a value and returns None when it is allowed, else what it must be.
+def number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def one_of(*allowed):
     return lambda value: None if any(value is a or (value == a and type(value) is type(a)) for a in allowed) \
         else f"one of {', '.join(repr(a) for a in allowed)}"
 
 
 def at_least(low):
-    return lambda value: None if value >= low else f">= {low}"
+    return lambda value: None if number(value) and value >= low else f">= {low}"
+
+
+def greater_than(low):
+    return lambda value: None if number(value) and value > low else f"> {low}"
+
+
+def integer_at_least(low):
+    return lambda value: None if type(value) is int and value >= low else f"an integer >= {low}"
 
 
 def below(low, high):
     """low <= value < high."""
-    return lambda value: None if low <= value < high else f"in [{low}, {high})"
+    return lambda value: None if number(value) and low <= value < high else f"in [{low}, {high})"
 
 
 def optional(rule):
+    """None, or what rule allows."""
     return lambda value: None if value is None else rule(value)
 
 
 def check(settings, rules):
-    """Fail on the first setting whose rule rejects its value: 'NAME must be WHAT, not VALUE'."""
-    for name, rule in rules.items():
-        expected = rule(settings[name])
+    """Fail on the first setting whose rule rejects its value: 'NAME must be WHAT, not VALUE'. A rule
+    keyed by a tuple of names spans settings: it takes their values, and the message names the first."""
+    for names, rule in rules.items():
+        names = names if isinstance(names, tuple) else (names,)
+        expected = rule(*(settings[name] for name in names))
         if expected is not None:
-            fail(f"{name} must be {expected}, not {settings[name]!r}")
+            fail(f"{names[0]} must be {expected}, not {settings[names[0]]!r}")
 
 
 def check_model(settings, chosen, model_config, source):
@@ -145,6 +160,4 @@ def resolve_dtype(dtype, device):
         if not device.startswith('cuda'):
             return 'float32'
         return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-    if dtype not in ('float32', 'bfloat16', 'float16'):
-        fail(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
     return dtype

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from configurator import configure
+from configurator import check, configure, greater_than, integer_at_least, one_of, optional
 from atomic import write_atomic
 from tokenizer import VOCAB_SIZE
 
@@ -142,7 +142,7 @@ def sgns_loss(v_word, u_context, u_noise):
     return -(F.logsigmoid(positive) + F.logsigmoid(-negative).sum(-1)).sum()
 
 
-def train_sgns(tokens, dim, window, negatives, epochs=15, batch_size=1024, lr=0.05, subsample=1e-3, seed=1337):
+def train_sgns(tokens, dim, window, negatives, epochs, batch_size, lr, subsample, seed):
     """Skip-gram with negative sampling. Returns (W_E (VOCAB_SIZE, dim), loss per epoch).
     word2vec steps one pair at a time, each by lr times that pair's gradient, and a row's later steps
     shrink as its sigmoids saturate. A minibatch sums gradients taken at one point instead: a row
@@ -205,7 +205,7 @@ def glove_loss(w_i, w_j, b_i, b_j, log_x, f):
     return (f * ((w_i * w_j).sum(-1) + b_i + b_j - log_x) ** 2).sum()
 
 
-def train_glove(tokens, dim, window, x_max=100, alpha=0.75, epochs=25, batch_size=4096, lr=0.05, seed=1337):
+def train_glove(tokens, dim, window, x_max, alpha, epochs, batch_size, lr, seed):
     """GloVe with AdaGrad, as in the paper. Returns (W_E = w + w~ (VOCAB_SIZE, dim), loss per epoch)."""
     vocab, ids = compact_ids(tokens)
     rows, cols, x = cooccurrence(ids, window)
@@ -228,20 +228,15 @@ def train_glove(tokens, dim, window, x_max=100, alpha=0.75, epochs=25, batch_siz
 
 if __name__ == '__main__':
     configure(globals())
-    if method not in METHOD_DEFAULTS:
-        sys.exit(f"error: unknown method {method!r}; use sgns or glove")
-    defaults = METHOD_DEFAULTS[method]
-    epochs = defaults['epochs'] if epochs is None else epochs
-    batch_size = defaults['batch_size'] if batch_size is None else batch_size
-    lr = defaults['lr'] if lr is None else lr
+    check(globals(), {
+        'method': one_of(*METHOD_DEFAULTS),
+        **{name: integer_at_least(1) for name in ('dim', 'window', 'negatives')},
+        **{name: optional(integer_at_least(1)) for name in ('epochs', 'batch_size')},
+        'lr': optional(greater_than(0)), **{name: greater_than(0) for name in ('subsample', 'x_max', 'alpha')},
+    })
+    epochs, batch_size, lr = (METHOD_DEFAULTS[method][name] if value is None else value
+                              for name, value in (('epochs', epochs), ('batch_size', batch_size), ('lr', lr)))
     out_dir = out_dir or f'out-{method}'
-    for name, value in (('dim', dim), ('window', window), ('epochs', epochs), ('batch_size', batch_size),
-                        ('negatives', negatives)):
-        if type(value) is not int or value <= 0:
-            sys.exit(f"error: {name} must be a positive integer, not {value!r}")
-    for name, value in (('lr', lr), ('subsample', subsample), ('x_max', x_max), ('alpha', alpha)):
-        if type(value) not in (int, float) or value <= 0:
-            sys.exit(f"error: {name} must be a positive number, not {value!r}")
     train_path = os.path.join(data_dir, 'train.bin')
     if not os.path.isfile(train_path):
         sys.exit(f"error: no {train_path}; run python prepare.py first (or pass --data_dir)")

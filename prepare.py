@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from atomic import write_atomic
-from configurator import configure
+from configurator import at_least, check, configure, one_of
 from download import DownloadError, download
 from tokenizer import EOT_TOKEN, RANKS_SHA256, VOCAB_SIZE, get_tokenizer
 
@@ -122,15 +122,6 @@ def sha256(data):
 
 
 def main():
-    if split not in ('tail', 'interleaved'):
-        raise ValueError(f"split must be 'tail' or 'interleaved', not {split!r}")
-    if not 0 < val_fraction < 0.5:
-        raise ValueError(f"val_fraction must be in (0, 0.5), not {val_fraction}")
-    if split == 'interleaved' and abs(1 / round(1 / val_fraction) - val_fraction) > 1e-3:
-        raise ValueError(f"split='interleaved' makes one chunk in every k val, so val_fraction must be 1/k "
-                         f"(0.1, 0.125, 0.2, 0.25, 0.333), not {val_fraction}")
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, not {chunk_tokens}")
     raw = fetch_raw(source, data_dir, force, timeout)
     whole = check_text(raw, source)
     text = strip_gutenberg(whole)
@@ -168,6 +159,13 @@ def main():
 
 if __name__ == '__main__':
     configure(globals())
+    check(globals(), {
+        'split': one_of('tail', 'interleaved'), 'val_fraction': lambda f: None if 0 < f < 0.5 else "in (0, 0.5)",
+        # split='interleaved' makes one chunk in every k val
+        ('val_fraction', 'split'): lambda f, s: None if s == 'tail' or abs(1 / round(1 / f) - f) <= 1e-3
+        else "1/k with split='interleaved' (0.1, 0.125, 0.2, 0.25, 0.333)",
+        'chunk_tokens': at_least(1), 'timeout': at_least(1), 'force': one_of(True, False),
+    })
     new_dirs = [d for d in (os.path.join(data_dir, 'raw'), data_dir) if not os.path.exists(d)]
     try:
         main()

@@ -20,7 +20,7 @@ from contextlib import nullcontext
 import torch
 
 from checkpoint import checkpoint_to_read
-from configurator import check, configure, one_of, resolve_device, resolve_dtype
+from configurator import at_least, check, configure, one_of, optional, resolve_device, resolve_dtype
 from download import DownloadError
 from model import load_model
 from tokenizer import get_tokenizer
@@ -42,15 +42,12 @@ dtype = 'auto'         # 'auto', 'float32', 'bfloat16', 'float16'
 compile = False
 # -----------------------------------------------------------------------------
 configure(globals())
-check(globals(), {'checkpoint': one_of('best', 'last')})
-if temperature < 0:
-    sys.exit(f"error: temperature must be >= 0 (0 is greedy), not {temperature}")
-if not 0 < top_p <= 1:
-    sys.exit(f"error: top_p must be in (0, 1], not {top_p}")
-if top_k is not None and top_k < 1:
-    sys.exit(f"error: top_k must be >= 1 or None, not {top_k}")
-if max_new_tokens < 1 or num_samples < 1:
-    sys.exit("error: max_new_tokens and num_samples must be >= 1")
+check(globals(), {
+    'checkpoint': one_of('best', 'last'), 'dtype': one_of('auto', 'float32', 'bfloat16', 'float16'),
+    'temperature': lambda t: None if t >= 0 else ">= 0 (0 is greedy)", 'top_k': optional(at_least(1)),
+    'top_p': lambda p: None if 0 < p <= 1 else "in (0, 1]", 'max_new_tokens': at_least(1), 'num_samples': at_least(1),
+    'kv_cache': one_of(True, False), 'compile': one_of(True, False),
+})
 device = resolve_device(device)
 dtype = resolve_dtype(dtype, device)
 torch.manual_seed(seed)

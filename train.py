@@ -118,6 +118,11 @@ check(globals(), {
     **{name: at_least(0) for name in ('learning_rate', 'min_lr', 'max_iters', 'max_seconds', 'weight_decay',
                                       'grad_clip', 'warmup_iters', 'snapshot_interval', 'sample_tokens', 'seed',
                                       'peak_flops')},
+    ('n_embd', 'n_head'): lambda n_embd, n_head: None if n_embd % n_head == 0 else f"a multiple of n_head ({n_head})",
+    ('pos_emb', 'n_embd', 'n_head'): lambda pos_emb, n_embd, n_head: None if pos_emb != 'rope' or n_embd // n_head % 2 == 0
+    else f"another scheme than 'rope' (which rotates pairs) with an odd head size n_embd / n_head ({n_embd // n_head})",
+    ('eval_only', 'init_from'): lambda eval_only, init_from: None if not eval_only or init_from not in PRETRAINED
+    else f"False with init_from={init_from!r} (it evaluates the run in out_dir; drop --init_from)",
 })
 config = {k: v for k, v in globals().items() if k.islower() and not k.startswith('_')
           and isinstance(v, (int, float, bool, str, type(None)))}
@@ -129,17 +134,11 @@ def fail(message):
 
 signal.signal(signal.SIGINT, lambda signum, frame: fail("interrupted during start-up; nothing was saved"))
 
-if n_embd % n_head:
-    fail(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head})")
-if eval_only and init_from in PRETRAINED:
-    fail(f"eval_only evaluates the run in out_dir (its ckpt.pt), not {init_from}; drop --init_from")
 if eval_only:  # the run's checkpoint, read as a resume reads it: no new run, nothing set aside
     init_from = 'resume'
 for name, value in (('pos_emb', 'learned'), ('bias', True), ('objective', 'clm')):
     if init_from in PRETRAINED and name in chosen and globals()[name] != value:
         fail(f"init_from={init_from!r} is GPT-2 with {name}={value!r}; drop --{name}={globals()[name]}")
-if pos_emb == 'rope' and (n_embd // n_head) % 2:
-    fail(f"pos_emb='rope' rotates pairs of dimensions: the head size n_embd / n_head ({n_embd // n_head}) must be even")
 
 # distributed set-up: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
 ddp = 'RANK' in os.environ

@@ -132,9 +132,10 @@ def test_glove_loss_is_zero_at_a_perfect_fit_and_weighted():
 GROUP_A, GROUP_B = np.arange(100, 105), np.arange(200, 205)  # never within a window of each other...
 # ...but each group has its own contexts, tokens 300.. and 400..
 # small and fast: 16 dimensions, a few epochs
-TINY = {'sgns': lambda tokens, seed=0: train_sgns(tokens, 16, 2, 5, epochs=3, batch_size=128, subsample=1.0,
+TINY = {'sgns': lambda tokens, seed=0: train_sgns(tokens, 16, 2, 5, epochs=3, batch_size=128, lr=0.05, subsample=1.0,
                                                   seed=seed),
-        'glove': lambda tokens, seed=0: train_glove(tokens, 16, 2, epochs=10, batch_size=256, seed=seed)}
+        'glove': lambda tokens, seed=0: train_glove(tokens, 16, 2, x_max=100, alpha=0.75, epochs=10, batch_size=256,
+                                                    lr=0.05, seed=seed)}
 
 
 def planted_corpus(n_sentences=1000, n_contexts=10, seed=0):
@@ -174,7 +175,10 @@ def test_default_settings_on_a_small_vocabulary(name):
     tokens = planted_corpus(8000, n_contexts=15)
     assert len(np.unique(tokens)) == 40
     train = train_sgns if name == 'sgns' else train_glove
-    W_E, losses = train(tokens, 256, 2, *([5] if name == 'sgns' else []), **METHOD_DEFAULTS[name])
+    import embeddings  # its settings' defaults, as the script runs with them
+    method_args = ({'negatives': embeddings.negatives, 'subsample': embeddings.subsample} if name == 'sgns'
+                   else {'x_max': embeddings.x_max, 'alpha': embeddings.alpha})
+    W_E, losses = train(tokens, 256, 2, **method_args, **METHOD_DEFAULTS[name], seed=1337)
     assert np.isfinite(W_E).all() and np.isfinite(losses).all() and losses[-1] < 0.8 * losses[0], losses
     within, between = group_cosines(W_E)
     assert within > between + 0.2, (within, between)
@@ -262,10 +266,11 @@ def test_cli_without_train_bin(tmp_path):
 
 
 @pytest.mark.parametrize('arg, message', [
-    ('--method=lsa', "unknown method 'lsa'"),
-    ('--dim=0', 'dim must be a positive integer'),
-    ('--window=-1', 'window must be a positive integer'),
-    ('--epochs=0', 'epochs must be a positive integer'),
+    ('--method=lsa', "method must be one of 'sgns', 'glove', not 'lsa'"),
+    ('--dim=0', 'dim must be an integer >= 1, not 0'),
+    ('--window=-1', 'window must be an integer >= 1, not -1'),
+    ('--epochs=0', 'epochs must be an integer >= 1, not 0'),
+    ('--lr=fast', "lr must be > 0, not 'fast'"),
     ('--lr=10.0', 'sgns: the loss is'),  # non-finite: refused, nothing written
 ])
 def test_cli_bad_settings(tiny_data_dir, tmp_path, arg, message):
