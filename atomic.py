@@ -20,11 +20,10 @@ def fsync_path(path):
 
 
 def remove_orphans(folder):
-    """Delete the temporary files that a killed writer left in folder; return how many."""
+    """Delete the temporary files that a killed writer left in folder."""
     orphans = [name for name in os.listdir(folder) if name.startswith(PREFIX)] if os.path.isdir(folder) else []
     for name in orphans:
         os.remove(os.path.join(folder, name))
-    return len(orphans)
 
 
 def move_into_place(tmp, path):

@@ -32,7 +32,7 @@ def http_session(retries=3, backoff=0.5):
 
 
 def download(url, path, timeout=30, retries=3, backoff=0.5, chunk_bytes=1 << 20, check=None):
-    """Fetch url into path atomically; return the response headers. check(tmp_path), if given,
+    """Fetch url into path atomically. check(tmp_path), if given,
     reads the complete file before it is moved into place and raises ValueError if it is not
     what was asked for. Raises DownloadError."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -64,7 +64,6 @@ def download(url, path, timeout=30, retries=3, backoff=0.5, chunk_bytes=1 << 20,
             except ValueError as e:
                 raise DownloadError(f"{url} sent a file that cannot be read ({e})")
         move_into_place(tmp_path, path)
-        return response.headers
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)

@@ -203,6 +203,21 @@ def test_configure_optimizers_decays_only_matrices():
     assert all(p.dim() == 2 for p in muon.param_groups[0]['params'])
     assert len(muon.param_groups[0]['params']) == 4 * 2  # c_attn, c_proj, c_fc, c_proj per block
     assert any(p is model.transformer.wte.weight for g in adamw.param_groups for p in g['params'])
+    with pytest.raises(ValueError, match="optimizer must be 'adamw' or 'muon', not 'sgd'"):
+        model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', optimizer='sgd')
+
+
+def test_a_model_that_cannot_be_built_or_run_says_why():
+    # the guards a copy-pasted model meets (train.py's own settings rules refuse these first)
+    with pytest.raises(AssertionError):
+        GPT(GPTConfig(n_layer=1, n_head=3, n_embd=32))  # heads must split n_embd
+    with pytest.raises(AssertionError, match='pos_emb must be one of'):
+        GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, pos_emb='relative'))
+    model = tiny()
+    with pytest.raises(AssertionError, match='sequence of 33 > block_size 32'):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(AssertionError):
+        model.crop_block_size(64)  # a context can only be shortened
 
 
 def test_flops_per_token():
