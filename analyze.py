@@ -29,12 +29,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 from atomic import write_atomic
 from circuits import TERMS, logit_lens, position_table, qk_decomposition, residual_stream
 from configurator import at_least, check, configure, one_of, resolve_device
+from data import read_split
 from download import DownloadError
 from geometry import (analogy, anisotropy, contextual_geometry, cosine_matrix, drift_vs_frequency, linear_cka,
                       mean_cos_by_distance, nearest_neighbours, norm_vs_frequency, pca, positional_geometry, similarity,
                       type_means)
 from model import load_model
-from runlog import read_events
+from runlog import plot_losses, read_events
 from tokenizer import VOCAB_SIZE, get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -139,14 +140,11 @@ def load_tables(path, name):
 
 
 def load_tokens(data_dir, split):
-    """The uint16 token ids of data_dir/{split}.bin."""
-    path = os.path.join(data_dir, f'{split}.bin')
-    if not os.path.exists(path):
-        sys.exit(f"error: no {path}; run prepare.py first, or pass --data_dir")
-    ids = np.fromfile(path, dtype=np.uint16)
-    if len(ids) < 2 or ids.max() >= VOCAB_SIZE:
-        sys.exit(f"error: {path} is not a token file written by prepare.py")
-    return ids
+    """The token ids of data_dir/{split}.bin (data.read_split), or exit with one line."""
+    try:
+        return read_split(data_dir, split)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 
 
 def load_snapshots(folder, counts):
@@ -605,11 +603,9 @@ if __name__ == '__main__':
                               'last_val_loss': evals[-1]['val_loss'] if evals else None,
                               'last_val_bpb': evals[-1].get('val_bpb') if evals else None,
                               'best_val_loss': min(e['val_loss'] for e in evals) if evals else None}
-            md += ['## Training\n', table(list(report['loss']), [list(report['loss'].values())]),
-                   plot_lines('loss.png', 'Training loss', 'iteration', 'cross-entropy (nats)',
-                              [([e['iter'] for e in train], [e['loss'] for e in train], '-', 'train (one batch)')] +
-                              [([e['iter'] for e in evals], [e[key] for e in evals], 'o-', key.replace('_', ' '))
-                               for key in ('train_loss', 'val_loss')])]
+            plot_losses(out_dir, os.path.join(report_dir, 'loss.png'))
+            figures.append('loss.png')
+            md += ['## Training\n', table(list(report['loss']), [list(report['loss'].values())]), '![loss.png](loss.png)\n']
         if W_pos is not None:
             report['positional'], section = positional_section(W_pos)
             md += section

@@ -19,14 +19,13 @@ import os
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 
 from configurator import at_least, check, configure, one_of, resolve_device
 from data import random_offsets, windows
-from machine import choose_cpu_dtype, keep_freed_memory, measure_matmul_flops, synchronize
+from machine import autocast, choose_cpu_dtype, keep_freed_memory, measure_matmul_flops, synchronize
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -86,7 +85,7 @@ def train_step_speed(config, dtype, compiled, B, T):
     model = GPT(config).to(device)
     [opt] = model.configure_optimizers(0.1, 3e-4, (0.9, 0.95), 'cuda' if cuda else 'cpu')
     step_model = torch.compile(model) if compiled else model
-    ctx = torch.autocast('cuda' if cuda else 'cpu', dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
+    ctx = autocast(device, dtype)
     x, y = torch.randint(0, config.vocab_size, (2, B, T), device=device)
     for i in range(warmup + steps):
         if i == warmup:

@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from tokenizer import EOT_TOKEN
+from tokenizer import EOT_TOKEN, VOCAB_SIZE
 
 MASK_TOKEN = EOT_TOKEN  # the masked LM's [MASK]: <|endoftext|> never occurs inside the book
 
@@ -65,6 +65,20 @@ def open_data(data_dir):
             raise ValueError(f"{path} holds token id {data[split].max()}, not below vocab_size {meta['vocab_size']}; "
                              f"{again}")
     return meta, data
+
+
+def read_split(data_dir, split):
+    """One split's token ids (a read-only uint16 memmap): checked by open_data where data_dir has the
+    meta.json that prepare.py writes, else only as GPT-2 ids. ValueError with one line."""
+    if os.path.exists(os.path.join(data_dir, 'meta.json')):
+        return open_data(data_dir)[1][split]
+    path = os.path.join(data_dir, f'{split}.bin')
+    if not os.path.isfile(path) or os.path.getsize(path) < 4 or os.path.getsize(path) % 2:
+        raise ValueError(f"no token file {path}; run python prepare.py first (or pass --data_dir)")
+    ids = open_split(data_dir, split)
+    if ids.max() >= VOCAB_SIZE:
+        raise ValueError(f"{path} is not a list of GPT-2 token ids; run python prepare.py again")
+    return ids
 
 
 def random_offsets(rng, n_tokens, block_size, batch_size):

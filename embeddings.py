@@ -23,6 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from configurator import check, configure, greater_than, integer_at_least, one_of, optional
+from data import read_split
 from atomic import write_atomic
 from tokenizer import VOCAB_SIZE
 
@@ -237,12 +238,10 @@ if __name__ == '__main__':
     epochs, batch_size, lr = (METHOD_DEFAULTS[method][name] if value is None else value
                               for name, value in (('epochs', epochs), ('batch_size', batch_size), ('lr', lr)))
     out_dir = out_dir or f'out-{method}'
-    train_path = os.path.join(data_dir, 'train.bin')
-    if not os.path.isfile(train_path):
-        sys.exit(f"error: no {train_path}; run python prepare.py first (or pass --data_dir)")
-    tokens = np.fromfile(train_path, dtype=np.uint16)
-    if len(tokens) < 2 or tokens.max() >= VOCAB_SIZE:
-        sys.exit(f"error: {train_path} is not a list of GPT-2 token ids; run python prepare.py again")
+    try:
+        tokens = read_split(data_dir, 'train')
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 
     n_seen = len(np.unique(tokens))
     print(f"{method}: {len(tokens):,} tokens, {n_seen:,} distinct; dim {dim}, window {window}, "

@@ -17,6 +17,15 @@ import torch
 from torch.nn import functional as F
 
 
+def autocast(device, dtype):
+    """The context that computes in dtype ('float32', 'bfloat16' or 'float16') on device ('cpu',
+    'cuda', 'cuda:1', ...): nothing for float32, else torch's autocast, which keeps the weights in
+    fp32 and runs matrix products in dtype."""
+    if dtype == 'float32':
+        return nullcontext()
+    return torch.autocast(device_type=str(device).split(':')[0], dtype=getattr(torch, dtype))
+
+
 def synchronize(device):
     if str(device).startswith('cuda'):
         torch.cuda.synchronize()
@@ -63,7 +72,7 @@ def time_head(n_embd, vocab_size, n_tokens, dtype, repeats=2):
     h = torch.randn(n_tokens, n_embd, generator=generator).requires_grad_()
     w_e = (0.02 * torch.randn(vocab_size, n_embd, generator=generator)).requires_grad_()
     targets = torch.randint(0, vocab_size, (n_tokens,), generator=generator)
-    ctx = nullcontext() if dtype == 'float32' else torch.autocast('cpu', dtype=getattr(torch, dtype))
+    ctx = autocast('cpu', dtype)
     best = float('inf')
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -78,6 +78,9 @@ def alibi_slopes(n_head):
     return torch.tensor(power_of_two(closest) + power_of_two(2 * closest)[0::2][:n_head - closest])
 
 
+TEMPERATURE, TOP_K = 0.8, 200  # how sample.py and train.py's samples draw, unless told otherwise
+
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Draw one token per row of logits (B, V): greedy when temperature is 0; top_k keeps the
     k likeliest tokens; top_p keeps the smallest set whose probability reaches p (nucleus)."""

@@ -45,8 +45,9 @@ def read_events(path):
             raise ValueError(f"{path} has a line that is not JSON ({e.msg}); is it a log.jsonl written by train.py?")
 
 
-def plot_losses(out_dir):
-    """loss.png: the batch losses and the evaluations of the run in out_dir/log.jsonl."""
+def plot_losses(out_dir, path=None):
+    """The batch losses and the evaluations of the run in out_dir/log.jsonl, drawn into path
+    (out_dir/loss.png unless given: analyze.py puts a copy in its report)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -62,5 +63,5 @@ def plot_losses(out_dir):
     ax.set(xlabel='iteration', ylabel='cross-entropy (nats)', title=f'{out_dir}: loss')
     ax.legend()
     fig.tight_layout()
-    write_atomic({os.path.join(out_dir, 'loss.png'): lambda tmp: fig.savefig(tmp, format='png', dpi=120)})
+    write_atomic({path or os.path.join(out_dir, 'loss.png'): lambda tmp: fig.savefig(tmp, format='png', dpi=120)})
     plt.close(fig)

@@ -15,14 +15,14 @@ import codecs
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
 from checkpoint import checkpoint_to_read
 from configurator import at_least, check, configure, one_of, optional, resolve_device, resolve_dtype
 from download import DownloadError
-from model import load_model
+from machine import autocast
+from model import TEMPERATURE, TOP_K, load_model
 from tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -32,8 +32,8 @@ checkpoint = 'best'    # 'best': out_dir/best.pt where train.py kept one, else c
 start = '\n'           # the prompt, or FILE:path to read it from a file
 num_samples = 1
 max_new_tokens = 200
-temperature = 0.8      # 0 is greedy
-top_k = 200            # None: no top-k filtering
+temperature = TEMPERATURE  # 0.8; 0 is greedy
+top_k = TOP_K          # 200; None: no top-k filtering
 top_p = 1.0            # nucleus sampling; 1.0: off
 kv_cache = True
 seed = 1337
@@ -65,7 +65,7 @@ if not model.config.causal:
 model.eval().to(device)
 if compile:
     model = torch.compile(model)
-ctx = torch.autocast(device_type=device.split(':')[0], dtype=getattr(torch, dtype)) if dtype != 'float32' else nullcontext()
+ctx = autocast(device, dtype)
 
 enc = get_tokenizer()
 if start.startswith('FILE:'):

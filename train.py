@@ -49,8 +49,8 @@ from configurator import at_least, below, check, check_model, configure, one_of,
 from data import (bits_per_byte, epoch_offsets, mask_tokens, open_data, random_offsets, split_batch, target_positions,
                   windows)
 from download import DownloadError
-from machine import choose_cpu_dtype, keep_freed_memory, measure_matmul_flops
-from model import GPT, GPTConfig, POS_EMBS, PRETRAINED, load_checkpoint, step_unless
+from machine import autocast, choose_cpu_dtype, keep_freed_memory, measure_matmul_flops
+from model import GPT, GPTConfig, POS_EMBS, PRETRAINED, TEMPERATURE, TOP_K, load_checkpoint, step_unless
 from runlog import plot_losses, start_log, write_event
 from schedule import learning_rate_at, training_progress
 from tokenizer import get_tokenizer
@@ -278,7 +278,7 @@ if dtype == 'auto':  # the CPU: bf16 autocast only where this CPU runs it faster
         print(f"dtype auto: {dtype} (vocabulary head forward + backward on {probe_tokens} tokens: "
               f"{head_seconds['float32'] * 1000:.1f} ms in float32, {head_seconds['bfloat16'] * 1000:.1f} ms "
               f"under bfloat16 autocast)")
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+ctx = autocast(device, dtype)
 optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 if checkpoint is not None:
@@ -341,7 +341,7 @@ def sample_text():
     generator = torch.Generator(device=device).manual_seed(seed)
     start = torch.tensor([get_tokenizer().encode_ordinary('\n')], device=device)
     with ctx:
-        out = raw_model.generate(start, sample_tokens, temperature=0.8, top_k=200, generator=generator)
+        out = raw_model.generate(start, sample_tokens, temperature=TEMPERATURE, top_k=TOP_K, generator=generator)
     raw_model.train()
     return get_tokenizer().decode(out[0, 1:].tolist())
 

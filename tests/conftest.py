@@ -1,3 +1,4 @@
+import gc
 import http.server
 import io
 import os
@@ -58,6 +59,11 @@ def run_in_process(*args, cwd=ROOT):
         os.chdir(saved_cwd)
         for signum, handler in saved_signals.items():
             signal.signal(signum, handler)
+        # a script that exited early leaves its open files to the collector: close them now, quietly,
+        # as the exit of a process would, not in the middle of another run's captured stderr
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', ResourceWarning)
+            gc.collect()
     if code is None:
         code = 0
     elif not isinstance(code, int):
