@@ -157,8 +157,10 @@ def send(request, status, body, content_type='text/plain; charset=utf-8', length
 
 
 def pytest_collection_modifyitems(items):
-    """The longest tests first (the README's commands, the GPU check, the training runs): pytest -n
-    hands each worker half of the list and a worker that runs out takes tests from the other's
-    queue, so the short tests at the end even out the workers' loads."""
-    first = ('test_readme.py', 'test_gpu_check.py', 'test_train.py')
+    """The slowest tests first (the GPU check, the README's commands, the training runs), dealt out
+    alternately: pytest -n gives each worker a contiguous share of the list, and a worker that runs
+    out takes tests from the end of another's queue, so each worker starts on long tests and the
+    short ones even out the end."""
+    first = ('test_gpu_check.py', 'test_readme.py', 'test_train.py')
     items.sort(key=lambda item: first.index(item.path.name) if item.path.name in first else len(first))
+    items[:] = items[0::2] + items[1::2]
