@@ -52,15 +52,17 @@ def test_over_long_prompt_is_cropped_with_a_note(tmp_path):
 
 def test_a_reader_that_leaves_early_ends_the_run_quietly(tmp_path):
     # python sample.py | head -c 20: the pipe closes while tokens are still coming
+    import os
     import subprocess
     import sys
 
     from conftest import ROOT
     tiny_checkpoint(tmp_path / 'out')
     process = subprocess.Popen([sys.executable, 'sample.py', f'--out_dir={tmp_path / "out"}', '--max_new_tokens=2000',
-                                '--kv_cache=False'], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert len(process.stdout.read(20)) == 20
-    assert process.poll() is None  # streamed: the first tokens arrive while the rest are still being made
+                                '--kv_cache=False'], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={k: v for k, v in os.environ.items() if k != 'PYTHONUNBUFFERED'})  # a pipe buffers
+    first = os.read(process.stdout.fileno(), 1 << 16)  # what has arrived when the first write wakes the reader
+    assert 0 < len(first) < 1000 and process.poll() is None  # streamed: token by token, while the rest are made
     process.stdout.close()
     err = process.communicate(timeout=120)[1].decode()
     assert process.returncode == 0 and err == '', err

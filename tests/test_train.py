@@ -143,11 +143,12 @@ def test_loss_falls_on_the_book_and_writes_outputs(book_data, tmp_path):
     rng, covered = np.random.default_rng(1337), np.zeros(len(train), dtype=bool)
     for step in range(1, 61):
         offsets = random_offsets(rng, len(train), 32, 8)
-        covered[target_positions(offsets, windows(train, offsets, 32)[1], causal=True)] = True
+        covered[(offsets[:, None] + 1 + np.arange(32)).ravel()] = True  # window i predicts tokens i+1 .. i+32
         if step % 30 == 0:
             [e] = [e for e in evals if e['iter'] == step]
             assert e['coverage'] == pytest.approx(covered.mean(), rel=1e-12)
             assert e['coverage_predicted'] == pytest.approx(1 - math.exp(-step * 8 * 32 / len(train)), rel=1e-12)
+    assert np.array_equal(load_checkpoint(out / 'ckpt.pt')[1]['coverage']['covered'].numpy(), covered)
     snaps = sorted(os.listdir(out / 'snapshots'))
     assert snaps == ['iter_000000.npz', 'iter_000030.npz', 'iter_000060.npz']
     snap = np.load(out / 'snapshots' / snaps[-1])
