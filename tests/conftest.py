@@ -157,10 +157,13 @@ def send(request, status, body, content_type='text/plain; charset=utf-8', length
 
 
 def pytest_collection_modifyitems(items):
-    """The slowest tests first (the GPU check, the README's commands, the training runs), dealt out
-    alternately: pytest -n gives each worker a contiguous share of the list, and a worker that runs
-    out takes tests from the end of another's queue, so each worker starts on long tests and the
-    short ones even out the end."""
-    first = ('test_gpu_check.py', 'test_readme.py', 'test_train.py')
-    items.sort(key=lambda item: first.index(item.path.name) if item.path.name in first else len(first))
-    items[:] = items[0::2] + items[1::2]
+    """The slowest tests (the GPU check, the README's commands, the training runs) first on both
+    workers: pytest -n gives each worker a contiguous half of the list, so the slow tests are dealt
+    out alternately to the heads of the two halves, and the rest keep their modules together (a
+    module's fixtures are built once per worker that runs its tests); a worker that runs out takes
+    tests from the end of the other's queue."""
+    slow_modules = ('test_gpu_check.py', 'test_readme.py', 'test_train.py')
+    slow = [item for name in slow_modules for item in items if item.path.name == name]
+    rest = [item for item in items if item.path.name not in slow_modules]
+    first_half = slow[0::2] + rest[:max(0, len(items) // 2 - len(slow[0::2]))]
+    items[:] = first_half + slow[1::2] + rest[len(first_half) - len(slow[0::2]):]
