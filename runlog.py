@@ -48,14 +48,13 @@ def read_events(path):
 def plot_losses(out_dir, path=None):
     """The batch losses and the evaluations of the run in out_dir/log.jsonl, drawn into path
     (out_dir/loss.png unless given: analyze.py puts a copy in its report)."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # a figure of its own, drawn by Agg: no pyplot, no display
     events = read_events(os.path.join(out_dir, 'log.jsonl'))
     number = lambda value: math.nan if value is None else value  # null: a non-finite loss
     train = [(e['iter'], number(e['loss'])) for e in events if e['event'] == 'train']
     evals = [e for e in events if e['event'] == 'eval']
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), lw=0.8, alpha=0.6, label='train (batch)')
     for split in ('train', 'val'):
@@ -64,4 +63,3 @@ def plot_losses(out_dir, path=None):
     ax.legend()
     fig.tight_layout()
     write_atomic({path or os.path.join(out_dir, 'loss.png'): lambda tmp: fig.savefig(tmp, format='png', dpi=120)})
-    plt.close(fig)
