@@ -84,7 +84,7 @@ def train_step_speed(config, dtype, compiled, B, T):
     torch.manual_seed(0)
     model = GPT(config).to(device)
     [opt] = model.configure_optimizers(0.1, 3e-4, (0.9, 0.95), 'cuda' if cuda else 'cpu')
-    step_model = torch.compile(model) if compiled else model
+    step_model = torch.compile(model, dynamic=False) if compiled else model  # each batch shape its own graph
     ctx = autocast(device, dtype)
     x, y = torch.randint(0, config.vocab_size, (2, B, T), device=device)
     for i in range(warmup + steps):

@@ -24,6 +24,7 @@ Exit status 1 when a check fails.
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -35,7 +36,7 @@ from runlog import read_events
 # -----------------------------------------------------------------------------
 device = 'auto'
 data_dir = 'data/gulliver'
-work_dir = 'out-gpu-check'     # the runs' out_dirs, replaced by each check
+work_dir = 'out-gpu-check'     # the runs' out_dirs, emptied by each check
 out_file = 'gpu_check.md'
 flagship_args = ''             # more overrides for the flagship run (the test makes it tiny)
 bench_args = ''                # overrides for bench.py
@@ -65,8 +66,10 @@ def run(script, *args):
 
 
 def train(name, *args):
-    """A train.py run in work_dir/name; returns its log events."""
+    """A train.py run in work_dir/name (emptied first, unless the run resumes); returns its log events."""
     out = os.path.join(work_dir, name)
+    if '--init_from=resume' not in args:
+        shutil.rmtree(out, ignore_errors=True)
     run('train.py', *args, f'--data_dir={data_dir}', f'--out_dir={out}')  # a config file in args comes first
     return read_events(os.path.join(out, 'log.jsonl'))
 
@@ -101,7 +104,7 @@ for row in map(json.loads, open(bench_file)):
 
 # 2. the flagship run
 t0 = time.time()
-events = train('flagship', 'config/gulliver.py', '--overwrite=True', '--sync_debug=True',
+events = train('flagship', 'config/gulliver.py', '--sync_debug=True',
                *shlex.split(flagship_args))
 wall = time.time() - t0
 say("\n## python train.py config/gulliver.py (sync_debug on)\n")
@@ -116,8 +119,7 @@ say(f"\nbest.pt: iteration {end['best_iter']}, val loss {end['best_val_loss']:.4
 # 3. numerics and 4. resume, on the same batches from the same seed
 say("\n## Numerics\n")
 common = [*shlex.split(small_args), '--log_interval=1', f'--eval_interval={numerics_steps}', '--eval_iters=1',
-          '--sample_tokens=0', '--decay_lr=False', '--dropout=0.0', '--compile=False', '--peak_flops=1e12',
-          '--overwrite=True']
+          '--sample_tokens=0', '--decay_lr=False', '--dropout=0.0', '--compile=False', '--peak_flops=1e12']
 fp32 = losses(train('fp32', *common, f'--max_iters={numerics_steps}', '--device=cpu', '--dtype=float32'))
 on_device = [*common, f'--device={device}', '--dtype=bfloat16']
 bf16 = losses(train('bf16', *on_device, f'--max_iters={numerics_steps}'))
