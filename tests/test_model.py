@@ -8,7 +8,7 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from conftest import require, send
+from conftest import require, run_in_process, send
 from download import DownloadError
 from model import GPT, GPTConfig, alibi_slopes, rotate, sample_next
 
@@ -281,6 +281,22 @@ def copy_dir(src, dst):
         with open(os.path.join(src, name), 'rb') as f, open(os.path.join(dst, name), 'wb') as g:
             g.write(f.read())
     return str(dst)
+
+
+def test_sample_py_greedy_text_matches_transformers_generate(tmp_path):
+    # the reference: Hugging Face's GPT-2 with the same weights, its own greedy decoding
+    transformers = require('transformers')
+    from tokenizer import get_tokenizer
+    from test_sample import tiny_checkpoint
+    model = tiny_checkpoint(tmp_path / 'out').eval()
+    model.save_pretrained(tmp_path / 'hf')
+    reference = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / 'hf').eval()
+    enc = get_tokenizer()
+    prompt = torch.tensor([enc.encode_ordinary('Hello')])
+    expected = reference.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=enc.eot_token)
+    result = run_in_process('sample.py', f'--out_dir={tmp_path / "out"}', '--max_new_tokens=10', '--start=Hello',
+                            '--temperature=0')
+    assert result.stdout == enc.decode(expected[0].tolist()) + '\n'
 
 
 def test_hub_naming_and_buffers_load(hf_model_dir, tmp_path):
