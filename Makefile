@@ -12,8 +12,9 @@ PROMPT := "I was going to"
 install:
 	@$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
 
+# the suite needs one pytest plugin, xdist: others installed beside it are not loaded
 test: install
-	$(PYTHON) -m pytest -q -n auto --dist worksteal --durations=15 tests
+	PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $(PYTHON) -m pytest -p xdist.plugin -q -n auto --dist worksteal --durations=15 tests
 
 data:
 	@if [ -f $(DATA)/train.bin ]; then echo "== $(DATA)/train.bin exists: reusing it (delete $(DATA) to rebuild)"; \

@@ -41,6 +41,7 @@ def run_in_process(*args, cwd=ROOT):
     saved_signals = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     sys.argv = [script, *argv]
     os.chdir(cwd)
+    gc.freeze()  # what exists now is not the run's: the collection below walks the run's objects alone
     code = 0
     try:
         with redirect_stdout(stdout), redirect_stderr(stderr), warnings.catch_warnings(record=True) as caught:
@@ -64,6 +65,7 @@ def run_in_process(*args, cwd=ROOT):
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', ResourceWarning)
             gc.collect()
+        gc.unfreeze()
     if code is None:
         code = 0
     elif not isinstance(code, int):

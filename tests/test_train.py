@@ -160,7 +160,8 @@ def test_loss_falls_on_the_book_and_writes_outputs(book_data, tmp_path):
 
 
 def test_resume_is_bit_exact(small_data, tmp_path):
-    # interrupted (Ctrl-C) and resumed with the very same settings, a budget that never binds included
+    # interrupted (Ctrl-C) and resumed with the very same settings, a budget that never binds included.
+    # SIGTERM goes through the same handler: the DDP test below sends it to one rank
     common = [*TINY, f'--data_dir={small_data}', '--dropout=0.1', '--log_interval=1', '--eval_interval=20',
               '--max_iters=40', '--max_seconds=3600', '--sample_tokens=0']
     straight, split = tmp_path / 'straight', tmp_path / 'split'
@@ -411,17 +412,6 @@ def wait_for_line(process, text):
         if text in line:
             return
     raise AssertionError(f"no line with {text!r}")
-
-
-def test_sigterm_saves_and_exits_cleanly(small_data, tmp_path):  # Ctrl-C (SIGINT): test_resume_is_bit_exact
-    process = start_training(small_data, tmp_path, '--eval_interval=100000')
-    wait_for_line(process, 'iter 5:')
-    process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err
-    stopped = int(re.search(r'stopping after iteration (\d+) \(SIGTERM\)', out).group(1))
-    assert 'Traceback' not in err and out.index('saved') < out.index(f'step {stopped}:')
-    assert load_checkpoint(tmp_path / 'ckpt.pt')[1]['iter_num'] == stopped >= 5
 
 
 def test_a_second_ctrl_c_exits_at_once(small_data, tmp_path):
