@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_script, write_token_data
+from conftest import run_in_process, run_script, write_token_data
 
 TINY_MODEL = '--n_layer=1 --n_head=2 --n_embd=32 --block_size=16 --batch_size=4'
 
@@ -23,9 +23,10 @@ def test_gpu_check_runs_every_part_on_the_cpu(data, tmp_path):
     bench = f'{TINY_MODEL} --new_tokens=4 --steps=1 --warmup=1 --compile=False --cpu_config={small}'
     flagship = f'{TINY_MODEL} --max_iters=4 --eval_interval=2 --eval_iters=1 --log_interval=2 --snapshot_interval=0 ' \
                f'--sample_tokens=0 --peak_flops=1e12'
-    result = run_script('gpu_check.py', '--device=cpu', f'--data_dir={data}', f'--work_dir={tmp_path / "runs"}',
+    # gpu_check.py itself in this process: the scripts it runs are subprocesses, as on the GPU machine
+    result = run_in_process('gpu_check.py', '--device=cpu', f'--data_dir={data}', f'--work_dir={tmp_path / "runs"}',
                         f'--out_file={report}', f'--small_args={TINY_MODEL}', '--numerics_steps=4',
-                        f'--bench_args={bench}', f'--flagship_args={flagship}', timeout=300)
+                        f'--bench_args={bench}', f'--flagship_args={flagship}')
     assert result.returncode == 0, result.stderr[-3000:]
     text = report.read_text()
     assert all(line in result.stdout for line in text.splitlines())  # printed as written

@@ -26,8 +26,9 @@ NOT_RUN = {  # command prefix -> why this test does not run it
     'make test': 'this very test suite',
     'make data': 'downloads the book from the internet',
     'make gpu-check': 'needs a GPU and minutes; tests/test_gpu_check.py runs gpu_check.py tiny on the CPU',
-    'torchrun --standalone --nproc_per_node=8': '8 GPUs; tests/test_train.py runs the same launch with 2 CPU processes',
-    'torchrun --standalone --nproc_per_node=2': 'tests/test_train.py runs this launch (2 CPU processes, gloo) and checks it',
+    'torchrun --standalone --nproc_per_node=8': '8 GPUs; tests/test_train.py runs 2 ranks on the CPU',
+    'torchrun --standalone --nproc_per_node=2': 'tests/test_train.py starts 2 gloo ranks with the environment this gives '
+                                                'them, and runs torchrun itself for two one-process nodes',
     'torchrun --nnodes=2': 'two machines; tests/test_train.py runs two one-process nodes on one machine',
     'python train.py config/finetune_gulliver.py': 'downloads GPT-2 weights; tests/test_model.py tests that path',
     'python sample.py --init_from=gpt2': 'downloads GPT-2 weights; tests/test_model.py tests that path',

@@ -263,18 +263,28 @@ def test_target_positions_of_both_objectives():
     assert target_positions(offsets, masked, causal=False).tolist() == [0, 1, 2, 11]
 
 
-TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']  # = torchrun
-
-
-def start(command, *args):
+def start(command, *args, env=None):
     return subprocess.Popen([*command, 'train.py', *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+                            text=True, env=dict(os.environ, PYTHONUNBUFFERED='1', **(env or {})))
 
 
-def finish(process):
-    out, err = process.communicate(timeout=240)
-    assert process.returncode == 0, err[-3000:]
-    return out
+def start_ranks(*args, world_size=2):
+    """train.py on world_size gloo ranks of this machine, each started with the environment that
+    torchrun --standalone gives its workers (the two-node test runs torchrun itself): one process per rank."""
+    rendezvous = {'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(free_port()), 'WORLD_SIZE': str(world_size),
+                  'LOCAL_WORLD_SIZE': str(world_size)}
+    return [start([sys.executable], *args, env=dict(rendezvous, RANK=str(rank), LOCAL_RANK=str(rank)))
+            for rank in range(world_size)]
+
+
+def finish(*processes):
+    """Every process's stdout, joined in order, once all have exited 0."""
+    outputs = []
+    for process in processes:
+        out, err = process.communicate(timeout=240)
+        assert process.returncode == 0, err[-3000:]
+        outputs.append(out)
+    return ''.join(outputs)
 
 
 def free_port():
@@ -294,8 +304,7 @@ def test_two_nodes_one_epoch_and_the_gradient_of_one_process(small_data, tmp_pat
             '--sampler=epoch', '--max_iters=1', '--eval_interval=1', '--grad_clip=0', '--sample_tokens=0']
     nodes = [start(node, *args, f'--out_dir={tmp_path / "ddp"}') for _ in range(2)]
     assert run_in_process('train.py', *args, f'--out_dir={tmp_path / "one"}').returncode == 0  # while the nodes run
-    outputs = [finish(process) for process in nodes]
-    out = ''.join(outputs)
+    out = finish(*nodes)
     assert '5,952 tokens per iteration (2 processes x 1 micro-batches x 62 sequences x 48 tokens)' in out
     assert out.count('saved') == 1 and len(events(tmp_path / 'ddp', 'start')) == 1  # rank 0 saves and logs, once
     _, ckpt = load_checkpoint(tmp_path / 'ddp' / 'ckpt.pt')
@@ -312,39 +321,23 @@ def test_two_nodes_one_epoch_and_the_gradient_of_one_process(small_data, tmp_pat
         assert torch.allclose(g_ddp, g_one, rtol=0, atol=1e-6), (g_ddp - g_one).abs().max()
 
 
-def worker_pids(parent):
-    """{rank: pid} of torchrun's worker processes, from /proc."""
-    pids = {}
-    for entry in os.listdir('/proc'):
-        try:
-            with open(f'/proc/{entry}/stat') as f:
-                ppid = int(f.read().rsplit(')', 1)[1].split()[1])
-            with open(f'/proc/{entry}/environ', 'rb') as f:
-                environ = dict(v.split(b'=', 1) for v in f.read().split(b'\0') if b'=' in v)
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == parent and b'RANK' in environ:
-            pids[int(environ[b'RANK'])] = int(entry)
-    return pids
-
-
 def test_sigterm_to_one_rank_stops_both_and_the_resumed_run_equals_the_straight_one(small_data, tmp_path):
     # random offsets, dropout: every rank's own sampler and RNG states must come back. The split run is
     # stopped by SIGTERM to rank 1 alone, after whichever step both ranks agree on, and resumed
     common = [*TINY, f'--data_dir={small_data}', '--dropout=0.1', '--decay_lr=False', '--log_interval=1',
               '--eval_interval=1000', '--sample_tokens=0', '--max_seconds=3600']  # a budget that never binds: rank 0's clock
-    straight = start(TORCHRUN, *common, f'--out_dir={tmp_path / "straight"}', '--max_iters=30')
-    split = start(TORCHRUN, *common, f'--out_dir={tmp_path / "split"}', '--max_iters=100000')
-    wait_for_line(split, 'iter 3:')
-    os.kill(worker_pids(split.pid)[1], signal.SIGTERM)
-    out = finish(split)
+    straight = start_ranks(*common, f'--out_dir={tmp_path / "straight"}', '--max_iters=30')
+    split = start_ranks(*common, f'--out_dir={tmp_path / "split"}', '--max_iters=100000')
+    wait_for_line(split[0], 'iter 3:')
+    split[1].send_signal(signal.SIGTERM)
+    out = finish(*split)
     stops = {int(rank): int(at) for rank, at in re.findall(r'rank (\d): stopping after iteration (\d+)', out)}
     assert stops.keys() == {0, 1} and 3 <= stops[0] == stops[1] < 30
     assert 'rank 1: stopping after iteration %d (SIGTERM)' % stops[1] in out
     assert out.index('saved') < out.index(f'step {stops[0]}:')  # saved before the final evaluation
     assert load_checkpoint(tmp_path / 'split' / 'ckpt.pt')[1]['iter_num'] == stops[0]
-    finish(start(TORCHRUN, *common, f'--out_dir={tmp_path / "split"}', '--max_iters=30', '--init_from=resume'))
-    finish(straight)
+    finish(*start_ranks(*common, f'--out_dir={tmp_path / "split"}', '--max_iters=30', '--init_from=resume'))
+    finish(*straight)
     losses = lambda d: [(e['iter'], e['loss']) for e in events(tmp_path / d, 'train')]
     assert losses('straight') == losses('split') and len(losses('split')) == 30
     a, b = (torch.load(tmp_path / d / 'ckpt.pt', weights_only=True) for d in ('straight', 'split'))
