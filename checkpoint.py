@@ -7,9 +7,10 @@ A training run's checkpoints in its out_dir, written and read here only.
     best.pt   the model at the evaluation with the lowest val loss so far: the model, its
               settings, the iteration and that val loss ('best_iter', 'best_val_loss')
 
-Resuming reads ckpt.pt (resuming from best.pt would rewind the run's RNG and clock), holds it
-to the rules of check_resume and restores each rank's streams with restore_rank_state, the
-inverse of rank_state; sample.py and analyze.py read best.pt where train.py kept one. Both
+train.py builds ckpt.pt's dict with training_state; resuming reads ckpt.pt (resuming from best.pt
+would rewind the run's RNG and clock), holds it to the rules of check_resume and puts the
+optimizers, each rank's streams (restore_rank_state, the inverse of rank_state) and the coverage
+back with restore_training; sample.py and analyze.py read best.pt where train.py kept one. Both
 files are written to temporary files and renamed together (atomic.py), so a crash never
 leaves half of either.
 """
@@ -17,6 +18,7 @@ import os
 import random
 import warnings
 
+import numpy as np
 import torch
 
 from atomic import write_atomic
@@ -57,6 +59,26 @@ def write_checkpoint(out_dir, state, best):
     write_atomic(files)
 
 
+def training_state(model, model_args, config, optimizers, scaler, iter_num, best_iter, best_val_loss, elapsed,
+                   rank_states, covered, data_fingerprint):
+    """What ckpt.pt holds (CHECKPOINT_KEYS and best_iter): restore_training reads it back."""
+    return {'model': model.state_dict(), 'model_args': model_args, 'config': config,
+            'optimizers': [opt.state_dict() for opt in optimizers], 'scaler': scaler.state_dict(),
+            'iter_num': iter_num, 'best_iter': best_iter, 'best_val_loss': best_val_loss, 'elapsed': elapsed,
+            'ranks': rank_states, 'coverage': {'covered': torch.from_numpy(covered)}, 'data': data_fingerprint}
+
+
+def restore_training(checkpoint, optimizers, scaler, sampler, rank, cuda):
+    """Continue where a checkpoint of training_state left off: the optimizers and the fp16 scaler,
+    this rank's RNGs and sampler, and the coverage of every rank's targets. (The model, the
+    iteration and the clock are read where the model is built.)"""
+    for opt, state in zip(optimizers, checkpoint['optimizers']):
+        opt.load_state_dict(state)
+    scaler.load_state_dict(checkpoint['scaler'])
+    restore_rank_state(checkpoint['ranks'][rank], sampler, cuda)
+    sampler.covered = checkpoint['coverage']['covered'].numpy().copy()
+
+
 def checkpoint_to_read(out_dir, which='best'):
     """out_dir/best.pt when which is 'best' and the run kept one, else out_dir/ckpt.pt (the
     latest: what a run written before best.pt existed has)."""
@@ -64,26 +86,38 @@ def checkpoint_to_read(out_dir, which='best'):
     return best if which == 'best' and os.path.exists(best) else os.path.join(out_dir, 'ckpt.pt')
 
 
-def rank_state(train_rng, epoch_rng, epoch_state, targets_drawn, cuda):
+def rank_state(sampler, cuda):
     """What one process needs to continue its own streams of batches, masks and dropout: its
-    Python, torch (and CUDA) RNG states, its sampler generators, where it is in the epoch, and how
-    many target tokens it has drawn."""
+    Python, torch (and CUDA) RNG states and its data.Sampler's state (generators, place in the
+    epoch, target tokens drawn)."""
+    own = sampler.state()
     return {'python': random.getstate(), 'torch': torch.get_rng_state(),
             'cuda': torch.cuda.get_rng_state() if cuda else None,
-            'sampler': train_rng.bit_generator.state, 'epoch_rng': epoch_rng.bit_generator.state,
-            'epoch_order': torch.from_numpy(epoch_state['order']), 'epoch_pos': epoch_state['pos'],
-            'targets_drawn': targets_drawn}
+            **own, 'epoch_order': torch.from_numpy(own['epoch_order'])}
 
 
-def restore_rank_state(own, train_rng, epoch_rng, cuda):
-    """The inverse of rank_state: set this process's RNGs and sampler generators from own, and
-    return (epoch_state, targets_drawn)."""
+def restore_rank_state(own, sampler, cuda):
+    """The inverse of rank_state: set this process's RNGs and its sampler from own."""
     random.setstate((own['python'][0], tuple(own['python'][1]), own['python'][2]))
     torch.set_rng_state(own['torch'])
     if cuda and own['cuda'] is not None:
         torch.cuda.set_rng_state(own['cuda'])
-    train_rng.bit_generator.state, epoch_rng.bit_generator.state = own['sampler'], own['epoch_rng']
-    return {'order': own['epoch_order'].numpy(), 'pos': own['epoch_pos']}, own['targets_drawn']
+    sampler.restore({**own, 'epoch_order': own['epoch_order'].numpy()})
+
+
+def gather_rank_states(sampler, cuda):
+    """Called by all ranks together: every rank's rank_state, on rank 0 (None on the others);
+    and the sampler's covered flags made those of all ranks, on every rank (a max all-reduce)."""
+    own = rank_state(sampler, cuda)
+    if not torch.distributed.is_initialized():
+        return [own]
+    flags = torch.from_numpy(sampler.covered.view(np.uint8))  # covered's own memory
+    reduced = flags.cuda() if cuda else flags  # NCCL reduces on the GPU
+    torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX)
+    flags.copy_(reduced)
+    states = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
+    torch.distributed.gather_object(own, states, dst=0)
+    return states
 
 
 def check_resume(settings, checkpoint, path, world_size, data_fingerprint):

@@ -100,6 +100,61 @@ def epoch_offsets(state, rng, n_tokens, block_size, batch_size, rank=0, world_si
     return offsets
 
 
+class Sampler:
+    """One rank's stream of training micro-batches, and the record of what it has drawn.
+
+    sampler 'random' draws offsets from a generator seeded per rank; 'epoch' deals out a shuffle
+    that every rank makes alike (epoch_offsets). For the masked LM the same per-rank generator
+    chooses the masked positions. covered marks the train tokens used as targets so far (every
+    rank's, once train.py has gathered them at an evaluation); targets_drawn counts this rank's.
+    state() and restore() are each other's inverse: what a resumed rank needs to continue the
+    very same stream (checkpoint.rank_state keeps it with the rank's other RNGs)."""
+
+    def __init__(self, tokens, block_size, micro_batch, sampler, objective, vocab_size, seed, rank=0, world_size=1):
+        windows_per_epoch = (len(tokens) - 1) // block_size
+        if sampler == 'epoch' and windows_per_epoch < micro_batch * world_size:
+            raise ValueError(f"sampler='epoch' needs at least {micro_batch * world_size} windows of {block_size} "
+                             f"train tokens (a micro-batch for each process); lower --batch_size or --block_size")
+        self.tokens, self.block_size, self.micro_batch = tokens, block_size, micro_batch
+        self.sampler, self.objective, self.vocab_size = sampler, objective, vocab_size
+        self.rank, self.world_size = rank, world_size
+        self.rng = np.random.default_rng(seed + rank)  # random offsets and masking: each rank a stream of its own
+        self.epoch_rng = np.random.default_rng(seed)   # one shuffle, the same on every rank
+        self.epoch = {'order': np.zeros(0, dtype=np.int64), 'pos': 0}
+        self.covered = np.zeros(len(tokens), dtype=bool)
+        self.targets_drawn = 0
+
+    def next_batch(self):
+        """The next micro-batch (x, y), int64 arrays (micro_batch, block_size); marks its targets
+        covered: every next token for the GPT, the masked positions only for the masked LM."""
+        if self.sampler == 'epoch':
+            offsets = epoch_offsets(self.epoch, self.epoch_rng, len(self.tokens), self.block_size, self.micro_batch,
+                                    self.rank, self.world_size)
+        else:
+            offsets = random_offsets(self.rng, len(self.tokens), self.block_size, self.micro_batch)
+        x, y = batch_at(self.tokens, offsets, self.block_size, self.objective, self.rng, self.vocab_size)
+        positions = target_positions(offsets, y, causal=self.objective == 'clm')
+        self.covered[positions] = True
+        self.targets_drawn += len(positions)
+        return x, y
+
+    def state(self):
+        return {'sampler': self.rng.bit_generator.state, 'epoch_rng': self.epoch_rng.bit_generator.state,
+                'epoch_order': self.epoch['order'].copy(), 'epoch_pos': self.epoch['pos'],
+                'targets_drawn': self.targets_drawn}
+
+    def restore(self, state):
+        self.rng.bit_generator.state, self.epoch_rng.bit_generator.state = state['sampler'], state['epoch_rng']
+        self.epoch = {'order': np.asarray(state['epoch_order']), 'pos': state['epoch_pos']}
+        self.targets_drawn = state['targets_drawn']
+
+
+def batch_at(tokens, offsets, block_size, objective, rng, vocab_size):
+    """The windows at these offsets as (x, y); for the masked LM ('mlm') masked with rng."""
+    x, y = windows(tokens, offsets, block_size)
+    return mask_tokens(x, rng, vocab_size) if objective == 'mlm' else (x, y)
+
+
 def split_batch(batch_size, gradient_accumulation_steps, world_size):
     """The global batch of one optimizer step is batch_size * gradient_accumulation_steps
     sequences, whatever the number of processes. Each of world_size processes takes an equal

@@ -26,6 +26,15 @@ def autocast(device, dtype):
     return torch.autocast(device_type=str(device).split(':')[0], dtype=getattr(torch, dtype))
 
 
+def to_device(x, y, device):
+    """A batch of numpy arrays as tensors on device; to a GPU through pinned memory, without
+    making the host wait for the copy."""
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    if device.startswith('cuda'):
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x, y
+
+
 def synchronize(device):
     if str(device).startswith('cuda'):
         torch.cuda.synchronize()
@@ -88,15 +97,18 @@ def choose_cpu_dtype(n_embd, vocab_size, n_tokens, enough=0.1, timer=time_head):
     'float32'. Both are timed on 1, 4, 16, ... tokens, up to the run's n_tokens, until the slower
     takes `enough` seconds: each round costs 4x the last, so the whole probe takes under 2 s
     even where bf16 is emulated. On too few tokens, autocast's cast of W_E to bf16 (the same
-    for any number of tokens) would hide what bf16 gains. Returns (dtype, {dtype: seconds},
-    tokens in the last round)."""
+    for any number of tokens) would hide what bf16 gains. Under DDP every rank must compute in
+    the same dtype: rank 0's probe decides. Returns (dtype, {dtype: seconds}, tokens in the last round)."""
     tokens = 1
     while True:
         seconds = {dtype: timer(n_embd, vocab_size, tokens, dtype) for dtype in ('float32', 'bfloat16')}
         if tokens >= n_tokens or max(seconds.values()) > enough:
             break
         tokens = min(4 * tokens, n_tokens)
-    return ('bfloat16' if seconds['bfloat16'] < seconds['float32'] else 'float32'), seconds, tokens
+    choice = ['bfloat16' if seconds['bfloat16'] < seconds['float32'] else 'float32']
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(choice, src=0)
+    return choice[0], seconds, tokens
 
 
 def keep_freed_memory():

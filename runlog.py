@@ -45,6 +45,18 @@ def read_events(path):
             raise ValueError(f"{path} has a line that is not JSON ({e.msg}); is it a log.jsonl written by train.py?")
 
 
+def write_snapshot(out_dir, iter_num, model):
+    """out_dir/snapshots/iter_NNNNNN.npz: the model's W_E and W_pos (where it learns one) in fp16,
+    for the embedding-dynamics studies of analyze.py."""
+    import numpy as np
+    arrays = {'W_E': model.W_E.detach().cpu().half().numpy()}
+    if model.W_pos is not None:
+        arrays['W_pos'] = model.W_pos.detach().cpu().half().numpy()
+    os.makedirs(os.path.join(out_dir, 'snapshots'), exist_ok=True)
+    path = os.path.join(out_dir, 'snapshots', f'iter_{iter_num:06d}.npz')
+    write_atomic({path: lambda tmp: np.savez(tmp, **arrays)})
+
+
 def plot_losses(out_dir, path=None):
     """The batch losses and the evaluations of the run in out_dir/log.jsonl, drawn into path
     (out_dir/loss.png unless given: analyze.py puts a copy in its report)."""

@@ -43,15 +43,13 @@ import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from atomic import write_atomic
-from checkpoint import check_resume, rank_state, restore_rank_state, write_checkpoint
+from checkpoint import check_resume, gather_rank_states, restore_training, training_state, write_checkpoint
 from configurator import at_least, below, check, check_model, configure, one_of, resolve_device, resolve_dtype
-from data import (bits_per_byte, epoch_offsets, mask_tokens, open_data, random_offsets, split_batch, target_positions,
-                  windows)
+from data import Sampler, batch_at, bits_per_byte, open_data, random_offsets, split_batch
 from download import DownloadError
-from machine import autocast, choose_cpu_dtype, keep_freed_memory, measure_matmul_flops
+from machine import autocast, choose_cpu_dtype, keep_freed_memory, measure_matmul_flops, to_device
 from model import GPT, GPTConfig, POS_EMBS, PRETRAINED, TEMPERATURE, TOP_K, load_checkpoint, step_unless
-from runlog import plot_losses, start_log, write_event
+from runlog import plot_losses, start_log, write_event, write_snapshot
 from schedule import learning_rate_at, training_progress
 from tokenizer import get_tokenizer
 
@@ -121,6 +119,10 @@ check(globals(), {
     ('n_embd', 'n_head'): lambda n_embd, n_head: None if n_embd % n_head == 0 else f"a multiple of n_head ({n_head})",
     ('pos_emb', 'n_embd', 'n_head'): lambda pos_emb, n_embd, n_head: None if pos_emb != 'rope' or n_embd // n_head % 2 == 0
     else f"another scheme than 'rope' (which rotates pairs) with an odd head size n_embd / n_head ({n_embd // n_head})",
+    ('init_from', 'pos_emb', 'bias', 'objective'): lambda init_from, *asked: next(
+        (f"'scratch' for {name}={value!r} (GPT-2 has {name}={gpt2!r}: drop --{name} to fine-tune it)"
+         for name, value, gpt2 in zip(('pos_emb', 'bias', 'objective'), asked, ('learned', True, 'clm'))
+         if init_from in PRETRAINED and value != gpt2), None),
     ('eval_only', 'init_from'): lambda eval_only, init_from: None if not eval_only or init_from not in PRETRAINED
     else f"False with init_from={init_from!r} (it evaluates the run in out_dir; drop --init_from)",
 })
@@ -136,9 +138,6 @@ signal.signal(signal.SIGINT, lambda signum, frame: fail("interrupted during star
 
 if eval_only:  # the run's checkpoint, read as a resume reads it: no new run, nothing set aside
     init_from = 'resume'
-for name, value in (('pos_emb', 'learned'), ('bias', True), ('objective', 'clm')):
-    if init_from in PRETRAINED and name in chosen and globals()[name] != value:
-        fail(f"init_from={init_from!r} is GPT-2 with {name}={value!r}; drop --{name}={globals()[name]}")
 
 # distributed set-up: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
 ddp = 'RANK' in os.environ
@@ -172,51 +171,14 @@ tokens_per_iter = batch_size * gradient_accumulation_steps * block_size  # the g
 # data: each split is memory-mapped once; batches are windows at offsets that the sampler draws
 try:
     meta, data = open_data(data_dir)  # checked against meta.json: counts, sha256, ids below vocab_size
+    if block_size + 1 > min(len(d) for d in data.values()):
+        raise ValueError(f"block_size {block_size} needs at least {block_size + 1} tokens per split, but {data_dir} "
+                         f"has {min(len(d) for d in data.values())} in its smaller split; lower --block_size")
+    train_sampler = Sampler(data['train'], block_size, micro_batch, sampler, objective, meta['vocab_size'], seed, rank,
+                            world_size)
 except ValueError as e:
     fail(str(e))
 data_fingerprint = {name: meta['sha256'][name] for name in ('train.bin', 'val.bin')}  # kept in the checkpoint
-shortest = min(len(d) for d in data.values())
-if block_size + 1 > shortest:
-    fail(f"block_size {block_size} needs at least {block_size + 1} tokens per split, but {data_dir} has "
-         f"{shortest} in its smaller split; lower --block_size")
-if sampler == 'epoch' and (len(data['train']) - 1) // block_size < micro_batch * world_size:
-    fail(f"sampler='epoch' needs at least {micro_batch * world_size} windows of {block_size} train tokens "
-         f"(a micro-batch for each process); lower --batch_size or --block_size")
-n_train = len(data['train'])
-train_rng = np.random.default_rng(seed + rank)  # random offsets and masking: each rank a stream of its own
-epoch_rng = np.random.default_rng(seed)         # sampler='epoch': one shuffle, the same on every rank
-epoch_state = {'order': np.zeros(0, dtype=np.int64), 'pos': 0}
-covered = np.zeros(n_train, dtype=bool)  # train tokens used as targets so far (all ranks' at each eval)
-targets_drawn = 0                        # target tokens this rank has drawn
-
-
-def train_batch():
-    """This rank's next micro-batch from the sampler: (x, y) on the device. Marks
-    its targets covered: every next token for the GPT, the masked positions only for the masked LM."""
-    global targets_drawn
-    if sampler == 'epoch':
-        offsets = epoch_offsets(epoch_state, epoch_rng, n_train, block_size, micro_batch, rank, world_size)
-    else:
-        offsets = random_offsets(train_rng, n_train, block_size, micro_batch)
-    x, y = batch_arrays('train', offsets, train_rng)
-    positions = target_positions(offsets, y, causal=objective == 'clm')
-    covered[positions] = True
-    targets_drawn += len(positions)
-    return to_device(x, y)
-
-
-def batch_arrays(split, offsets, rng):
-    """The windows of a split at these offsets, (x, y) as numpy arrays; the masked LM chooses its
-    masked positions with rng."""
-    x, y = windows(data[split], offsets, block_size)
-    return mask_tokens(x, rng, meta['vocab_size']) if objective == 'mlm' else (x, y)
-
-
-def to_device(x, y):
-    x, y = torch.from_numpy(x), torch.from_numpy(y)
-    if device_type == 'cuda':
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x, y
 
 
 # -----------------------------------------------------------------------------
@@ -270,10 +232,6 @@ model.to(device)
 if dtype == 'auto':  # the CPU: bf16 autocast only where this CPU runs it faster than fp32
     dtype, head_seconds, probe_tokens = choose_cpu_dtype(model.config.n_embd, model.config.padded_vocab_size,
                                                          batch_size * block_size)
-    if ddp:  # every rank must compute in the same dtype: rank 0's probe decides
-        choice = [dtype]
-        torch.distributed.broadcast_object_list(choice, src=0)
-        dtype = choice[0]
     if master:
         print(f"dtype auto: {dtype} (vocabulary head forward + backward on {probe_tokens} tokens: "
               f"{head_seconds['float32'] * 1000:.1f} ms in float32, {head_seconds['bfloat16'] * 1000:.1f} ms "
@@ -282,12 +240,7 @@ ctx = autocast(device, dtype)
 optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 if checkpoint is not None:
-    for opt, state in zip(optimizers, checkpoint['optimizers']):
-        opt.load_state_dict(state)
-    scaler.load_state_dict(checkpoint['scaler'])
-    epoch_state, targets_drawn = restore_rank_state(checkpoint['ranks'][rank], train_rng, epoch_rng,
-                                                    device_type == 'cuda')  # each rank continues its own streams
-    covered = checkpoint['coverage']['covered'].numpy().copy()
+    restore_training(checkpoint, optimizers, scaler, train_sampler, rank, device_type == 'cuda')
     checkpoint = None  # free the memory
 raw_model = model  # the plain GPT: what checkpoints save, never a compiled or DDP wrapper
 if compile:
@@ -311,7 +264,8 @@ def evaluate(rank_states):
         rng = np.random.default_rng(seed + 1_000_003)
         batch_losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
-            X, Y = to_device(*batch_arrays(split, random_offsets(rng, len(data[split]), block_size, batch_size), rng))
+            offsets = random_offsets(rng, len(data[split]), block_size, batch_size)
+            X, Y = to_device(*batch_at(data[split], offsets, block_size, objective, rng, meta['vocab_size']), device)
             with ctx:
                 batch_losses[k] = eval_model(X, Y)[1].item()
         losses[split] = batch_losses.mean().item()
@@ -319,7 +273,7 @@ def evaluate(rank_states):
     # the masked LM's loss is over the 15% masked tokens only: no bits per byte of text
     val_bpb = bits_per_byte(losses['val'], meta['val_tokens'], meta['val_bytes']) if objective == 'clm' else None
     drawn = sum(state['targets_drawn'] for state in rank_states)  # all ranks' targets
-    coverage, predicted = covered.mean(), 1 - math.exp(-drawn / n_train)
+    coverage, predicted = train_sampler.covered.mean(), 1 - math.exp(-drawn / len(data['train']))
     print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
           + (f", val bpb {val_bpb:.4f}" if val_bpb is not None else "")
           + f", coverage {coverage:.1%} (random offsets: {predicted:.1%}), {elapsed:.0f} s")
@@ -346,40 +300,10 @@ def sample_text():
     return get_tokenizer().decode(out[0, 1:].tolist())
 
 
-def save_snapshot():
-    """W_E and W_pos in fp16, for the embedding-dynamics study in analyze.py."""
-    arrays = {'W_E': raw_model.W_E.detach().cpu().half().numpy()}
-    if raw_model.W_pos is not None:
-        arrays['W_pos'] = raw_model.W_pos.detach().cpu().half().numpy()
-    os.makedirs(os.path.join(out_dir, 'snapshots'), exist_ok=True)
-    path = os.path.join(out_dir, 'snapshots', f'iter_{iter_num:06d}.npz')
-    write_atomic({path: lambda tmp: np.savez(tmp, **arrays)})
-
-
-def gather_rank_states():
-    """Called by all ranks together: every rank's state (checkpoint.rank_state), on rank 0 (None
-    elsewhere), and on every rank the coverage of all ranks' targets (a max all-reduce of the flags)."""
-    own = rank_state(train_rng, epoch_rng, epoch_state, targets_drawn, device_type == 'cuda')
-    if not ddp:
-        return [own]
-    flags = torch.from_numpy(covered.view(np.uint8)).to(device)
-    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    covered[:] = flags.cpu().numpy().view(bool)
-    states = [None] * world_size if master else None
-    torch.distributed.gather_object(own, states, dst=0)
-    return states
-
-
 def save_checkpoint(rank_states, best=False):
     """ckpt.pt, and best.pt too when this evaluation is the best so far (checkpoint.py)."""
-    state = {
-        'model': raw_model.state_dict(), 'model_args': model_args, 'config': config,
-        'optimizers': [opt.state_dict() for opt in optimizers], 'scaler': scaler.state_dict(),
-        'iter_num': iter_num, 'best_iter': best_iter, 'best_val_loss': best_val_loss,
-        'elapsed': elapsed_before + time.time() - t_start,
-        'ranks': rank_states, 'coverage': {'covered': torch.from_numpy(covered)},
-        'data': data_fingerprint,
-    }
+    state = training_state(raw_model, model_args, config, optimizers, scaler, iter_num, best_iter, best_val_loss,
+                           elapsed_before + time.time() - t_start, rank_states, train_sampler.covered, data_fingerprint)
     try:
         write_checkpoint(out_dir, state, best)
     except OSError as e:  # a full disk, say: the temporary file is gone, the previous checkpoint untouched
@@ -451,12 +375,12 @@ while True:
         read_at = iter_num
     evaluating = iter_num % eval_interval == 0 or last
     if evaluating:
-        rank_states = gather_rank_states()
+        rank_states = gather_rank_states(train_sampler, device_type == 'cuda')
     if stop:
         print(f"{f'rank {rank}: ' if ddp else ''}stopping after iteration {iter_num} "
               f"({stop_signal or 'another process was signalled'})", flush=True)
     if master and snapshot_interval and (iter_num % snapshot_interval == 0 or last) and not eval_only:
-        save_snapshot()
+        write_snapshot(out_dir, iter_num, raw_model)
     # at most one save a step: on a stop before the evaluation (torchrun kills 30 s after a signal),
     # else after a finite evaluation; best.pt when its val loss is the lowest of the run's saved ones
     val_loss = evaluate(rank_states) if master and evaluating and not stop else math.nan
@@ -476,7 +400,7 @@ while True:
     if sync_debug and device_type == 'cuda' and iter_num > start_iter:  # the first step compiles
         torch.cuda.set_sync_debug_mode('error')
     for micro_step in range(micro_steps):
-        X, Y = train_batch()
+        X, Y = to_device(*train_sampler.next_batch(), device)
         sync = not ddp or micro_step == micro_steps - 1  # all-reduce the gradients only on the last
         with ctx, (nullcontext() if sync else model.no_sync()):
             logits, loss = model(X, Y)

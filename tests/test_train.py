@@ -14,7 +14,8 @@ import torch
 
 from conftest import ROOT, run_in_process, write_token_data
 from configurator import configure
-from data import MASK_TOKEN, epoch_offsets, mask_tokens, random_offsets, split_batch, target_positions, windows
+from checkpoint import rank_state, restore_rank_state
+from data import MASK_TOKEN, Sampler, epoch_offsets, mask_tokens, random_offsets, split_batch, target_positions, windows
 from model import load_checkpoint
 from tokenizer import get_tokenizer
 
@@ -70,6 +71,25 @@ def test_epoch_sampler_deals_each_window_to_one_rank():
             assert set(mine.tolist()) | set(theirs.tolist()) == set(epoch_offsets(*one, n, T, 2 * B).tolist())
             seen = (seen if step else []) + mine.tolist() + theirs.tolist()
         assert len(seen) == len(set(seen)) == 60 and set(seen) <= set(range(0, n - T, T))
+
+
+@pytest.mark.parametrize('sampler, objective', [('random', 'clm'), ('epoch', 'clm'), ('random', 'mlm')])
+def test_a_restored_sampler_continues_the_same_stream(tmp_path, sampler, objective):
+    # through a checkpoint's rank state on disk, as a resumed rank reads it; the epoch sampler
+    # stops in the middle of an epoch (62 windows: 7 batches of 8 into its first)
+    tokens = np.arange(1000, dtype=np.uint16)
+    make = lambda: Sampler(tokens, 16, 8, sampler, objective, vocab_size=1000, seed=3)
+    straight, stopped = make(), make()
+    expected = [straight.next_batch() for _ in range(12)]
+    for _ in range(7):
+        stopped.next_batch()
+    torch.save(rank_state(stopped, cuda=False), tmp_path / 'rank.pt')
+    resumed = make()
+    resumed.next_batch()  # a fresh sampler that has drawn, so that nothing survives from before the restore
+    restore_rank_state(torch.load(tmp_path / 'rank.pt', weights_only=True), resumed, cuda=False)
+    for x, y in expected[7:]:
+        assert all(np.array_equal(a, b) for a, b in zip(resumed.next_batch(), (x, y)))
+    assert resumed.targets_drawn == straight.targets_drawn > 0
 
 
 def train_settings():
