@@ -191,18 +191,6 @@ def frequent_tokens(counts):
     return np.sort(order[counts[order] >= MIN_COUNT][:top_n])
 
 
-def compare_argv(argv):
-    """Rewrite `--compare a b c` (the directories up to the next --setting) as --compare=['a', 'b', 'c']."""
-    if '--compare' not in argv:
-        return argv
-    i = j = argv.index('--compare')
-    while j + 1 < len(argv) and not argv[j + 1].startswith('--'):
-        j += 1
-    if j == i:
-        sys.exit("error: --compare needs directories after it, e.g. --compare out-gulliver out-sgns")
-    return argv[:i] + [f"--compare={argv[i + 1:j + 1]!r}"] + argv[j + 1:]
-
-
 # ---- figures and report ---------------------------------------------------------------------
 
 def save(fig, name):
@@ -529,7 +517,7 @@ def plain(o):
 
 
 if __name__ == '__main__':
-    configure(globals(), compare_argv(sys.argv[1:]))
+    configure(globals())
     check(globals(), {'checkpoint': one_of('best', 'last'), 'eval_tokens': at_least(1), 'top_n': at_least(11)})
     t0, enc, figures, report, notes = time.time(), get_tokenizer(), [], {}, []
     device = resolve_device(device)

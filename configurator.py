@@ -3,8 +3,9 @@ Settings for every script, nanoGPT-style: a script defines its settings as modul
 globals, then calls configure(globals()). Positional arguments are config files (plain
 Python, executed into those globals); `--key=value` arguments override them. Values are
 parsed with ast.literal_eval (a bare word stays a string) and must match the type of the
-default. Then check() holds each setting to its rule: a set of values (one_of) or a range.
-Any mistake is one line on stderr and exit code 2.
+default. A list setting also takes the words after it, up to the next --setting: `--compare a b`
+is `--compare="['a', 'b']"`. Then check() holds each setting to its rule: a set of values
+(one_of) or a range. Any mistake is one line on stderr and exit code 2.
 
     $ python train.py config/gulliver_cpu.py --batch_size=32 --compile=False
 """
@@ -48,8 +49,18 @@ def configure(settings, argv=None):
     # settings are the lower-case globals of simple types; UPPER_CASE names are constants
     keys = [k for k, v in settings.items() if k.islower() and not k.startswith('_') and isinstance(v, SETTING_TYPES)]
     chosen = set()
-    for arg in argv:
-        if not arg.startswith('--'):
+    argv = list(argv)
+    while argv:
+        arg = argv.pop(0)
+        if arg.startswith('--') and '=' not in arg and isinstance(settings.get(arg[2:]), list):
+            words = []
+            while argv and not argv[0].startswith('--'):
+                words.append(argv.pop(0))
+            if not words:
+                fail(f"{arg} needs values after it, e.g. {arg} a b")
+            settings[arg[2:]] = words
+            chosen.add(arg[2:])
+        elif not arg.startswith('--'):
             try:
                 with open(arg) as f:
                     source = f.read()

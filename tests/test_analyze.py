@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from analyze import compare_argv, load_matrix
 from circuits import logit_lens, qk_decomposition, residual_stream
 from conftest import ROOT, run_in_process
 from geometry import (analogy, anisotropy, contextual_geometry, cosine_matrix, drift_vs_frequency, exp_fit,
@@ -246,18 +245,13 @@ def test_residual_stream_starts_at_the_embeddings_and_ends_at_the_trunk():
         assert torch.allclose(model.transformer.ln_f(stream[-1]), model.trunk(x), atol=1e-6)
 
 
-def test_compare_argv_and_matrix_checks(tmp_path):
-    assert compare_argv(['cfg.py', '--compare', 'a', 'b/', '--top_n=5']) == ['cfg.py', "--compare=['a', 'b/']", '--top_n=5']
-    assert compare_argv(['--out_dir=x']) == ['--out_dir=x']
-    with pytest.raises(SystemExit, match='^error: --compare needs directories'):
-        compare_argv(['--compare', '--top_n=5'])
+def test_a_position_table_too_short_or_of_integers_is_one_line(tmp_path):
     np.save(tmp_path / 'short.npy', np.zeros((7, 4), np.float32))
     np.save(tmp_path / 'ints.npy', np.zeros((10, 4), np.int64))
     for name, message in (('short.npy', 'at least 8 rows, got 7'), ('ints.npy', 'expected a float matrix')):
-        with pytest.raises(SystemExit) as e:
-            load_matrix(str(tmp_path / name), 'wpe_file', min_rows=8)
-        assert str(e.value).startswith('error: ') and message in str(e.value)
-    assert load_matrix(str(tmp_path / 'short.npy'), 'wpe_file').dtype == np.float32
+        result = run_in_process('analyze.py', f'--wpe_file={tmp_path / name}', f'--report_dir={tmp_path / "report"}')
+        assert result.returncode == 1 and result.stderr.startswith('error: --wpe_file: ') and message in result.stderr
+        assert result.stderr.count('\n') == 1 and not (tmp_path / 'report').exists()
 
 
 # ---- analyze.py end to end -------------------------------------------------------------------

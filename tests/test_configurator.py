@@ -68,3 +68,14 @@ def test_config_file_unknown_key(tmp_path, capsys):
     cfg = tmp_path / 'typo.py'
     cfg.write_text('batch_sise = 3\n')
     expect_exit(capsys, [str(cfg)], "did you mean 'batch_size'?")
+
+
+def test_a_list_setting_takes_the_words_after_it(capsys):
+    s = {'compare': [], 'top_n': 3000}
+    assert configure(s, ['--compare', 'a', 'b/', '--top_n=5']) == {'compare', 'top_n'}
+    assert s == {'compare': ['a', 'b/'], 'top_n': 5}
+    configure(s, ["--compare=['c']"])
+    assert s['compare'] == ['c']
+    with pytest.raises(SystemExit):
+        configure(s, ['--compare', '--top_n=5'])
+    assert '--compare needs values after it' in capsys.readouterr().err
