@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from configurator import at_least, check, configure, one_of, resolve_device
+from configurator import at_least, check, configure, integer_at_least, one_of, optional, resolve_device
 from data import random_offsets, windows
 from machine import autocast, choose_cpu_dtype, keep_freed_memory, measure_matmul_flops, synchronize
 from model import GPT, GPTConfig
@@ -31,9 +31,9 @@ from model import GPT, GPTConfig
 # -----------------------------------------------------------------------------
 device = 'auto'
 n_layer, n_head, n_embd = 12, 12, 768     # the "GPT-2 small" rows
-batch_size = 0            # 0: 4 on CPU, 16 on CUDA
+batch_size = None         # None: 4 on CPU, 16 on CUDA
 large_batches = [24, 32, 48, 64]          # CUDA: GPT-2 small compiled, up to the first micro-batch that does not fit
-block_size = 0            # 0: 256 on CPU, 1024 on CUDA
+block_size = None         # None: 256 on CPU, 1024 on CUDA
 cpu_config = 'config/gulliver_cpu.py'     # the small-model rows train with this config's shape and dtype
 data_dir = 'data/gulliver'                # for the get_batch rows (random tokens if absent)
 steps = 3                 # timed steps per training row, after warm-up
@@ -43,13 +43,13 @@ compile = True            # include torch.compile rows
 out_file = 'bench.jsonl'
 # -----------------------------------------------------------------------------
 configure(globals())
-check(globals(), {'batch_size': at_least(0), 'block_size': at_least(0), 'steps': at_least(1), 'warmup': at_least(1),
-                  'new_tokens': at_least(1), 'compile': one_of(True, False)})
+check(globals(), {'batch_size': optional(integer_at_least(1)), 'block_size': optional(integer_at_least(1)),
+                  'steps': at_least(1), 'warmup': at_least(1), 'new_tokens': at_least(1), 'compile': one_of(True, False)})
 device = resolve_device(device)
 cuda = device.startswith('cuda')
 torch.backends.cuda.matmul.allow_tf32 = True  # as train.py: fp32 matmuls on a GPU run in TF32
-batch_size = batch_size or (16 if cuda else 4)
-block_size = block_size or (1024 if cuda else 256)
+batch_size = (16 if cuda else 4) if batch_size is None else batch_size
+block_size = (1024 if cuda else 256) if block_size is None else block_size
 if not os.path.exists(cpu_config):
     sys.exit(f"error: no config file {cpu_config}; pass --cpu_config=path")
 small = {}

@@ -3,7 +3,8 @@ Settings for every script, nanoGPT-style: a script defines its settings as modul
 globals, then calls configure(globals()). Positional arguments are config files (plain
 Python, executed into those globals); `--key=value` arguments override them. Values are
 parsed with ast.literal_eval (a bare word stays a string) and must match the type of the
-default. A list setting also takes the words after it, up to the next --setting: `--compare a b`
+default (a setting that defaults to None or 'auto' takes any value, held to its rule by
+check()). A list setting also takes the words after it, up to the next --setting: `--compare a b`
 is `--compare="['a', 'b']"`. Then check() holds each setting to its rule: a set of values
 (one_of) or a range. Any mistake is one line on stderr and exit code 2.
 
@@ -32,8 +33,8 @@ def check_key(key, settings):
 
 def coerce(key, value, default):
     """Return value converted to the type of default, or fail."""
-    if default is None or value is None or type(value) is type(default):
-        return value
+    if default is None or value is None or type(value) is type(default) or default == 'auto':
+        return value  # None: not set, any value may set it; 'auto': check() holds the value to its rule
     if isinstance(default, float) and type(value) is int:
         return float(value)
     if isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
@@ -89,7 +90,7 @@ def configure(settings, argv=None):
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 value = text  # a bare word such as --device=cpu
-            if isinstance(settings[key], str) and not isinstance(value, str):
+            if isinstance(settings[key], str) and settings[key] != 'auto' and not isinstance(value, str):
                 value = text  # a string setting keeps what was typed, e.g. --start=123
             settings[key] = coerce(key, value, settings[key])
             chosen.add(key)
@@ -124,8 +125,13 @@ def below(low, high):
 
 
 def optional(rule):
-    """None, or what rule allows."""
-    return lambda value: None if value is None else rule(value)
+    """None (not set), or what rule allows."""
+    return lambda value: None if value is None or rule(value) is None else f"None or {rule(value)}"
+
+
+def auto_or(rule):
+    """'auto' (the script measures it), or what rule allows."""
+    return lambda value: None if value == 'auto' or rule(value) is None else f"'auto' or {rule(value)}"
 
 
 def check(settings, rules):
@@ -154,7 +160,7 @@ def resolve_device(device):
     import torch
     if device == 'auto':
         return 'cuda' if torch.cuda.is_available() else 'cpu'
-    if device != 'cpu' and not re.fullmatch(r'cuda(:\d+)?', device):
+    if device != 'cpu' and not re.fullmatch(r'cuda(:\d+)?', str(device)):
         fail(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
     if device.startswith('cuda') and not torch.cuda.is_available():
         fail(f"device {device!r} asked for, but CUDA is not available here; use --device=cpu or --device=auto")

@@ -30,7 +30,7 @@ from tokenizer import VOCAB_SIZE
 # -----------------------------------------------------------------------------
 method = 'sgns'          # 'sgns' or 'glove'
 data_dir = 'data/gulliver'
-out_dir = ''             # '' -> out-{method}
+out_dir = None           # None -> out-{method}
 dim = 256                # the n_embd of the CPU GPT config
 window = 5               # context tokens on each side
 epochs = None            # None -> METHOD_DEFAULTS[method]
@@ -237,7 +237,7 @@ if __name__ == '__main__':
     })
     epochs, batch_size, lr = (METHOD_DEFAULTS[method][name] if value is None else value
                               for name, value in (('epochs', epochs), ('batch_size', batch_size), ('lr', lr)))
-    out_dir = out_dir or f'out-{method}'
+    out_dir = f'out-{method}' if out_dir is None else out_dir
     try:
         tokens = read_split(data_dir, 'train')
     except ValueError as e:

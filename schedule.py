@@ -4,7 +4,7 @@ How far a training run has got, and the learning rate that goes with it.
 A run ends at max_iters iterations or after max_seconds of wall time, whichever comes first,
 so its progress is the larger of the two fractions:
 
-    progress = max(iter / max_iters, elapsed / max_seconds)        (max_seconds 0: no budget)
+    progress = max(iter / max_iters, elapsed / max_seconds)        (max_seconds None: no budget)
 
 The learning rate rises linearly over the first warmup_iters iterations and follows a cosine
 from learning_rate down to min_lr over progress 0 -> 1:

@@ -44,7 +44,8 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import check_resume, gather_rank_states, restore_training, training_state, write_checkpoint
-from configurator import at_least, below, check, check_model, configure, one_of, resolve_device, resolve_dtype
+from configurator import (at_least, auto_or, below, check, check_model, configure, greater_than, integer_at_least, one_of,
+                          optional, resolve_device, resolve_dtype)
 from data import Sampler, batch_at, bits_per_byte, open_data, random_offsets, split_batch
 from download import DownloadError
 from machine import autocast, choose_cpu_dtype, keep_freed_memory, measure_matmul_flops, to_device
@@ -63,7 +64,7 @@ eval_only = False       # evaluate the run in out_dir (its ckpt.pt) once, log th
 always_save_checkpoint = True
 overwrite = False       # let init_from='scratch' or a pretrained model replace the run in out_dir
 init_from = 'scratch'   # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'
-snapshot_interval = 0   # save W_E and W_pos every this many iterations (0: never)
+snapshot_interval = None  # save W_E and W_pos every this many iterations (None: never)
 sample_tokens = 48      # a sample of this many tokens at iteration 0 and at the end
 # data
 data_dir = 'data/gulliver'
@@ -84,11 +85,11 @@ pad_vocab_to = 64       # pad the embedding rows to a multiple of this (logits a
 optimizer = 'adamw'     # 'adamw' or 'muon'
 learning_rate = 6e-4
 max_iters = 5000        # the run ends at max_iters or max_seconds, whichever comes first
-max_seconds = 0.0       # wall-clock budget of the training loop in seconds (0: none)
+max_seconds = None      # wall-clock budget of the training loop in seconds (None: none)
 weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
-grad_clip = 1.0         # 0: no clipping
+grad_clip = 1.0         # None: no clipping
 max_skipped_steps = 10  # stop after this many steps in a row with a non-finite loss or gradient (seen at a log)
 # learning-rate schedule: linear warm-up (iterations), then cosine decay to min_lr at the end of the run
 decay_lr = True
@@ -99,7 +100,7 @@ backend = 'nccl'        # DDP backend on CUDA; the CPU uses gloo
 device = 'auto'         # 'auto', 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'auto'          # 'auto' (CUDA: bf16, fp16 without it; CPU: the faster, measured), 'float32', 'bfloat16', 'float16'
 compile = None          # None: on for CUDA, off for the CPU
-peak_flops = 0.0        # FLOP/s that MFU is measured against; 0: measure this machine's matmul peak
+peak_flops = 'auto'     # FLOP/s that MFU is measured against; 'auto': measure this machine's matmul peak
 sync_debug = False      # CUDA: a host read of a device tensor in a training step (after the first) is an error
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -113,9 +114,10 @@ check(globals(), {
     **{name: at_least(1) for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval',
                                       'eval_iters', 'log_interval', 'n_layer', 'n_head', 'n_embd', 'pad_vocab_to',
                                       'max_skipped_steps')},
-    **{name: at_least(0) for name in ('learning_rate', 'min_lr', 'max_iters', 'max_seconds', 'weight_decay',
-                                      'grad_clip', 'warmup_iters', 'snapshot_interval', 'sample_tokens', 'seed',
-                                      'peak_flops')},
+    **{name: at_least(0) for name in ('learning_rate', 'min_lr', 'max_iters', 'weight_decay', 'warmup_iters',
+                                      'sample_tokens', 'seed')},
+    'max_seconds': optional(greater_than(0)), 'grad_clip': optional(greater_than(0)),
+    'snapshot_interval': optional(integer_at_least(1)), 'peak_flops': auto_or(greater_than(0)),
     ('n_embd', 'n_head'): lambda n_embd, n_head: None if n_embd % n_head == 0 else f"a multiple of n_head ({n_head})",
     ('pos_emb', 'n_embd', 'n_head'): lambda pos_emb, n_embd, n_head: None if pos_emb != 'rope' or n_embd // n_head % 2 == 0
     else f"another scheme than 'rope' (which rotates pairs) with an odd head size n_embd / n_head ({n_embd // n_head})",
@@ -249,7 +251,7 @@ if compile:
 eval_model = model  # rank 0 evaluates alone: never through the DDP wrapper, whose forward may communicate
 if ddp:
     model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
-if not peak_flops:
+if peak_flops == 'auto':
     peak_flops, _ = measure_matmul_flops(device, torch.float32 if dtype == 'float32' else getattr(torch, dtype))
 
 
@@ -408,7 +410,7 @@ while True:
         scaler.scale(loss).backward()
     for opt in optimizers:
         scaler.unscale_(opt)
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip else float('inf'))
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), float('inf') if grad_clip is None else grad_clip)
     # a non-finite loss or gradient (fp16's scaler overflowing included) skips the update, on the device
     skip = (~torch.isfinite(grad_norm)).float()
     step_unless(optimizers, skip)

@@ -5,4 +5,4 @@
 exec(open('config/gulliver_cpu.py').read())  # the same shape, budget and schedule
 out_dir = 'out-gulliver-mlm-cpu'
 objective = 'mlm'
-snapshot_interval = 0
+snapshot_interval = None

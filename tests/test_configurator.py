@@ -4,8 +4,8 @@ from configurator import configure
 
 
 def settings():
-    return {'learning_rate': 6e-4, 'batch_size': 12, 'compile': True, 'device': 'auto',
-            'top_k': None, 'MAX': 3}
+    return {'learning_rate': 6e-4, 'batch_size': 12, 'compile': True, 'device': 'auto', 'start': '\n',
+            'top_k': None, 'peak_flops': 'auto', 'MAX': 3}
 
 
 def expect_exit(capsys, argv, message):
@@ -23,10 +23,10 @@ def test_overrides_are_parsed_and_typed():
     assert s['batch_size'] == 4 and s['compile'] is False and s['device'] == 'cpu' and s['top_k'] == 50
 
 
-def test_string_setting_keeps_text():
+def test_string_setting_keeps_text_and_auto_takes_a_value():
     s = settings()
-    configure(s, ['--device=123'])
-    assert s['device'] == '123'
+    configure(s, ['--start=123', '--peak_flops=1e12', '--device=cpu'])
+    assert s['start'] == '123' and s['peak_flops'] == 1e12 and s['device'] == 'cpu'
 
 
 def test_config_file_then_override(tmp_path):

@@ -269,8 +269,8 @@ def test_cli_without_train_bin(tmp_path):
     ('--method=lsa', "method must be one of 'sgns', 'glove', not 'lsa'"),
     ('--dim=0', 'dim must be an integer >= 1, not 0'),
     ('--window=-1', 'window must be an integer >= 1, not -1'),
-    ('--epochs=0', 'epochs must be an integer >= 1, not 0'),
-    ('--lr=fast', "lr must be > 0, not 'fast'"),
+    ('--epochs=0', 'epochs must be None or an integer >= 1, not 0'),
+    ('--lr=fast', "lr must be None or > 0, not 'fast'"),
     ('--lr=10.0', 'sgns: the loss is'),  # non-finite: refused, nothing written
 ])
 def test_cli_bad_settings(tiny_data_dir, tmp_path, arg, message):

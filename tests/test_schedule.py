@@ -39,7 +39,7 @@ def test_budget_ends_the_decay_at_min_lr_whatever_the_speed(seconds_per_step):
 def test_iterations_end_the_run_when_they_come_first():
     trace = run_on_fake_clock(0.5, max_iters=50, max_seconds=3600.0)
     assert trace[-1][0] == 50 and trace[-1][2] == MIN_LR
-    without_budget = run_on_fake_clock(0.5, max_iters=50, max_seconds=0)
+    without_budget = run_on_fake_clock(0.5, max_iters=50, max_seconds=None)
     assert without_budget == trace                            # a budget that never binds changes nothing
 
 
