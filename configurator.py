@@ -124,6 +124,10 @@ def below(low, high):
     return lambda value: None if number(value) and low <= value < high else f"in [{low}, {high})"
 
 
+def a_path(value):
+    return None if isinstance(value, str) and value else 'a path'
+
+
 def optional(rule):
     """None (not set), or what rule allows."""
     return lambda value: None if value is None or rule(value) is None else f"None or {rule(value)}"

@@ -303,7 +303,7 @@ def test_analyze_checkpoint_end_to_end(run):
     root, model = run
     report_dir = root / 'report'
     result = run_in_process('analyze.py', f'--out_dir={root / "out"}', f'--report_dir={report_dir}',
-                        f'--compare_out_dir={root / "seed2"}', '--probes=Lilliput,hat', '--device=cpu')
+                        f'--compare_out_dir={root / "seed2"}', '--probes', 'Lilliput', 'hat', '--device=cpu')
     assert result.returncode == 0, result.stderr
     report = json.loads((report_dir / 'report.json').read_text())
     assert {'source', 'loss', 'positional', 'attention_layer0', 'tokens', 'logit_lens', 'dynamics', 'stability',

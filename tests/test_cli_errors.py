@@ -178,6 +178,8 @@ CASES = [
      'expected a matrix (rows, d), got shape (64,)'),
     ('analyze: NaN matrix', ['analyze.py', '--wpe_file={tmp}/nan.npy', '--report_dir={tmp}/report'],
      'NaN or infinite entries; save a matrix of finite numbers'),
+    ('analyze: data_dir not a path', ['analyze.py', '--data_dir=2024', '--report_dir={tmp}/report'],
+     'data_dir must be None or a path, not 2024'),
     ('bench: unknown device', ['bench.py', '--device=tpu'], "unknown device 'tpu'; use auto, cpu, cuda or cuda:N"),
 ]
 
