@@ -30,12 +30,12 @@ from configurator import a_path, at_least, check, configure, one_of, optional, r
 from data import read_split
 from download import DownloadError
 from geometry import drift_vs_frequency, mean_cos_by_distance
-from model import load_model
+from model import PRETRAINED, load_model
 from report import figures_shown, plain
-from runlog import read_events
+from runlog import read_events, tokens_seen
 from sections import (FREQUENCY_BINS, MIN_COUNT, PROBE_WORDS, attention_section, compare_section, contextual_section,
-                      dynamics_section, frequent_tokens, logit_lens_section, loss_section, positional_section,
-                      stability_section, token_section, training_section)
+                      dynamics_section, frequent_tokens, logit_lens_section, loss_section, onset_section,
+                      positional_section, stability_section, token_section, training_section)
 from tokenizer import VOCAB_SIZE, get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -46,6 +46,7 @@ wpe_file = None           # a .npy position table (T, d) to analyse instead of a
 wte_file = None           # a .npy token table (50257, d) to analyse instead of a model (None: the model's)
 data_dir = None           # train.bin and val.bin; None: the checkpoint's data_dir, else data/gulliver
 report_dir = 'report'     # where report.md, report.json and the figures go
+reference_wpe = None      # the W_pos onset study's reference row: a .npy position table, or 'gpt2' (its rows 0..T-1)
 compare_out_dir = None    # the same model trained with another seed: how stable is the geometry? (None: no such run)
 compare = []              # `--compare DIR DIR ...`: directories with ckpt.pt or W_E.npy, W_E side by side
 probes = []               # `--probes Lilliput hat`: more probe words, each looked up as ' word' (as in running text)
@@ -106,6 +107,14 @@ def load_tables(path, name, checkpoint):
     sys.exit(f"error: --{name}: {path} holds neither ckpt.pt nor W_E.npy; pass directories written by train.py or embeddings.py")
 
 
+def load_reference(name, out_dir, device):
+    """A reference position table: GPT-2's W_pos for a pretrained name ('gpt2', ...), else a .npy file."""
+    if name in PRETRAINED:
+        model = load_eval_model(name, out_dir, device, 'best')[0]
+        return model.W_pos.detach().cpu().numpy()
+    return load_matrix(name, 'reference_wpe', min_rows=8)
+
+
 def load_tokens(data_dir, split):
     """The token ids of data_dir/{split}.bin (data.read_split), or exit with one line."""
     try:
@@ -116,12 +125,13 @@ def load_tokens(data_dir, split):
 
 def load_snapshots(folder, counts):
     """Per-token drift |W_E(t) - W_E(0)| by frequency, and the W_pos cosine-vs-distance curve, at each
-    snapshot (np.savez files iter_*.npz with W_E and, for a learned table, W_pos)."""
+    snapshot (np.savez files iter_*.npz with W_E and, for a learned table, W_pos); and the W_pos of
+    each, {iteration: W_pos} (empty without a learned table). (None, {}) for fewer than two snapshots."""
     paths = sorted(glob.glob(os.path.join(folder, 'iter_*.npz')))
     if len(paths) < 2:
-        return None
+        return None, {}
     out = {'iters': [], 'drift_median': {label: [] for *_, label in FREQUENCY_BINS}, 'pos_mean_cos_by_distance': []}
-    W0 = None
+    W0, position_tables = None, {}
     for path in paths:
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -139,31 +149,34 @@ def load_snapshots(folder, counts):
             out['drift_median'][label].append(float(np.median(drift[in_bin])) if in_bin.any() else None)
         if P is not None:
             out['pos_mean_cos_by_distance'].append(mean_cos_by_distance(P))
+            position_tables[out['iters'][-1]] = P
     out['drift_spearman_log_count'] = drift_vs_frequency(W0, W, counts)
-    return out
+    return out, position_tables
 
 
 def read_log(path):
-    """The train and eval events of log.jsonl (a last line still being written, with no newline yet, is left out)."""
+    """The train, eval and start events of log.jsonl (a last line still being written, with no newline
+    yet, is left out), or exit with one line."""
     try:
         events = read_events(path)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    return [e for e in events if e.get('event') == 'train'], [e for e in events if e.get('event') == 'eval']
+    return tuple([e for e in events if e.get('event') == kind] for kind in ('train', 'eval', 'start'))
 
 
 # ---- the two reports: each section's json under its key in report.json, its markdown in report.md --
 
-def model_report(source, objective, model, W_pos, W_E, counts, data_dir, batch, log, snapshots, other, probe_ids, enc,
-                 top_n, report_dir, notes):
+def model_report(source, objective, model, W_pos, W_E, counts, data_dir, batch, log, snapshots, position_tables,
+                 reference, other, probe_ids, enc, top_n, report_dir, notes):
     """The report on one model, or on the tables of --wpe_file and --wte_file: (report, markdown).
-    batch: (x, y) val tokens and their next tokens for the model; log: (train, eval) events of the
-    run's log.jsonl; other: (compare_out_dir, its W_E, its W_pos). Each is None where there is none."""
+    batch: (x, y) val tokens and their next tokens for the model; log: (train, eval, start) events of
+    the run's log.jsonl; snapshots, position_tables: load_snapshots(...); reference: the onset study's
+    reference position table; other: (compare_out_dir, its W_E, its W_pos). Each is None where there is none."""
     report = {'source': {'source': source, 'data_dir': None if counts is None else data_dir,
                          'model_args': None if model is None else vars(model.config), 'objective': objective}}
     md = [f'# Embedding geometry of {source}\n']
     if log is not None and log[0]:
-        report['loss'], section = loss_section(*log, source, report_dir)  # source: the run's out_dir, with log.jsonl
+        report['loss'], section = loss_section(*log[:2], source, report_dir)  # source: the run's out_dir, with log.jsonl
         md += section
     if W_pos is not None:
         report['positional'], section = positional_section(W_pos, report_dir)
@@ -185,6 +198,12 @@ def model_report(source, objective, model, W_pos, W_E, counts, data_dir, batch, 
     if snapshots is not None:
         report['dynamics'] = snapshots
         md += dynamics_section(snapshots, report_dir)
+    if position_tables:
+        train, evals, starts = log or ([], [], [])
+        seen = {i: tokens_seen(starts, i) for i in position_tables}
+        report['onset'], section = onset_section(position_tables, None if None in seen.values() else seen,
+                                                 int(counts.sum()), evals, reference, report_dir)
+        md += section
     if other is not None:
         report['stability'], section = stability_section(W_E, W_pos, *other, counts, top_n)
         md += section
@@ -213,13 +232,15 @@ def compare_report(names, loaded, evals_by_model, counts, val, data_dir, probe_i
 if __name__ == '__main__':
     configure(globals())
     check(globals(), {'checkpoint': one_of('best', 'last'), 'eval_tokens': at_least(1), 'top_n': at_least(11),
-                      **{name: optional(a_path) for name in ('wpe_file', 'wte_file', 'data_dir', 'compare_out_dir')}})
+                      **{name: optional(a_path) for name in ('wpe_file', 'wte_file', 'data_dir', 'compare_out_dir',
+                                                             'reference_wpe')}})
     t0, enc, notes = time.time(), get_tokenizer(), []
     device = resolve_device(device)
     probe_words = PROBE_WORDS + [' ' + w.strip() for w in probes if w.strip()]
     probe_ids = {w: enc.encode_ordinary(w)[0] for w in probe_words if len(enc.encode_ordinary(w)) == 1}
     notes += [f'probe {w!r} is not a single GPT-2 token; skipped' for w in probe_words if w not in probe_ids]
-    model, W_E, W_pos, config, batch, other, log, snapshots = None, None, None, {}, None, None, None, None
+    model, W_E, W_pos, config, batch, other, log, snapshots, position_tables, reference = (None, None, None, {}, None,
+                                                                                          None, None, None, {}, None)
     # load and check everything first, so that bad input leaves no partial report behind
     if compare:
         if len(compare) < 2:
@@ -257,7 +278,9 @@ if __name__ == '__main__':
     if model is not None and init_from == 'resume':
         log_path = os.path.join(out_dir, 'log.jsonl')
         log = read_log(log_path) if os.path.exists(log_path) else None
-        snapshots = load_snapshots(os.path.join(out_dir, 'snapshots'), counts)
+        snapshots, position_tables = load_snapshots(os.path.join(out_dir, 'snapshots'), counts)
+    if reference_wpe and position_tables:
+        reference = load_reference(reference_wpe, out_dir, device)
     try:
         os.makedirs(report_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=report_dir):
@@ -271,7 +294,7 @@ if __name__ == '__main__':
     else:
         source = wpe_file or wte_file or (out_dir if init_from == 'resume' else init_from)
         report, md = model_report(source, config.get('objective'), model, W_pos, W_E, counts, data_dir, batch, log,
-                                  snapshots, other, probe_ids, enc, top_n, report_dir, notes)
+                                  snapshots, position_tables, reference, other, probe_ids, enc, top_n, report_dir, notes)
     md += ['## Notes\n', *(f'- {n}\n' for n in notes)] if notes else []
     figures = figures_shown(md)
     report.update(figures=figures, notes=notes, seconds=round(time.time() - t0, 1))

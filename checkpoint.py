@@ -136,6 +136,9 @@ def check_resume(settings, checkpoint, path, world_size, data_fingerprint):
     if checkpoint['data'] != data_fingerprint:
         fail(f"{path} was trained on other data than {settings['data_dir']} holds now (its train.bin or val.bin "
              f"differ); resume with the data_dir it was trained on ({saved['data_dir']}), or train from scratch")
+    for name in ('wpe_weight_decay', 'embedding_lr'):  # they decide the optimizer's parameter groups
+        if settings[name] != saved.get(name):
+            fail(f"{path} was trained with {name}={saved.get(name)!r}; resume with --{name}={saved.get(name)}")
     scaler = bool(checkpoint['scaler'])  # the fp16 gradient scaler's state; empty without one
     if settings['optimizer'] != saved['optimizer'] or (settings['dtype'] == 'float16') != scaler:
         fail(f"{path} holds the state of optimizer={saved['optimizer']!r}"

@@ -102,6 +102,25 @@ def positional_geometry(P):
             'delta_consecutive_cos_mean': delta_consecutive_cos(P), 'linear_fit_r2': linear_fit_r2(P)}
 
 
+def position_statistics(P):
+    """The numbers of the onset study for one position table P (T, d): the mean row norm, the
+    mean cos at distance 1 and T/4, PC1's share of the variance, the largest abs corr(PC score, t)
+    over PC1-PC3 and which PC has it, the mean cos(delta_t, delta_t+1) (about -0.5 for independent
+    random rows: delta_t and delta_t+1 share -p_t+1), and the variance the line a + t b explains."""
+    P = np.asarray(P, np.float64)
+    curve, (ratios, scores), t = mean_cos_by_distance(P), pca(P), np.arange(len(P))
+    corr = [abs(pearson(scores[:, i], t)) for i in range(min(3, scores.shape[1]))]
+    return {'mean_norm': float(np.linalg.norm(P, axis=1).mean()), 'cos_1': float(curve[1]),
+            'cos_quarter': float(curve[len(P) // 4]), 'pc1_share': float(ratios[0]),
+            'pc_corr': float(np.max(corr)), 'pc_corr_which': int(np.argmax(corr)) + 1,
+            'delta_cos': delta_consecutive_cos(P), 'line_r2': linear_fit_r2(P)}
+
+
+def onset(iters, correlations, threshold=0.9):
+    """The first iteration whose abs corr(PC, t) reaches threshold, or None if none does."""
+    return next((int(i) for i, c in zip(iters, correlations) if c is not None and c >= threshold), None)
+
+
 # ---- token embeddings -----------------------------------------------------------------------
 
 def mean_pair_cos(X):

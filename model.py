@@ -47,6 +47,7 @@ class GPTConfig:
     pos_emb: str = 'learned'     # 'learned' | 'sinusoidal' | 'rope' | 'alibi' | 'none'
     causal: bool = True          # False: bidirectional attention (a BERT-style masked LM)
     pad_vocab_to: int = 1        # e.g. 64: pad the embedding rows for faster matmuls
+    wpe_init_std: float = 0.02   # a learned W_pos starts ~ N(0, wpe_init_std^2) (0: all zeros), as GPT-2's at 0.02
 
     @property
     def padded_vocab_size(self):
@@ -197,7 +198,8 @@ class GPT(nn.Module):
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            std = self.config.wpe_init_std if module is getattr(self.transformer, 'wpe', None) else 0.02
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             torch.nn.init.zeros_(module.bias)
 
@@ -287,26 +289,39 @@ class GPT(nn.Module):
         new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, kv_cache, generator))
         return torch.cat([idx] + new, dim=1)
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw'):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw',
+                             wpe_weight_decay=None, embedding_lr=None):
         """Return a list of optimizers. Weight decay applies to 2-D weights only (matrices and
         embeddings), never to biases and LayerNorm gains. AdamW is fused on CUDA and the CPU.
         'muon' trains the 2-D matrices of the blocks with Muon (orthogonalised momentum) and
-        everything else with AdamW."""
+        everything else with AdamW. wpe_weight_decay (None: weight_decay) and embedding_lr (None:
+        learning_rate) give W_pos, and W_E and W_pos, groups of their own; a group's 'lr_scale' is
+        its learning rate over learning_rate, which train.py's schedule multiplies."""
         params = [p for p in self.parameters() if p.requires_grad]
         fused = device_type in ('cuda', 'cpu')  # one kernel per step instead of a dozen per tensor
+
+        def adamw_groups(params):
+            own = []  # (parameter, weight decay): embeddings in groups of their own, when a setting asks
+            if embedding_lr is not None or wpe_weight_decay is not None:
+                own = [(self.transformer.wte.weight, weight_decay)]
+                if self.W_pos is not None:
+                    own.append((self.W_pos, weight_decay if wpe_weight_decay is None else wpe_weight_decay))
+            scale = 1.0 if embedding_lr is None else embedding_lr / learning_rate
+            rest = [p for p in params if all(p is not q for q, _ in own)]
+            return ([{'params': [p for p in rest if p.dim() >= 2], 'weight_decay': weight_decay},
+                     {'params': [p for p in rest if p.dim() < 2], 'weight_decay': 0.0}] +
+                    [{'params': [p], 'weight_decay': decay, 'lr': learning_rate * scale, 'lr_scale': scale}
+                     for p, decay in own if any(p is q for q in params)])
+
         if optimizer == 'adamw':
-            groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
-                      {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
-            return [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
+            return [torch.optim.AdamW(adamw_groups(params), lr=learning_rate, betas=betas, fused=fused)]
         if optimizer == 'muon':
             hidden = [p for n, p in self.named_parameters() if n.startswith('transformer.h.') and p.dim() == 2]
             hidden_ids = {id(p) for p in hidden}
             rest = [p for p in params if id(p) not in hidden_ids]
-            groups = [{'params': [p for p in rest if p.dim() >= 2], 'weight_decay': weight_decay},
-                      {'params': [p for p in rest if p.dim() < 2], 'weight_decay': 0.0}]
             # 'match_rms_adamw' scales Muon's update to AdamW's size, so one learning rate serves both
             return [torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn='match_rms_adamw'),
-                    torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
+                    torch.optim.AdamW(adamw_groups(rest), lr=learning_rate, betas=betas, fused=fused)]
         raise ValueError(f"optimizer must be 'adamw' or 'muon', not {optimizer!r}")
 
     def flops_per_token(self, T=None):

@@ -45,6 +45,18 @@ def read_events(path):
             raise ValueError(f"{path} has a line that is not JSON ({e.msg}); is it a log.jsonl written by train.py?")
 
 
+def tokens_seen(starts, iteration):
+    """Training tokens seen by the end of an iteration, from the run's start events (one per start
+    or resume, each with the iteration it started at and its tokens_per_iter); None without them."""
+    starts = sorted((e['iter'], e['tokens_per_iter']) for e in starts if 'tokens_per_iter' in e)
+    if not starts or starts[0][0] > 0:
+        return None
+    seen = 0
+    for (begin, per_iter), (end, _) in zip(starts, starts[1:] + [(math.inf, None)]):
+        seen += per_iter * max(0, min(iteration, end) - begin)
+    return seen
+
+
 def write_snapshot(out_dir, iter_num, model):
     """out_dir/snapshots/iter_NNNNNN.npz: the model's W_E and W_pos (where it learns one) in fp16,
     for the embedding-dynamics studies of analyze.py."""

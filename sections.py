@@ -12,7 +12,7 @@ import torch
 
 from circuits import TERMS, logit_lens, qk_decomposition, residual_stream
 from geometry import (analogy, anisotropy, contextual_geometry, cosine_matrix, linear_cka, nearest_neighbours,
-                      norm_vs_frequency, pca, positional_geometry, similarity, type_means)
+                      norm_vs_frequency, onset, pca, position_statistics, positional_geometry, similarity, type_means)
 from report import heatmap, image, plot_lines, plt, save, show, table
 from runlog import plot_losses
 from tokenizer import VOCAB_SIZE
@@ -29,6 +29,10 @@ CONTEXT_MEASURES = {'anisotropy': 'anisotropy (mean cos of two occurrences)',
                     'self_similarity': 'self-similarity - anisotropy',
                     'intra_context': 'intra-context similarity - anisotropy',
                     'pc_share': 'share of a type on its first PC'}
+ONSET_STATISTICS = {'mean_norm': 'mean row norm', 'cos_1': 'mean cos, k=1', 'cos_quarter': 'mean cos, k=T/4',
+                    'pc1_share': 'PC1 share', 'pc_corr': 'max abs corr(PC, t)', 'delta_cos': 'cos(delta_t, delta_t+1)',
+                    'line_r2': 'line a + t b'}
+ONSET_THRESHOLD = 0.9  # abs corr(PC score, t): one principal direction follows position
 FREQUENCY_BINS = [(0, 0, 'unseen'), (1, 9, '1-9'), (10, 99, '10-99'), (100, 999, '100-999'), (1000, math.inf, '1000+')]
 
 
@@ -202,6 +206,73 @@ def dynamics_section(snapshots, report_dir):
         ax.set(title='W_pos: cosine vs distance during training', xlabel='distance k', ylabel='mean cos(p_t, p_t+k)')
         md.append(save(fig, report_dir, 'dynamics_positional.png'))
     return md
+
+
+def onset_section(tables, seen, train_tokens, evals, reference, report_dir):
+    """When W_pos takes shape: position_statistics of W_pos and of its learned part W_pos - W_pos(0)
+    (0: the first snapshot, the init when the run saved one at iteration 0) at every snapshot,
+    tables = {iteration: W_pos}, against tokens seen ({iteration: tokens} or None), passes over
+    the train_tokens of the book and the losses of the evaluations at the same iterations. The
+    onset is the first snapshot where abs corr(PC, t) reaches ONSET_THRESHOLD. reference: a
+    position table to put beside them (GPT-2's rows 0..T-1) or None. (json, markdown)"""
+    iters = sorted(tables)
+    first, losses = tables[iters[0]], {e['iter']: e for e in evals}
+    records = []
+    for i in iters:
+        tokens = None if seen is None else seen[i]
+        records.append({'iter': i, 'tokens_seen': tokens, 'passes': None if tokens is None else tokens / train_tokens,
+                        'train_loss': losses.get(i, {}).get('train_loss'), 'val_loss': losses.get(i, {}).get('val_loss'),
+                        'W_pos': position_statistics(tables[i]),
+                        'learned': position_statistics(tables[i] - first) if i != iters[0] else None})
+    T = len(first)
+    out = {'threshold': ONSET_THRESHOLD, 'first_snapshot': iters[0], 'records': records,
+           'onset_iter': onset(iters, [r['W_pos']['pc_corr'] for r in records], ONSET_THRESHOLD),
+           'onset_iter_learned': onset(iters, [r['learned'] and r['learned']['pc_corr'] for r in records],
+                                       ONSET_THRESHOLD),
+           'reference': None if reference is None else position_statistics(reference[:T])}
+
+    def rows(key):
+        return [[r['iter'], '' if r['tokens_seen'] is None else f"{r['tokens_seen']:,}",
+                 '' if r['passes'] is None else f"{r['passes']:.2f}",
+                 *('' if r[loss] is None else f'{r[loss]:.3f}' for loss in ('train_loss', 'val_loss')),
+                 *(('', ) * len(ONSET_STATISTICS) if r[key] is None else
+                   (f"{r[key][s]:.3f} (PC{r[key]['pc_corr_which']})" if s == 'pc_corr' else f'{r[key][s]:.3f}'
+                    for s in ONSET_STATISTICS))] for r in records]
+    header = ['iteration', 'tokens seen', 'passes', 'train loss', 'val loss', *ONSET_STATISTICS.values()]
+    reference_row = [] if reference is None else [['reference', '', '', '', '',
+                                                    *(f"{out['reference'][s]:.3f}" for s in ONSET_STATISTICS)]]
+
+    def said(at):
+        if at is None:
+            return 'not reached'
+        r = records[iters.index(at)]
+        return f"at iteration {at}" + ('' if r['tokens_seen'] is None else
+                                       f" ({r['tokens_seen']:,} tokens, {r['passes']:.2f} passes over the book)")
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), layout='constrained', sharey=True)
+    for ax, key, title in zip(axes, ('W_pos', 'learned'), ('W_pos', f'learned part W_pos - W_pos({iters[0]})')):
+        kept = [r for r in records if r[key] is not None]
+        for k, (s, label) in enumerate(ONSET_STATISTICS.items()):
+            if s != 'mean_norm':
+                ax.plot([r['iter'] for r in kept], [r[key][s] for r in kept], 'o-', ms=3, color=f'C{k}', label=label)
+        ax.axhline(ONSET_THRESHOLD, color='grey', ls=':')
+        ax.set(title=title, xlabel='iteration')
+        evaluated = [r for r in records if r['val_loss'] is not None]
+        if evaluated:
+            loss_axis = ax.twinx()
+            loss_axis.plot([r['iter'] for r in evaluated], [r['val_loss'] for r in evaluated], 'k--', label='val loss')
+            loss_axis.set_ylabel('val loss (dashed)')
+    axes[0].legend(fontsize=8)
+    return out, ['## When W_pos takes shape\n',
+                 f"W_pos at each of the run's snapshots, and its learned part W_pos - W_pos({iters[0]}): what training "
+                 "has added to the random start, whose independent rows give mean cosines near 0 and "
+                 "cos(delta_t, delta_t+1) near -0.5. max abs corr(PC, t) is the largest of PC1-PC3 (which one in "
+                 f"brackets); the onset is the first snapshot where it reaches {ONSET_THRESHOLD}. Passes: tokens seen "
+                 f"over the {train_tokens:,} train tokens. Losses where an evaluation fell on the snapshot.\n",
+                 f"Onset: W_pos {said(out['onset_iter'])}; its learned part {said(out['onset_iter_learned'])}.\n",
+                 '### W_pos\n', table(header, rows('W_pos') + reference_row),
+                 f'### Learned part, W_pos - W_pos({iters[0]})\n', table(header, rows('learned')[1:]),
+                 save(fig, report_dir, 'onset.png')]
 
 
 def stability_section(W_E, W_pos, other_name, other_W_E, other_W_pos, counts, top_n):

@@ -81,12 +81,15 @@ dropout = 0.0
 bias = True
 pos_emb = 'learned'     # 'learned', 'sinusoidal', 'rope', 'alibi', 'none'
 pad_vocab_to = 64       # pad the embedding rows to a multiple of this (logits are sliced back)
+wpe_init_std = 0.02     # a learned W_pos starts ~ N(0, wpe_init_std^2); 0: all zeros
 # optimizer
 optimizer = 'adamw'     # 'adamw' or 'muon'
 learning_rate = 6e-4
 max_iters = 5000        # the run ends at max_iters or max_seconds, whichever comes first
 max_seconds = None      # wall-clock budget of the training loop in seconds (None: none)
 weight_decay = 1e-1
+wpe_weight_decay = None # W_pos's own weight decay; None: weight_decay
+embedding_lr = None     # W_E's and W_pos's own peak learning rate, on the same schedule; None: learning_rate
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0         # None: no clipping
@@ -116,7 +119,8 @@ check(globals(), {
                                       'max_skipped_steps')},
     **{name: at_least(0) for name in ('learning_rate', 'min_lr', 'max_iters', 'weight_decay', 'warmup_iters',
                                       'sample_tokens', 'seed')},
-    'max_seconds': optional(greater_than(0)), 'grad_clip': optional(greater_than(0)),
+    'max_seconds': optional(greater_than(0)), 'grad_clip': optional(greater_than(0)), 'wpe_init_std': at_least(0),
+    'wpe_weight_decay': optional(at_least(0)), 'embedding_lr': optional(greater_than(0)),
     'snapshot_interval': optional(integer_at_least(1)), 'peak_flops': auto_or(greater_than(0)),
     ('n_embd', 'n_head'): lambda n_embd, n_head: None if n_embd % n_head == 0 else f"a multiple of n_head ({n_head})",
     ('pos_emb', 'n_embd', 'n_head'): lambda pos_emb, n_embd, n_head: None if pos_emb != 'rope' or n_embd // n_head % 2 == 0
@@ -187,7 +191,7 @@ data_fingerprint = {name: meta['sha256'][name] for name in ('train.bin', 'val.bi
 # model
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=meta['vocab_size'], dropout=dropout, pos_emb=pos_emb, causal=objective == 'clm',
-                  pad_vocab_to=pad_vocab_to)
+                  pad_vocab_to=pad_vocab_to, wpe_init_std=wpe_init_std)
 # out_dir holds one run: a new run never replaces another's checkpoint unless told to, and
 # starts a log and snapshots of its own (the earlier ones are kept under a dated name, below)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
@@ -239,7 +243,8 @@ if dtype == 'auto':  # the CPU: bf16 autocast only where this CPU runs it faster
               f"{head_seconds['float32'] * 1000:.1f} ms in float32, {head_seconds['bfloat16'] * 1000:.1f} ms "
               f"under bfloat16 autocast)")
 ctx = autocast(device, dtype)
-optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer)
+optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
+                                        wpe_weight_decay, embedding_lr)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 if checkpoint is not None:
     restore_training(checkpoint, optimizers, scaler, train_sampler, rank, device_type == 'cuda')
@@ -359,7 +364,7 @@ while True:
     lr = learning_rate_at(iter_num, progress, learning_rate, min_lr, warmup_iters) if decay_lr else learning_rate
     for opt in optimizers:
         for group in opt.param_groups:
-            group['lr'] = lr
+            group['lr'] = lr * group.get('lr_scale', 1.0)  # embedding_lr's group: its ratio to learning_rate
 
     last = progress >= 1 or stop or eval_only
     # the skipped updates since the last read, read on every rank at log, eval and stop iterations

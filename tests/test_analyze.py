@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from geometry import (analogy, anisotropy, contextual_geometry, cosine_matrix, d
                       linear_cka, mean_cos_by_distance, nearest_neighbours, nn_overlap, occurrences_by_type,
                       positional_geometry, procrustes_cos, rankdata, rsa, similarity, spearman, type_means, unit_rows)
 from model import GPT, GPTConfig
-from tokenizer import get_tokenizer
+from tokenizer import VOCAB_SIZE, get_tokenizer
 
 POSITIONAL_KEYS = {'norms', 'mean_cos_by_distance', 'exp_fit', 'pca_explained_variance', 'n_components_80',
                    'n_components_90', 'pc_abs_corr_with_position', 'delta_consecutive_cos_mean', 'linear_fit_r2'}
@@ -342,6 +343,59 @@ def test_analyze_checkpoint_end_to_end(run):
     n = (len(val) - 1) // 32 * 32
     _, loss = model(val[:n].view(-1, 32), val[1:n + 1].view(-1, 32))
     assert abs(report['logit_lens']['loss_by_layer'][-1] - loss.item()) < 1e-4
+
+
+def abs_corr_with_position(P):
+    """Independent of geometry.py: the largest abs Pearson correlation of a PC1-PC3 score with t."""
+    X = P - P.mean(0)
+    U, S, _ = np.linalg.svd(X, full_matrices=False)
+    return max(abs(np.corrcoef(U[:, i] * S[i], np.arange(len(P)))[0, 1]) for i in range(3))
+
+
+@pytest.mark.parametrize('ramp', [[0, 0, 0, 0.5, 1, 1], [0] * 6], ids=['onset at 150', 'never'])
+def test_onset_of_a_planted_direction_along_position(run, tmp_path, ramp):
+    # W_pos(t) = P0 + a(t) R + noise: R grows along one direction with the position, from iteration 150
+    root, _ = run
+    out = tmp_path / 'out'
+    os.makedirs(out / 'snapshots')
+    shutil.copy(root / 'out' / 'ckpt.pt', out / 'ckpt.pt')
+    rng, iters = np.random.default_rng(3), [0, 50, 100, 150, 200, 250]
+    P0, u = rng.normal(0, 0.02, (32, 32)), rng.normal(size=32)
+    R = np.outer((np.arange(32) - 15.5) / 32, u / np.linalg.norm(u))
+    tables = {}
+    for i, a in zip(iters, ramp):
+        tables[i] = (P0 + a * R + (rng.normal(0, 0.005, (32, 32)) if i else 0)).astype(np.float16)
+        np.savez(out / 'snapshots' / f'iter_{i:06d}.npz', W_E=np.zeros((VOCAB_SIZE, 32), np.float16), W_pos=tables[i])
+    with open(out / 'log.jsonl', 'w') as f:
+        f.write(json.dumps({'event': 'start', 'iter': 0, 'tokens_per_iter': 256}) + '\n')
+        for i in (0, 100, 200):
+            f.write(json.dumps({'event': 'eval', 'iter': i, 'train_loss': 9 - i / 100, 'val_loss': 9.5 - i / 100}) + '\n')
+    reference = np.cumsum(np.random.default_rng(4).normal(size=(64, 32)), 0)  # a random walk: smooth in t
+    np.save(tmp_path / 'reference.npy', reference)
+    result = run_in_process('analyze.py', f'--out_dir={out}', f'--report_dir={tmp_path / "report"}', '--top_n=300',
+                            f'--reference_wpe={tmp_path / "reference.npy"}', '--eval_tokens=64')
+    assert result.returncode == 0, result.stderr
+    onset = json.loads((tmp_path / 'report' / 'report.json').read_text())['onset']
+    train_tokens = len(np.fromfile(root / 'data' / 'train.bin', np.uint16))
+    P = {i: tables[i].astype(np.float64) for i in iters}
+    learned = {i: P[i] - P[0] for i in iters[1:]}
+    corr = {i: abs_corr_with_position(P[i]) for i in iters}
+    corr_learned = {i: abs_corr_with_position(learned[i]) for i in iters[1:]}
+    first = lambda c: next((i for i in sorted(c) if c[i] >= 0.9), None)
+    assert onset['onset_iter'] == first(corr) and onset['onset_iter_learned'] == first(corr_learned)
+    assert onset['onset_iter_learned'] == (150 if ramp[-1] else None)  # by construction
+    for r in onset['records']:
+        i = r['iter']
+        assert r['tokens_seen'] == 256 * i and r['passes'] == pytest.approx(256 * i / train_tokens, rel=1e-12)
+        assert r['val_loss'] == (9.5 - i / 100 if i in (0, 100, 200) else None)
+        assert r['W_pos']['pc_corr'] == pytest.approx(corr[i], abs=1e-9)
+        assert r['learned'] is None if i == 0 else r['learned']['pc_corr'] == pytest.approx(corr_learned[i], abs=1e-9)
+        unit = P[i] / np.linalg.norm(P[i], axis=1, keepdims=True)
+        assert r['W_pos']['cos_1'] == pytest.approx((unit[:-1] * unit[1:]).sum(1).mean(), abs=1e-9)
+    assert onset['reference']['pc_corr'] == pytest.approx(abs_corr_with_position(reference[:32]), abs=1e-9)
+    md = (tmp_path / 'report' / 'report.md').read_text()
+    said = 'at iteration 150 (38,400 tokens' if ramp[-1] else 'not reached'
+    assert f'its learned part {said}' in md and '![onset.png](onset.png)' in md
 
 
 def test_wpe_file_alone(tmp_path):

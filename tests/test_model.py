@@ -352,3 +352,26 @@ def test_damaged_weights_never_enter_the_cache_and_a_damaged_cache_says_what_to_
     os.makedirs(tmp_path / 'no_config')
     with pytest.raises(ValueError, match=r'no .*no_config/config.json: pass a directory written by save_pretrained'):
         GPT.from_pretrained(str(tmp_path / 'no_config'))
+
+
+def test_wpe_init_std_and_the_embeddings_own_optimizer_groups():
+    torch.manual_seed(0)
+    default = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=64))
+    for std in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=64, wpe_init_std=std))
+        # the same draws, scaled: every other weight is the default model's
+        assert torch.allclose(model.W_pos, default.W_pos * (std / 0.02))
+        assert all(torch.equal(a, b) for (name, a), (_, b) in zip(model.named_parameters(), default.named_parameters())
+                   if 'wpe' not in name)
+    [plain] = default.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    assert len(plain.param_groups) == 2
+    [adamw] = default.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', wpe_weight_decay=0.0, embedding_lr=3e-3)
+    by_tensor = {id(p): group for group in adamw.param_groups for p in group['params']}
+    assert sum(len(group['params']) for group in adamw.param_groups) == len(list(default.parameters()))
+    wte, wpe = by_tensor[id(default.transformer.wte.weight)], by_tensor[id(default.W_pos)]
+    assert (wte['weight_decay'], wte['lr'], wte['lr_scale']) == (0.1, 3e-3, 3.0)
+    assert (wpe['weight_decay'], wpe['lr'], wpe['lr_scale']) == (0.0, 3e-3, 3.0)
+    assert by_tensor[id(default.transformer.h[0].attn.c_attn.weight)]['weight_decay'] == 0.1
+    [_, muon_adamw] = default.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', 'muon', wpe_weight_decay=0.0)
+    assert [g['weight_decay'] for g in muon_adamw.param_groups if any(p is default.W_pos for p in g['params'])] == [0.0]

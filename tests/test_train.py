@@ -17,6 +17,7 @@ from configurator import configure
 from checkpoint import rank_state, restore_rank_state
 from data import MASK_TOKEN, Sampler, epoch_offsets, mask_tokens, random_offsets, split_batch, target_positions, windows
 from model import load_checkpoint
+from schedule import learning_rate_at
 from tokenizer import get_tokenizer
 
 # fp32 so that every CPU runs the same arithmetic; the budget test leaves dtype at 'auto'
@@ -393,6 +394,21 @@ def test_runs_in_one_out_dir_and_a_diverged_run(small_data, tmp_path):
     skipped = [r for r in rows if r['event'] == 'skipped']
     assert len(skipped) == 3 and [r['iter'] for r in skipped] == list(range(skipped[0]['iter'], skipped[0]['iter'] + 3))
     assert all(r['loss'] is None for r in skipped)  # NaN, written as null
+
+
+def test_embeddings_own_learning_rate_follows_the_schedule_and_binds_the_resume(small_data, tmp_path):
+    common = [*TINY, f'--data_dir={small_data}', f'--out_dir={tmp_path}', '--sample_tokens=0', '--eval_interval=4',
+              '--wpe_init_std=0', '--wpe_weight_decay=0', '--embedding_lr=0.012']
+    assert run_in_process('train.py', *common, '--max_iters=4').returncode == 0
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    groups = ckpt['optimizers'][0]['param_groups']
+    # the schedule's rate at the save (iteration 4: warm-up 5/6, the cosine at its end), the embeddings at 4x it
+    lr = learning_rate_at(4, 1.0, 3e-3, 6e-5, 5)
+    assert [g['lr'] for g in groups] == pytest.approx([lr, lr, 4 * lr, 4 * lr], rel=1e-12)
+    assert [g['weight_decay'] for g in groups] == [0.1, 0.0, 0.1, 0.0] and ckpt['model_args']['wpe_init_std'] == 0
+    refused = run_in_process('train.py', *common[:-1], '--max_iters=8', '--init_from=resume')
+    assert refused.returncode == 2 and refused.stderr.count('\n') == 1
+    assert 'was trained with embedding_lr=0.012; resume with --embedding_lr=0.012' in refused.stderr
 
 
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(small_data, tmp_path, monkeypatch):
