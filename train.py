@@ -297,14 +297,16 @@ def log_event(event, **fields):
 
 @torch.no_grad()
 def sample_text():
-    """sample_tokens tokens from the model after a newline, with a fixed seed."""
+    """sample_tokens tokens from the model after a newline, with a fixed seed: printed and logged."""
     raw_model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
     start = torch.tensor([get_tokenizer().encode_ordinary('\n')], device=device)
     with ctx:
         out = raw_model.generate(start, sample_tokens, temperature=TEMPERATURE, top_k=TOP_K, generator=generator)
     raw_model.train()
-    return get_tokenizer().decode(out[0, 1:].tolist())
+    text = get_tokenizer().decode(out[0, 1:].tolist())
+    print(f"sample at iteration {iter_num}: {text!r}")
+    log_event('sample', iter=iter_num, text=text)
 
 
 def save_checkpoint(rank_states, best=False):
@@ -344,9 +346,7 @@ if master:
                   dtype=dtype, peak_flops=peak_flops, world_size=world_size, micro_batch=micro_batch,
                   micro_steps=micro_steps, config=config)
 if master and iter_num == 0 and objective == 'clm' and sample_tokens:
-    text = sample_text()
-    print(f"sample at iteration 0: {text!r}")
-    log_event('sample', iter=0, text=text)
+    sample_text()
 
 start_iter, t_start = iter_num, time.time()
 t0 = t_start
@@ -449,9 +449,7 @@ if master and eval_only:
     print(f"evaluated {ckpt_path} (iteration {iter_num}); nothing saved, the eval appended to {out_dir}/log.jsonl")
 elif master:
     if objective == 'clm' and sample_tokens:
-        text = sample_text()
-        print(f"sample at iteration {iter_num}: {text!r}")
-        log_event('sample', iter=iter_num, text=text)
+        sample_text()
     elapsed = elapsed_before + time.time() - t_start
     log_event('end', iter=iter_num, best_iter=best_iter, best_val_loss=best_val_loss, elapsed=elapsed)
     log_file.close()
