@@ -13,6 +13,7 @@ from geometry import (analogy, anisotropy, contextual_geometry, cosine_matrix, d
                       linear_cka, mean_cos_by_distance, nearest_neighbours, nn_overlap, occurrences_by_type,
                       positional_geometry, procrustes_cos, rankdata, rsa, similarity, spearman, type_means, unit_rows)
 from model import GPT, GPTConfig
+from sections import onset_section
 from tokenizer import VOCAB_SIZE, get_tokenizer
 
 POSITIONAL_KEYS = {'norms', 'mean_cos_by_distance', 'exp_fit', 'pca_explained_variance', 'n_components_80',
@@ -352,20 +353,32 @@ def abs_corr_with_position(P):
     return max(abs(np.corrcoef(U[:, i] * S[i], np.arange(len(P)))[0, 1]) for i in range(3))
 
 
-@pytest.mark.parametrize('ramp', [[0, 0, 0, 0.5, 1, 1], [0] * 6], ids=['onset at 150', 'never'])
-def test_onset_of_a_planted_direction_along_position(run, tmp_path, ramp):
-    # W_pos(t) = P0 + a(t) R + noise: R grows along one direction with the position, from iteration 150
+ONSET_ITERS = [0, 50, 100, 150, 200, 250]
+
+
+def planted_tables(ramp, seed=3):
+    """{iteration: W_pos (32, 32)} = P0 + ramp[k] R + noise: R grows along one direction with t."""
+    rng = np.random.default_rng(seed)
+    P0, u = rng.normal(0, 0.02, (32, 32)), rng.normal(size=32)
+    R = np.outer((np.arange(32) - 15.5) / 32, u / np.linalg.norm(u))
+    return {i: (P0 + a * R + (rng.normal(0, 0.005, (32, 32)) if i else 0)).astype(np.float16)
+            for i, a in zip(ONSET_ITERS, ramp)}
+
+
+def first_onset(tables, learned):
+    """Independent of geometry.py: the first iteration whose abs corr(PC, t) reaches 0.9, or None."""
+    P = {i: tables[i].astype(np.float64) - (tables[0] if learned else 0) for i in tables if i or not learned}
+    return next((i for i in sorted(P) if abs_corr_with_position(P[i]) >= 0.9), None)
+
+
+def test_onset_of_a_planted_direction_along_position(run, tmp_path):
     root, _ = run
     out = tmp_path / 'out'
     os.makedirs(out / 'snapshots')
     shutil.copy(root / 'out' / 'ckpt.pt', out / 'ckpt.pt')
-    rng, iters = np.random.default_rng(3), [0, 50, 100, 150, 200, 250]
-    P0, u = rng.normal(0, 0.02, (32, 32)), rng.normal(size=32)
-    R = np.outer((np.arange(32) - 15.5) / 32, u / np.linalg.norm(u))
-    tables = {}
-    for i, a in zip(iters, ramp):
-        tables[i] = (P0 + a * R + (rng.normal(0, 0.005, (32, 32)) if i else 0)).astype(np.float16)
-        np.savez(out / 'snapshots' / f'iter_{i:06d}.npz', W_E=np.zeros((VOCAB_SIZE, 32), np.float16), W_pos=tables[i])
+    tables = planted_tables([0, 0, 0, 0.5, 1, 1])  # the direction appears at iteration 150
+    for i, P in tables.items():
+        np.savez(out / 'snapshots' / f'iter_{i:06d}.npz', W_E=np.zeros((VOCAB_SIZE, 32), np.float16), W_pos=P)
     with open(out / 'log.jsonl', 'w') as f:
         f.write(json.dumps({'event': 'start', 'iter': 0, 'tokens_per_iter': 256}) + '\n')
         for i in (0, 100, 200):
@@ -376,26 +389,30 @@ def test_onset_of_a_planted_direction_along_position(run, tmp_path, ramp):
                             f'--reference_wpe={tmp_path / "reference.npy"}', '--eval_tokens=64')
     assert result.returncode == 0, result.stderr
     onset = json.loads((tmp_path / 'report' / 'report.json').read_text())['onset']
+    assert onset['onset_iter'] == first_onset(tables, learned=False)
+    assert onset['onset_iter_learned'] == first_onset(tables, learned=True) == 150  # by construction
     train_tokens = len(np.fromfile(root / 'data' / 'train.bin', np.uint16))
-    P = {i: tables[i].astype(np.float64) for i in iters}
-    learned = {i: P[i] - P[0] for i in iters[1:]}
-    corr = {i: abs_corr_with_position(P[i]) for i in iters}
-    corr_learned = {i: abs_corr_with_position(learned[i]) for i in iters[1:]}
-    first = lambda c: next((i for i in sorted(c) if c[i] >= 0.9), None)
-    assert onset['onset_iter'] == first(corr) and onset['onset_iter_learned'] == first(corr_learned)
-    assert onset['onset_iter_learned'] == (150 if ramp[-1] else None)  # by construction
     for r in onset['records']:
-        i = r['iter']
+        i, P = r['iter'], tables[r['iter']].astype(np.float64)
         assert r['tokens_seen'] == 256 * i and r['passes'] == pytest.approx(256 * i / train_tokens, rel=1e-12)
         assert r['val_loss'] == (9.5 - i / 100 if i in (0, 100, 200) else None)
-        assert r['W_pos']['pc_corr'] == pytest.approx(corr[i], abs=1e-9)
-        assert r['learned'] is None if i == 0 else r['learned']['pc_corr'] == pytest.approx(corr_learned[i], abs=1e-9)
-        unit = P[i] / np.linalg.norm(P[i], axis=1, keepdims=True)
+        assert r['W_pos']['pc_corr'] == pytest.approx(abs_corr_with_position(P), abs=1e-9)
+        assert r['learned'] is None if i == 0 else \
+            r['learned']['pc_corr'] == pytest.approx(abs_corr_with_position(P - tables[0]), abs=1e-9)
+        unit = P / np.linalg.norm(P, axis=1, keepdims=True)
         assert r['W_pos']['cos_1'] == pytest.approx((unit[:-1] * unit[1:]).sum(1).mean(), abs=1e-9)
     assert onset['reference']['pc_corr'] == pytest.approx(abs_corr_with_position(reference[:32]), abs=1e-9)
     md = (tmp_path / 'report' / 'report.md').read_text()
-    said = 'at iteration 150 (38,400 tokens' if ramp[-1] else 'not reached'
-    assert f'its learned part {said}' in md and '![onset.png](onset.png)' in md
+    assert 'its learned part at iteration 150 (38,400 tokens' in md and '![onset.png](onset.png)' in md
+
+
+def test_onset_not_reached_without_a_planted_direction(tmp_path):
+    tables = planted_tables([0] * 6)
+    out, md = onset_section(tables, None, 1000, [], None, str(tmp_path))
+    assert first_onset(tables, learned=False) is None and first_onset(tables, learned=True) is None
+    assert out['onset_iter'] is None and out['onset_iter_learned'] is None
+    assert 'Onset: W_pos not reached; its learned part not reached.' in ''.join(md)
+    assert all(r['tokens_seen'] is None and r['passes'] is None for r in out['records'])
 
 
 def test_wpe_file_alone(tmp_path):
