@@ -34,6 +34,10 @@ NOT_RUN = {  # command prefix -> why this test does not run it
     'python sample.py --init_from=gpt2': 'downloads GPT-2 weights; tests/test_model.py tests that path',
     'python analyze.py --init_from=gpt2': 'downloads GPT-2 weights; tests/test_model.py tests that path',
     'python bench.py --device=cuda': 'needs a GPU',
+    'python train.py config/gulliver_cpu.py --max_seconds=None': 'the onset study\'s run, 25 minutes; its settings are '
+                                                                 'those of the runs above',
+    'python analyze.py --out_dir=out-onset-base': 'needs that run; tests/test_analyze.py runs the onset study on '
+                                                  'snapshots planted with a known onset',
     'python train.py config/gulliver.py': 'GPT-2 small on a GPU; the same code runs here with the CPU configs',
     'pip install': 'installs packages',
 }
