@@ -177,9 +177,10 @@ tokens_per_iter = batch_size * gradient_accumulation_steps * block_size  # the g
 # data: each split is memory-mapped once; batches are windows at offsets that the sampler draws
 try:
     meta, data = open_data(data_dir)  # checked against meta.json: counts, sha256, ids below vocab_size
-    if block_size + 1 > min(len(d) for d in data.values()):
+    shortest = min(len(d) for d in data.values())
+    if block_size + 1 > shortest:
         raise ValueError(f"block_size {block_size} needs at least {block_size + 1} tokens per split, but {data_dir} "
-                         f"has {min(len(d) for d in data.values())} in its smaller split; lower --block_size")
+                         f"has {shortest} in its smaller split; lower --block_size")
     train_sampler = Sampler(data['train'], block_size, micro_batch, sampler, objective, meta['vocab_size'], seed, rank,
                             world_size)
 except ValueError as e:
