@@ -86,6 +86,20 @@ def random_offsets(rng, n_tokens, block_size, batch_size):
     return rng.integers(0, n_tokens - block_size, size=batch_size)
 
 
+def every_window(n_tokens, block_size):
+    """Windows that predict every token of a split once, from the second on: offsets 0, T, 2T, ...
+    while a whole window fits, then one window that ends where the split ends. Returns (offsets,
+    overlap): the last window's first `overlap` targets were predicted by the window before it
+    (0 when the split ends on a window's edge), and are left out of the loss."""
+    n_targets = n_tokens - 1
+    offsets = list(range(0, n_targets - block_size + 1, block_size))
+    overlap = 0
+    if n_targets % block_size:
+        offsets.append(n_tokens - 1 - block_size)
+        overlap = block_size - n_targets % block_size
+    return np.array(offsets), overlap
+
+
 def epoch_offsets(state, rng, n_tokens, block_size, batch_size, rank=0, world_size=1):
     """This rank's batch_size windows of the epoch; state = {'order': array, 'pos': int} is updated.
     Every rank holds the same state and rng: the next batch_size * world_size windows of the

@@ -46,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import check_resume, gather_rank_states, restore_training, training_state, write_checkpoint
 from configurator import (at_least, auto_or, below, check, check_model, configure, greater_than, integer_at_least, one_of,
                           optional, resolve_device, resolve_dtype)
-from data import Sampler, batch_at, bits_per_byte, open_data, random_offsets, split_batch
+from data import Sampler, batch_at, bits_per_byte, every_window, open_data, random_offsets, split_batch
 from download import DownloadError
 from machine import autocast, choose_cpu_dtype, keep_freed_memory, measure_matmul_flops, to_device
 from model import GPT, GPTConfig, POS_EMBS, PRETRAINED, TEMPERATURE, TOP_K, load_checkpoint, step_unless
@@ -59,7 +59,8 @@ from tokenizer import get_tokenizer
 out_dir = 'out'
 eval_interval = 250
 log_interval = 10
-eval_iters = 50
+eval_iters = 50         # the train loss is the mean over this many random batches
+whole_val = True        # the val loss over every window of the val split once; False: eval_iters random batches
 eval_only = False       # evaluate the run in out_dir (its ckpt.pt) once, log the eval, and change no file
 always_save_checkpoint = True
 overwrite = False       # let init_from='scratch' or a pretrained model replace the run in out_dir
@@ -263,20 +264,32 @@ if peak_flops == 'auto':
 
 @torch.no_grad()
 def evaluate(rank_states):
-    """The mean loss over eval_iters batches of each split (the same batches at every evaluation),
-    printed and logged with the val loss in bits per byte and the share of the training tokens
+    """The mean loss of each split over eval_iters random batches (the same at every evaluation),
+    but with whole_val, val's over every window once (data.every_window: each val token predicted
+    once, the same targets in every run of this block_size: the loss runs can be compared on).
+    Printed and logged with the val loss in bits per byte and the share of the training tokens
     drawn as targets so far; returns the val loss."""
     losses = {}
     eval_model.eval()
     for split in ('train', 'val'):
-        rng = np.random.default_rng(seed + 1_000_003)
-        batch_losses = torch.zeros(eval_iters)
-        for k in range(eval_iters):
-            offsets = random_offsets(rng, len(data[split]), block_size, batch_size)
-            X, Y = to_device(*batch_at(data[split], offsets, block_size, objective, rng, meta['vocab_size']), device)
-            with ctx:
-                batch_losses[k] = eval_model(X, Y)[1].item()
-        losses[split] = batch_losses.mean().item()
+        rng = np.random.default_rng(seed + 1_000_003)  # the masked LM's masks, and train's offsets
+        if split == 'val' and whole_val:
+            offsets, overlap = every_window(len(data['val']), block_size)
+        else:
+            offsets, overlap = random_offsets(rng, len(data[split]), block_size, eval_iters * batch_size), 0
+        total, targets = 0.0, 0
+        for start in range(0, len(offsets), batch_size):
+            x, y = batch_at(data[split], offsets[start:start + batch_size], block_size, objective, rng,
+                            meta['vocab_size'])
+            if start + batch_size >= len(offsets):
+                y[-1, :overlap] = -1  # predicted already by the window before
+            count = int((y >= 0).sum())
+            if count:
+                X, Y = to_device(x, y, device)
+                with ctx:
+                    total += eval_model(X, Y)[1].item() * count  # the batch's mean loss, times its targets
+                targets += count
+        losses[split] = total / targets
     eval_model.train()
     # the masked LM's loss is over the 15% masked tokens only: no bits per byte of text
     val_bpb = bits_per_byte(losses['val'], meta['val_tokens'], meta['val_bytes']) if objective == 'clm' else None

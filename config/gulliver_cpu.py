@@ -7,7 +7,7 @@
 out_dir = 'out-gulliver-cpu'
 eval_interval = 200
 log_interval = 10
-eval_iters = 20     # the same 20 batches of 1,024 tokens at every evaluation
+eval_iters = 20     # the train loss: the same 20 batches of 1,024 tokens at every evaluation; val: all of it
 snapshot_interval = 50
 
 n_layer = 4

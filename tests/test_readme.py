@@ -14,7 +14,8 @@ TINY = {
     'prepare.py': ['--source={book}'],
     'train.py': ['--n_layer=1', '--n_head=1', '--n_embd=16', '--block_size=16', '--batch_size=2', '--max_iters=2',
                  '--eval_interval=1', '--eval_iters=1', '--sample_tokens=4', '--snapshot_interval=1', '--compile=False',
-                 '--device=cpu', '--peak_flops=1e12'],
+                 '--device=cpu', '--peak_flops=1e12',
+                 '--whole_val=False'],  # the whole val split of the book: seconds per evaluation, for the 50K head
     'sample.py': ['--max_new_tokens=4', '--device=cpu'],
     'analyze.py': ['--top_n=300', '--eval_tokens=256'],
     'embeddings.py': ['--dim=8', '--epochs=1'],

@@ -11,11 +11,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 from conftest import ROOT, run_in_process, write_token_data
 from configurator import configure
 from checkpoint import rank_state, restore_rank_state
-from data import MASK_TOKEN, Sampler, epoch_offsets, mask_tokens, random_offsets, split_batch, target_positions, windows
+from data import (MASK_TOKEN, Sampler, epoch_offsets, every_window, mask_tokens, random_offsets, split_batch,
+                  target_positions, windows)
 from model import load_checkpoint
 from schedule import learning_rate_at
 from tokenizer import get_tokenizer
@@ -49,6 +51,15 @@ def test_windows_shift_and_bounds():
     x, y = windows(tokens, offsets[:64], 16)
     assert x.shape == y.shape == (64, 16) and x.dtype == y.dtype == np.int64
     assert np.array_equal(y, x + 1) and np.array_equal(x[:, 0], offsets[:64])
+
+
+def test_every_window_predicts_each_token_once():
+    for n, T in [(14369, 128), (1000, 32), (129, 128), (257, 128), (300, 128)]:
+        offsets, overlap = every_window(n, T)
+        predicted = np.concatenate([np.arange(i + 1, i + 1 + T) for i in offsets])
+        assert offsets.max() + T == n - 1  # the last window ends at the split's last token
+        assert overlap == len(predicted) - len(set(predicted.tolist()))  # overlap: the repeats, all in the last window
+        assert np.array_equal(np.sort(np.concatenate([predicted[:-T], predicted[-T + overlap:]])), np.arange(1, n))
 
 
 def test_epoch_sampler_uses_every_window_once_per_epoch():
@@ -152,7 +163,7 @@ def test_mask_tokens_follows_bert():
 def test_loss_falls_on_the_book_and_writes_outputs(book_data, tmp_path):
     out = tmp_path / 'out'
     result = run_in_process('train.py', *TINY, f'--data_dir={book_data}', f'--out_dir={out}', '--max_iters=60',
-                        '--eval_interval=30', '--log_interval=10', '--snapshot_interval=30')
+                        '--eval_interval=30', '--log_interval=10', '--snapshot_interval=30', '--whole_val=False')
     assert result.returncode == 0, result.stderr
     evals = events(out, 'eval')
     assert [e['iter'] for e in evals] == [0, 30, 60]
@@ -178,6 +189,29 @@ def test_loss_falls_on_the_book_and_writes_outputs(book_data, tmp_path):
     assert ckpt['iter_num'] == 60 and not any(k.startswith(('_orig_mod.', 'module.')) for k in ckpt['model'])
     assert np.array_equal(snap['W_E'], model.W_E.detach().half().numpy())
     assert os.path.getsize(out / 'loss.png') > 10_000
+
+
+def test_val_loss_reads_every_val_token_once(small_data, tmp_path):
+    result = run_in_process('train.py', *TINY, f'--data_dir={small_data}', f'--out_dir={tmp_path}', '--max_iters=3',
+                            '--eval_interval=3', '--sample_tokens=0')
+    assert result.returncode == 0, result.stderr
+    model = load_checkpoint(tmp_path / 'ckpt.pt')[0].eval()
+    # every val token but the first, predicted once, from the start of its window of 32
+    val = torch.from_numpy(np.fromfile(os.path.join(small_data, 'val.bin'), dtype=np.uint16).astype(np.int64))
+    starts = range(0, len(val) - 32, 32)
+    with torch.no_grad():
+        x, y = torch.stack([val[s:s + 32] for s in starts]), torch.stack([val[s + 1:s + 33] for s in starts])
+        nats = F.cross_entropy(model(x)[0].flatten(0, 1), y.flatten(), reduction='none')
+        rest = (len(val) - 1) % 32  # 999 = 31 x 32 + 7: the last 7, read with the 25 tokens before them
+        last = val[-33:]
+        nats = torch.cat([nats, F.cross_entropy(model(last[None, :-1])[0][0], last[1:], reduction='none')[-rest:]])
+    assert len(nats) == len(val) - 1 == 999
+    assert events(tmp_path, 'eval')[-1]['val_loss'] == pytest.approx(nats.mean().item(), rel=1e-5)
+    # with whole_val=False: eval_iters random batches, which predict other tokens
+    result = run_in_process('train.py', *TINY, f'--data_dir={small_data}', f'--out_dir={tmp_path}', '--eval_only=True',
+                            '--whole_val=False')
+    assert result.returncode == 0, result.stderr
+    assert events(tmp_path, 'eval')[-1]['val_loss'] != pytest.approx(nats.mean().item(), rel=1e-4)
 
 
 def test_resume_is_bit_exact(small_data, tmp_path):
@@ -257,7 +291,8 @@ def test_epoch_sampler_covers_every_window(small_data, tmp_path):
 
 def test_masked_lm_objective(book_data, tmp_path):
     result = run_in_process('train.py', *TINY, f'--data_dir={book_data}', f'--out_dir={tmp_path}', '--objective=mlm',
-                        '--max_iters=40', '--eval_interval=40', '--decay_lr=False')
+                        '--max_iters=40', '--eval_interval=40', '--decay_lr=False', '--whole_val=False',
+                            '--eval_iters=10')  # 10 x 8 x 32 tokens, 15% of them masked: about 380 targets per split
     assert result.returncode == 0, result.stderr
     evals = events(tmp_path, 'eval')
     assert evals[-1]['val_loss'] < evals[0]['val_loss'] - 2
