@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from atomic import write_atomic
 from checkpoint import checkpoint_to_read, read_checkpoint
 from download import download
+from muon import Muon
 
 HF_HUB_URL = 'https://huggingface.co'
 HF_CACHE_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'gulliver-gpt')
@@ -110,22 +111,23 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.dropout, self.causal = config.n_head, config.dropout, config.causal
 
-    def forward(self, x, rope=None, alibi=None, cache=None):
+    def forward(self, x, rope=None, alibi=None, cache=None, positions=None):
         """x: (B, T, d). rope: (cos, sin) for these T positions. alibi: (n_head, T, T_k) score bias.
-        cache: a dict holding this layer's past keys and values, extended in place."""
+        cache: this layer's key and value buffers, (B, n_head, block_size, d_head) each (GPT.new_cache):
+        the T new keys and values are written in at `positions` (a device tensor of T positions),
+        and the queries attend over the whole buffer, each up to its own position."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
+        mask, is_causal = alibi, self.causal and alibi is None
         if cache is not None:
-            if 'k' in cache:
-                k, v = torch.cat((cache['k'], k), dim=2), torch.cat((cache['v'], v), dim=2)
-            cache['k'], cache['v'] = k, v
-        past = k.size(2) - T
-        mask, is_causal = alibi, self.causal and alibi is None and past == 0
-        if self.causal and alibi is None and past > 0 and T > 1:  # queries T, keys past + T
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            cache['k'].index_copy_(2, positions, k.to(cache['k'].dtype))
+            cache['v'].index_copy_(2, positions, v.to(cache['v'].dtype))
+            k, v, is_causal = cache['k'], cache['v'], False
+            if alibi is None:  # key j is seen by the query at position i when j <= i: the rest is empty or future
+                mask = torch.arange(k.size(2), device=x.device) <= positions[:, None]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -153,8 +155,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, alibi=None, cache=None):
-        x = x + self.attn(self.ln_1(x), rope, alibi, cache)
+    def forward(self, x, rope=None, alibi=None, cache=None, positions=None):
+        x = x + self.attn(self.ln_1(x), rope, alibi, cache, positions)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -227,32 +229,50 @@ class GPT(nn.Module):
             if hasattr(self, name):
                 setattr(self, name, getattr(self, name)[:block_size])
 
-    def alibi_bias(self, T, past, device):
-        """-m_h * (i - j) for query i and key j (causal, -inf above the diagonal); -m_h * |i - j| otherwise."""
-        query = torch.arange(past, past + T, device=device)[:, None]
-        key = torch.arange(past + T, device=device)[None, :]
+    def alibi_bias(self, positions, n_keys):
+        """-m_h * (i - j) for the query at position i and key j (causal: -inf for j > i); -m_h * |i - j|
+        otherwise. positions: the queries' positions, a (T,) tensor; keys 0 .. n_keys - 1."""
+        query, key = positions[:, None], torch.arange(n_keys, device=positions.device)[None, :]
         distance = (query - key).float()
         if self.config.causal:
             distance = distance.masked_fill(key > query, float('inf'))
-        return -self.alibi_slopes.to(device)[:, None, None] * distance.abs()
+        return -self.alibi_slopes.to(positions.device)[:, None, None] * distance.abs()
 
-    def trunk(self, idx, cache=None):
-        """Token ids (B, T) -> final hidden states LN_f(h_L), (B, T, d). With a cache (a list of
-        one dict per layer), the ids continue the cached sequence and the cache grows by T."""
+    def new_cache(self, batch, dtype, device):
+        """A static KV cache: for each layer, key and value buffers of (batch, n_head, block_size,
+        d_head), allocated once and written in place, so that every decode step has the same
+        shapes (what torch.compile and a CUDA graph need). Their addresses are marked static: a
+        CUDA graph may write into them."""
+        c = self.config
+        shape = (batch, c.n_head, c.block_size, c.n_embd // c.n_head)
+        cache = [{name: torch.zeros(shape, dtype=dtype, device=device) for name in ('k', 'v')}
+                 for _ in self.transformer.h]
+        for buffers in cache:
+            for buffer in buffers.values():
+                torch._dynamo.mark_static_address(buffer)
+        return cache
+
+    def trunk(self, idx, cache=None, positions=None):
+        """Token ids (B, T) -> final hidden states LN_f(h_L), (B, T, d). With a cache (new_cache), the
+        ids sit at `positions`, a (T,) device tensor (the prompt at 0 .. T-1, then one token at a time),
+        and their keys and values go into the cache there."""
         T = idx.size(1)
-        past = cache[0]['k'].size(2) if cache and 'k' in cache[0] else 0
-        assert past + T <= self.config.block_size, f"sequence of {past + T} > block_size {self.config.block_size}"
-        positions = torch.arange(past, past + T, device=idx.device)
+        block_size = self.config.block_size
+        assert cache is not None or T <= block_size, f"sequence of {T} > block_size {block_size}"
+        if positions is None:
+            positions = torch.arange(T, device=idx.device)
         x = self.transformer.wte(idx)
         if self.config.pos_emb == 'learned':
             x = x + self.transformer.wpe(positions)
         elif self.config.pos_emb == 'sinusoidal':
             x = x + self.pos_table[positions]
         rope = (self.rope_cos[positions], self.rope_sin[positions]) if self.config.pos_emb == 'rope' else None
-        alibi = self.alibi_bias(T, past, idx.device).to(x.dtype) if self.config.pos_emb == 'alibi' else None
+        alibi = None
+        if self.config.pos_emb == 'alibi':
+            alibi = self.alibi_bias(positions, T if cache is None else block_size).to(x.dtype)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, rope, alibi, None if cache is None else cache[i])
+            x = block(x, rope, alibi, None if cache is None else cache[i], positions)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
@@ -267,36 +287,58 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits[..., :self.config.vocab_size], loss
 
+    def next_logits(self, idx, cache=None, positions=None):
+        """The logits after the last token of each row of idx (B, T), in fp32: (B, vocab_size)."""
+        return self.lm_head(self.trunk(idx, cache, positions)[:, -1])[:, :self.config.vocab_size].float()
+
+    def decode_step(self, token, position, cache):
+        """One token per row (B, 1) at `position`, a (1,) device tensor -> fp32 logits (B, vocab_size),
+        its keys and values written into the cache. Fixed shapes, no host reads and no branch on a
+        tensor's value: what compile_decode compiles whole."""
+        return self.next_logits(token, cache, position)
+
     @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True, generator=None):
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True, generator=None,
+               decode=None):
         """Yield max_new_tokens next tokens, each (B, 1), continuing idx (B, T); see sample_next.
-        With kv_cache the prompt is run once (prefill), then one token per step; past
-        block_size the context is cropped and recomputed each step."""
-        cache = [{} for _ in self.transformer.h] if kv_cache else None
-        fed = 0  # how many tokens of idx the cache holds
+        With kv_cache the prompt runs once, eagerly, into a static cache (prefill), then one token
+        per step through decode: decode_step, or compile_decode's compiled one. Past block_size
+        the context is cropped and recomputed at every step (positions would shift in a cache)."""
+        decode = decode or self.decode_step
+        cache, position, next_token = None, None, None
         for _ in range(max_new_tokens):
-            if idx.size(1) > self.config.block_size:
-                cache = None  # positions would shift: recompute on the cropped context
-            context = idx[:, -self.config.block_size:] if cache is None else idx[:, fed:]
-            logits = self.lm_head(self.trunk(context, cache)[:, -1])[:, :self.config.vocab_size].float()
-            fed = idx.size(1)
+            if not kv_cache or idx.size(1) > self.config.block_size:
+                logits = self.next_logits(idx[:, -self.config.block_size:])
+            elif cache is None:
+                device_type = idx.device.type
+                dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                         else self.lm_head.weight.dtype)  # what the keys and values are computed in
+                cache = self.new_cache(idx.size(0), dtype, idx.device)
+                positions = torch.arange(idx.size(1), device=idx.device)
+                logits = self.next_logits(idx, cache, positions)
+                position = positions[-1:] + 1
+            else:
+                logits = decode(next_token, position, cache)  # the token sampled last
+                position = position + 1
             next_token = sample_next(logits, temperature, top_k, top_p, generator)
             idx = torch.cat((idx, next_token), dim=1)
             yield next_token
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True, generator=None,
+                 decode=None):
         """Return idx (B, T) extended by max_new_tokens sampled tokens; see stream()."""
-        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, kv_cache, generator))
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, kv_cache, generator, decode))
         return torch.cat([idx] + new, dim=1)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw',
-                             wpe_weight_decay=None, embedding_lr=None):
+                             wpe_weight_decay=None, embedding_lr=None, ns_dtype=torch.bfloat16):
         """Return a list of optimizers. Weight decay applies to 2-D weights only (matrices and
         embeddings), never to biases and LayerNorm gains. AdamW is fused on CUDA and the CPU.
-        'muon' trains the 2-D matrices of the blocks with Muon (orthogonalised momentum) and
-        everything else with AdamW. wpe_weight_decay (None: weight_decay) and embedding_lr (None:
-        learning_rate) give W_pos, and W_E and W_pos, groups of their own; a group's 'lr_scale' is
-        its learning rate over learning_rate, which train.py's schedule multiplies."""
+        'muon' trains the 2-D matrices of the blocks with Muon (muon.py: orthogonalised momentum,
+        its Newton-Schulz products in ns_dtype) and everything else with AdamW. wpe_weight_decay
+        (None: weight_decay) and embedding_lr (None: learning_rate) give W_pos, and W_E and W_pos,
+        groups of their own; a group's 'lr_scale' is its learning rate over learning_rate, which
+        train.py's schedule multiplies."""
         params = [p for p in self.parameters() if p.requires_grad]
         fused = device_type in ('cuda', 'cpu')  # one kernel per step instead of a dozen per tensor
 
@@ -319,8 +361,7 @@ class GPT(nn.Module):
             hidden = [p for n, p in self.named_parameters() if n.startswith('transformer.h.') and p.dim() == 2]
             hidden_ids = {id(p) for p in hidden}
             rest = [p for p in params if id(p) not in hidden_ids]
-            # 'match_rms_adamw' scales Muon's update to AdamW's size, so one learning rate serves both
-            return [torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn='match_rms_adamw'),
+            return [Muon(hidden, lr=learning_rate, weight_decay=weight_decay, ns_dtype=ns_dtype),
                     torch.optim.AdamW(adamw_groups(rest), lr=learning_rate, betas=betas, fused=fused)]
         raise ValueError(f"optimizer must be 'adamw' or 'muon', not {optimizer!r}")
 
@@ -399,6 +440,15 @@ class GPT(nn.Module):
                      'eos_token_id': 50256, 'tie_word_embeddings': True}
         write_atomic({os.path.join(folder, 'model.safetensors'): lambda tmp: save_file(tensors, tmp, metadata={'format': 'pt'}),
                       os.path.join(folder, 'config.json'): json.dumps(hf_config, indent=2).encode()})
+
+
+def compile_decode(model):
+    """model.decode_step compiled whole, for GPT.stream(decode=...): fullgraph=True makes a graph
+    break an error rather than a silent fall-back to eager. On CUDA the step is also captured as
+    a CUDA graph (mode 'reduce-overhead'): one launch per token instead of hundreds from Python.
+    The first call compiles (tens of seconds on a CPU); the cache's static shapes keep it the only one."""
+    cuda = next(model.parameters()).is_cuda
+    return torch.compile(model.decode_step, fullgraph=True, dynamic=False, mode='reduce-overhead' if cuda else None)
 
 
 def step_unless(optimizers, skip):

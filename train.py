@@ -246,7 +246,8 @@ if dtype == 'auto':  # the CPU: bf16 autocast only where this CPU runs it faster
               f"under bfloat16 autocast)")
 ctx = autocast(device, dtype)
 optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
-                                        wpe_weight_decay, embedding_lr)
+                                        wpe_weight_decay, embedding_lr,
+                                        ns_dtype=torch.bfloat16 if dtype == 'bfloat16' else torch.float32)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 if checkpoint is not None:
     restore_training(checkpoint, optimizers, scaler, train_sampler, rank, device_type == 'cuda')

@@ -18,6 +18,7 @@ batch_size = 8
 dropout = 0.0      # dropout costs ~20% of the step here; the budget buys more steps instead
 dtype = 'auto'
 
+optimizer = 'muon'  # the blocks' matrices; W_E, W_pos, biases and gains stay with AdamW (muon.py)
 learning_rate = 1.5e-3
 beta2 = 0.99       # a small batch: a longer memory for the second moment
 max_seconds = 260  # + 10-20 s of start-up and final evaluation, by the CPU

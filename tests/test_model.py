@@ -10,7 +10,8 @@ from torch.utils._pytree import tree_leaves
 
 from conftest import require, run_in_process, send
 from download import DownloadError
-from model import GPT, GPTConfig, alibi_slopes, rotate, sample_next
+from model import GPT, GPTConfig, alibi_slopes, compile_decode, rotate, sample_next
+from muon import Muon, orthogonalize
 
 TINY = dict(block_size=32, vocab_size=50257, n_layer=2, n_head=4, n_embd=32)
 
@@ -147,7 +148,7 @@ def test_rope_and_alibi_scores_depend_only_on_relative_offset():
     for shift in (1, 5):
         assert torch.allclose(scores[shift:, shift:], scores[:-shift, :-shift], atol=1e-5)
     assert not torch.allclose(scores[0, 0], scores[5, 0])
-    bias = tiny(pos_emb='alibi').alibi_bias(T, 0, 'cpu')
+    bias = tiny(pos_emb='alibi').alibi_bias(torch.arange(T), T)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     assert torch.equal(bias[:, 3:, 3:], bias[:, :-3, :-3])
     assert torch.isinf(bias[:, ~causal]).all() and torch.isfinite(bias[:, causal]).all()
@@ -170,14 +171,63 @@ def test_sinusoidal_table_values():
 def test_kv_cache_equals_recompute(pos_emb):
     model = tiny(pos_emb=pos_emb)
     idx = torch.randint(0, 50257, (2, 7))
-    cache = [{} for _ in model.transformer.h]
-    stepped = [model.trunk(idx[:, :4], cache)] + [model.trunk(idx[:, t:t + 1], cache) for t in range(4, 7)]
+    cache = model.new_cache(2, torch.float32, 'cpu')
+    stepped = [model.trunk(idx[:, :4], cache, torch.arange(4))]
+    stepped += [model.trunk(idx[:, t:t + 1], cache, torch.tensor([t])) for t in range(4, 7)]
     assert torch.allclose(torch.cat(stepped, dim=1), model.trunk(idx), atol=1e-5)
-    # greedy decoding, past block_size (32) too, where the context is cropped
+    # greedy decoding, past block_size (32) too, where the context is cropped and recomputed
     prompt = torch.randint(0, 50257, (1, 5))
     with_cache = model.generate(prompt, 40, temperature=0, kv_cache=True)
     without = model.generate(prompt, 40, temperature=0, kv_cache=False)
     assert torch.equal(with_cache, without)
+
+
+def test_compiled_decode_on_the_static_cache_equals_recomputation():
+    """256 tokens through the decode step compiled whole (fullgraph: a graph break fails the
+    test), on a cache of block_size 272 that the prompt of 16 and the 256 tokens fill: each
+    step's logits equal those of the whole sequence recomputed, and greedy tokens are the same.
+    A cache corrupted after the prefill must break the equality (the control)."""
+    torch.manual_seed(0)
+    model = tiny(block_size=272)
+    decode = compile_decode(model)
+    prompt = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        for corrupt in (False, True):
+            cache = model.new_cache(2, torch.float32, 'cpu')
+            logits = [model.next_logits(prompt, cache, torch.arange(16))]
+            if corrupt:
+                cache[1]['v'][:, :, 5] += 1.0  # the second layer's values at position 5
+            seq = torch.cat([prompt, logits[0].argmax(-1, keepdim=True)], dim=1)
+            for t in range(16, 16 + 255):
+                logits.append(decode(seq[:, -1:].clone(), torch.tensor([t]), cache))
+                seq = torch.cat([seq, logits[-1].argmax(-1, keepdim=True)], dim=1)
+            recomputed = [model.next_logits(seq[:, :t]) for t in range(16, 16 + 256)]
+            equal = all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(logits, recomputed))
+            assert equal != corrupt
+            if not corrupt:
+                assert torch.equal(model.generate(prompt, 256, temperature=0, decode=decode), seq)
+                assert torch.equal(model.generate(prompt, 256, temperature=0, kv_cache=False), seq)
+
+
+def test_muon_equals_torchs_and_runs_its_iteration_in_fp32_too():
+    torch.manual_seed(0)
+    weights = [torch.randn(48, 16), torch.randn(16, 64)]  # a tall and a wide matrix
+    ours, theirs = ([w.clone().requires_grad_() for w in weights] for _ in range(2))
+    optimizers = (Muon(ours, lr=1e-2, weight_decay=0.1),
+                  torch.optim.Muon(theirs, lr=1e-2, weight_decay=0.1, adjust_lr_fn='match_rms_adamw'))
+    for _ in range(3):
+        grads = [torch.randn_like(w) for w in weights]
+        for params, opt in zip((ours, theirs), optimizers):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    # in fp32, where a CPU emulates bf16: singular values near 1, and bf16's result within its rounding
+    M = torch.randn(48, 16)
+    fp32 = orthogonalize(M, dtype=torch.float32)
+    singular = torch.linalg.svdvals(fp32)
+    assert fp32.dtype == torch.float32 and singular.min() > 0.6 and singular.max() < 1.25
+    assert (fp32 - orthogonalize(M).float()).abs().max() < 0.05
 
 
 def test_top_k_and_top_p_filtering():

@@ -1,0 +1,68 @@
+"""
+Muon: momentum, orthogonalised, for the 2-D weight matrices of the blocks.
+
+For a weight W (m x n) with gradient G, one step is
+
+    B = mu B + (1 - mu) G                    momentum (an exponential average)
+    U = orth((1 - mu) G + mu B)              Nesterov: the update looks one step ahead
+    W = (1 - lr wd) W - lr 0.2 sqrt(max(m, n)) U
+
+where orth(M) replaces M = U S V^T by about U V^T: every direction the update moves gets a
+step of about the same size, however small its singular value. 0.2 sqrt(max(m, n)) scales the
+update to the RMS that AdamW's updates have, so one learning rate serves both optimizers.
+
+orth runs five steps of a quintic Newton-Schulz iteration, X <- a X + (b A + c A^2) X with
+A = X X^T, from X = M / |M|_F. The coefficients (a, b, c) = (3.4445, -4.7750, 2.0315) raise
+every singular value that is not tiny into about [0.7, 1.2] in five steps, not to exactly 1,
+which training does not need. These are matrix products of the weight's size, so their dtype
+matters on the CPU: bf16 halves the work where a CPU has bf16 units, and is many times slower
+where it emulates bf16 (the CPU config's Muon step, one thread: 9.2 s there against 0.34 s in
+fp32). So the dtype is the run's: train.py passes bf16 when it trains in bf16, fp32 otherwise.
+
+With ns_dtype bf16 the arithmetic is that of torch.optim.Muon(adjust_lr_fn='match_rms_adamw'),
+step for step (tests/test_model.py checks they are equal).
+"""
+import math
+
+import torch
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(M, steps=5, dtype=torch.bfloat16, eps=1e-7):
+    """About U V^T for M = U S V^T, by the Newton-Schulz iteration above, computed in dtype."""
+    a, b, c = NS_COEFFICIENTS
+    X = M.to(dtype)
+    tall = M.size(0) > M.size(1)
+    if tall:  # iterate on the wide orientation: A = X X^T is then the smaller Gram matrix
+        X = X.T
+    X = X / X.norm().clamp(min=eps)  # every singular value now <= 1
+    for _ in range(steps):
+        A = X @ X.T
+        X = torch.addmm(X, torch.addmm(A, A, A, beta=b, alpha=c), X, beta=a)
+    return X.T if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D parameters (see the module docstring). ns_dtype: the dtype of the
+    Newton-Schulz products, a property of the machine and not of the run, so it is kept out
+    of the state dict: a run resumed on another CPU takes that CPU's."""
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, ns_steps=5, ns_dtype=torch.bfloat16):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if 'momentum_buffer' not in state:
+                    state['momentum_buffer'] = torch.zeros_like(p)
+                buffer, mu = state['momentum_buffer'], group['momentum']
+                buffer.lerp_(p.grad, 1 - mu)
+                update = orthogonalize(p.grad.lerp(buffer, mu), group['ns_steps'], self.ns_dtype)
+                p.mul_(1 - group['lr'] * group['weight_decay'])
+                p.add_(update.to(p.dtype), alpha=-group['lr'] * 0.2 * math.sqrt(max(p.shape)))
