@@ -9,10 +9,12 @@ Rows: the matmul peak (and the size n that reached it) and memory bandwidth; the
 train.py's 'auto' picks on this CPU; a training step (forward + backward + optimizer) in
 tokens/s and MFU for the GPT-2 small shape and for the shape of cpu_config, eager against
 compiled and fp32 against bf16, and on CUDA GPT-2 small at larger micro-batches; get_batch
-against a loader that reopens the file every batch; generation with and without the KV cache
-beside the memory-bandwidth limit. Every row takes its sizes from the settings below (the small
-model's from cpu_config). Where this CPU emulates bf16 (its bf16 matmul peak is below fp32's),
-the bf16 training rows are left out: they would take hours and say only that.
+against a loader that reopens the file every batch; decoding on the static KV cache, eager and
+compiled, at batch 1 and 8, beside the limit that reading the weights and the cache once per
+step sets at the measured read bandwidth (and GPT-2 small recomputing its context instead).
+Every row takes its sizes from the settings below (the small model's from cpu_config). Where
+this CPU emulates bf16 (its bf16 matmul peak is below fp32's), the bf16 training rows are left
+out: they would take hours and say only that.
 """
 import json
 import os
@@ -25,8 +27,9 @@ import torch
 
 from configurator import at_least, check, configure, integer_at_least, one_of, optional, resolve_device
 from data import random_offsets, windows
-from machine import autocast, choose_cpu_dtype, keep_freed_memory, measure_matmul_flops, synchronize
-from model import GPT, GPTConfig
+from machine import (autocast, choose_cpu_dtype, choose_decode_dtype, keep_freed_memory, measure_matmul_flops,
+                     synchronize)
+from model import GPT, GPTConfig, compile_decode
 
 # -----------------------------------------------------------------------------
 device = 'auto'
@@ -38,7 +41,7 @@ cpu_config = 'config/gulliver_cpu.py'     # the small-model rows train with this
 data_dir = 'data/gulliver'                # for the get_batch rows (random tokens if absent)
 steps = 3                 # timed steps per training row, after warm-up
 warmup = 1                # the first step also compiles
-new_tokens = 256          # generation rows
+new_tokens = 256          # decode rows (the CPU config's: up to its block_size)
 compile = True            # include torch.compile rows
 out_file = 'bench.jsonl'
 # -----------------------------------------------------------------------------
@@ -77,6 +80,18 @@ def measure_bandwidth(n_bytes=1 << 28, repeats=5):
         dst.copy_(src)
     synchronize(device)
     return 2 * n_bytes * repeats / (time.perf_counter() - t0)
+
+
+def measure_read_bandwidth(n_bytes=1 << 28, repeats=5):
+    """Memory bandwidth in bytes/s for reading alone, as decoding reads its weights: a sum over n_bytes."""
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
+    src.sum()
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        src.sum()
+    synchronize(device)
+    return n_bytes * repeats / (time.perf_counter() - t0)
 
 
 def train_step_speed(config, dtype, compiled, B, T):
@@ -176,21 +191,47 @@ if not cuda:
     row('get_batch (memmap opened once)', us_per_batch=opened_once * 1e6, fraction_of_step=opened_once / step_seconds)
 row('get_batch (memmap reopened per batch)', us_per_batch=reopening * 1e6, vs_opened_once=reopening / opened_once)
 
-# --- generation, batch 1: the KV cache against recomputing the context, and the bandwidth limit
-model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)).to(device).eval()
-weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # read once per token
-limit = bandwidth / weight_bytes
-prompt = torch.randint(0, 50257, (1, 16), device=device)
-speeds = {}
-for kv_cache in (True, False):
-    for _ in model.stream(prompt, 4, temperature=0, kv_cache=kv_cache):
-        pass  # warm-up
+# --- generation: prefill into the static KV cache, then one decode step per token, eager and
+# compiled, at batch 1 and 8, beside the limit that reading the weights and the cache once per
+# step sets; and recomputing the whole context for each token, without a cache
+read_bandwidth = measure_read_bandwidth()
+row('memory bandwidth (read)', gb_per_s=read_bandwidth / 1e9)
+
+
+def decode_speed(model, batch, n_tokens, kv_cache=True, decode=None):
+    """Tokens/s of greedy decoding after a prompt of 16 tokens: n_tokens steps of batch tokens,
+    timed from the second token on (the first pays for the prefill); after a warm-up that also
+    compiles decode."""
+    prompt = torch.randint(0, model.config.vocab_size, (batch, 16), device=device)
+    for _ in model.stream(prompt, 3, temperature=0, kv_cache=kv_cache, decode=decode):
+        pass
+    tokens = model.stream(prompt, n_tokens + 1, temperature=0, kv_cache=kv_cache, decode=decode)
+    next(tokens)
     synchronize(device)
     t0 = time.perf_counter()
-    for _ in model.stream(prompt, new_tokens, temperature=0, kv_cache=kv_cache):
+    for _ in tokens:
         pass
     synchronize(device)
-    speeds[kv_cache] = new_tokens / (time.perf_counter() - t0)
-row(f'generate {new_tokens} tokens, no cache', tokens_per_s=speeds[False])
-row(f'generate {new_tokens} tokens, KV cache', tokens_per_s=speeds[True], vs_no_cache=speeds[True] / speeds[False],
-    bandwidth_limit_tokens_per_s=limit, of_limit=speeds[True] / limit)
+    return batch * n_tokens / (time.perf_counter() - t0)
+
+
+for shape_name, config in (('GPT-2 small', GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)),
+                           ('CPU config', small_config)):
+    model = GPT(config).to(device).eval()
+    dtype, _ = choose_decode_dtype(model, device)
+    model.to(getattr(torch, dtype))
+    n_tokens = min(new_tokens, config.block_size - 16)  # within the cache
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # each read once per step
+    if shape_name == 'GPT-2 small':
+        recompute = decode_speed(model, 1, n_tokens, kv_cache=False)
+        row(f'{shape_name}: generate {n_tokens} tokens, no cache, B=1', dtype=dtype, tokens_per_s=recompute)
+    for B in (1, 8):
+        cache_bytes = 2 * config.n_layer * B * config.block_size * config.n_embd * model.lm_head.weight.element_size()
+        limit = B * read_bandwidth / (weight_bytes + cache_bytes)  # tokens/s when a step is its reads
+        for mode in (['eager', 'compiled'] if compile else ['eager']):
+            speed = decode_speed(model, B, n_tokens, decode=compile_decode(model) if mode == 'compiled' else None)
+            if cuda and mode == 'compiled' and torch._dynamo.utils.counters['inductor']['cudagraph_skips']:
+                sys.exit("error: the compiled decode step ran without a CUDA graph (TORCH_LOGS=cudagraphs says why)")
+            extra = {'vs_no_cache': speed / recompute} if shape_name == 'GPT-2 small' and B == 1 else {}
+            row(f'{shape_name}: decode {n_tokens} tokens, {mode}, B={B}', dtype=dtype, tokens_per_s=speed,
+                read_limit_tokens_per_s=limit, of_limit=speed / limit, **extra)

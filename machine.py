@@ -8,6 +8,7 @@ in software, hundreds of times slower than fp32. So every probe here grows its p
 geometrically and stops as soon as one call takes a measurable time: a probe never runs for
 minutes on the machine where a dtype happens to be emulated.
 """
+import copy
 import ctypes
 import sys
 import time
@@ -109,6 +110,36 @@ def choose_cpu_dtype(n_embd, vocab_size, n_tokens, enough=0.1, timer=time_head):
     if torch.distributed.is_initialized():
         torch.distributed.broadcast_object_list(choice, src=0)
     return choice[0], seconds, tokens
+
+
+def time_decode(model, dtype, device, steps=8):
+    """Seconds (best of steps) of one eager decode step at batch 1, with the model's weights in dtype
+    (a copy of the model): a step reads every weight once, so its time is mostly memory reads."""
+    model = copy.deepcopy(model).to(getattr(torch, dtype)).eval()
+    cache = model.new_cache(1, getattr(torch, dtype), device)
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    position = torch.zeros(1, dtype=torch.long, device=device)
+    best = float('inf')
+    with torch.no_grad():
+        for _ in range(steps):
+            synchronize(device)
+            t0 = time.perf_counter()
+            model.decode_step(token, position, cache)
+            synchronize(device)
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def choose_decode_dtype(model, device, timer=time_decode):
+    """The dtype of the weights that decodes faster on this machine: 'float32' or 'bfloat16'
+    ('float16' on a GPU without bf16). Decoding one token is a chain of matrix-vector products,
+    bound by how fast the weights are read, not by arithmetic: half the bytes can win even where
+    bf16 arithmetic is emulated, so this times a decode step itself, not train.py's
+    compute-bound probe. Returns (dtype, {dtype: seconds per step})."""
+    cuda = str(device).startswith('cuda')
+    low = 'bfloat16' if not cuda or torch.cuda.is_bf16_supported() else 'float16'
+    seconds = {dtype: timer(model, dtype, device) for dtype in ('float32', low)}
+    return min(seconds, key=seconds.get), seconds
 
 
 def keep_freed_memory():

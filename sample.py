@@ -6,10 +6,16 @@ Generate text from a trained checkpoint, from GPT-2 weights, or from an untraine
     $ python sample.py --init_from=gpt2 --start=FILE:prompt.txt --top_p=0.9
 
 With init_from='resume' the model is the run's best.pt (the evaluation with the lowest val
-loss) where train.py kept one, else its ckpt.pt; --checkpoint=last reads ckpt.pt. Tokens stream
-to stdout as they are generated. The speed goes to stderr at the end, in two parts: the time to
-the first token (the prompt's forward pass, prefill, which also pays for a cold start: a fresh
-CUDA context, a first kernel launch) and the steady rate of the tokens after it.
+loss) where train.py kept one, else its ckpt.pt; --checkpoint=last reads ckpt.pt.
+
+One sample streams to stdout token by token. num_samples > 1 decode together, as one batch,
+and each is printed whole when all are done, separated by a line of dashes. The prompt runs
+once (prefill) into a static KV cache; then each token is one decode step, which
+--compile=True compiles (on CUDA as a CUDA graph; the first call compiles, for tens of seconds
+on a CPU). dtype 'auto' keeps the weights in the dtype that decodes faster here, measured
+(model.py's decode reads every weight once per token). The speed goes to stderr at the end, in
+two parts: the time to the first token (prefill, which also pays for a cold start: a fresh CUDA
+context, a first kernel launch, a compilation) and the steady rate of the tokens after it.
 """
 import codecs
 import os
@@ -19,10 +25,10 @@ import time
 import torch
 
 from checkpoint import checkpoint_to_read
-from configurator import at_least, check, configure, one_of, optional, resolve_device, resolve_dtype
+from configurator import at_least, check, configure, one_of, optional, resolve_device
 from download import DownloadError
-from machine import autocast
-from model import TEMPERATURE, TOP_K, load_model
+from machine import choose_decode_dtype
+from model import TEMPERATURE, TOP_K, compile_decode, load_model
 from tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -38,8 +44,8 @@ top_p = 1.0            # nucleus sampling; 1.0: off
 kv_cache = True
 seed = 1337
 device = 'auto'        # 'auto', 'cpu', 'cuda', 'cuda:1', ...
-dtype = 'auto'         # 'auto', 'float32', 'bfloat16', 'float16'
-compile = False
+dtype = 'auto'         # the weights' dtype: 'auto' (the faster to decode, measured), 'float32', 'bfloat16', 'float16'
+compile = False        # compile the decode step (model.compile_decode)
 # -----------------------------------------------------------------------------
 configure(globals())
 check(globals(), {
@@ -49,7 +55,6 @@ check(globals(), {
     'kv_cache': one_of(True, False), 'compile': one_of(True, False),
 })
 device = resolve_device(device)
-dtype = resolve_dtype(dtype, device)
 torch.manual_seed(seed)
 
 try:
@@ -61,11 +66,6 @@ source = f"{path}, iteration {saved['iter_num']}: " if init_from == 'resume' els
 if not model.config.causal:
     sys.exit(f"error: {path} is a masked LM (objective='mlm'): it fills in masked tokens and cannot generate text "
              f"left to right; sample from a GPT checkpoint")
-
-model.eval().to(device)
-if compile:
-    model = torch.compile(model)
-ctx = autocast(device, dtype)
 
 enc = get_tokenizer()
 if start.startswith('FILE:'):
@@ -81,31 +81,44 @@ block_size = model.config.block_size
 if len(start_ids) > block_size:
     print(f"note: the prompt has {len(start_ids)} tokens; keeping the last {block_size} (block_size)", file=sys.stderr)
     start_ids = start_ids[-block_size:]
-x = torch.tensor([start_ids], dtype=torch.long, device=device)
+
+model.eval().to(device)
+if dtype == 'auto':
+    dtype, step_seconds = choose_decode_dtype(model, device)
+    print(f"dtype auto: {dtype} (a decode step: " + ", ".join(f"{seconds * 1000:.1f} ms in {name}" for name, seconds
+                                                         in step_seconds.items()) + ")", file=sys.stderr)
+model.to(getattr(torch, dtype))
+decode = compile_decode(model) if compile else None
+
+x = torch.tensor([start_ids] * num_samples, dtype=torch.long, device=device)
 
 generator = torch.Generator(device=device).manual_seed(seed)
-tokens_made, first_token_seconds, t0 = 0, 0.0, time.time()
+utf8 = codecs.getincrementaldecoder('utf-8')(errors='replace')  # a character may span two tokens
+made, first_token_seconds, t0 = [], 0.0, time.time()
 try:
-    with ctx:
-        for k in range(num_samples):
-            utf8 = codecs.getincrementaldecoder('utf-8')(errors='replace')  # a character may span two tokens
-            sys.stdout.write(start)
-            t_sample = time.time()
-            for i, token in enumerate(model.stream(x, max_new_tokens, temperature, top_k, top_p if top_p < 1 else None,
-                                                   kv_cache, generator)):
-                sys.stdout.write(utf8.decode(enc.decode_single_token_bytes(token.item())))  # item() waits for the token
-                sys.stdout.flush()
-                if i == 0:
-                    first_token_seconds += time.time() - t_sample
-                tokens_made += 1
-            sys.stdout.write(utf8.decode(b'', final=True) + '\n' + ('---------------\n' if k < num_samples - 1 else ''))
+    if num_samples == 1:
+        sys.stdout.write(start)
+    for i, token in enumerate(model.stream(x, max_new_tokens, temperature, top_k, top_p if top_p < 1 else None,
+                                           kv_cache, generator, decode)):
+        made.append(token)
+        if num_samples == 1:
+            sys.stdout.write(utf8.decode(enc.decode_single_token_bytes(token.item())))  # item() waits for the token
+            sys.stdout.flush()
+        if i == 0:
+            token.cpu()  # wait for the first token
+            first_token_seconds = time.time() - t0
+    samples = torch.cat(made, dim=1).tolist()  # waits for the last token
+    if num_samples == 1:
+        sys.stdout.write(utf8.decode(b'', final=True) + '\n')
+    for k, sample in enumerate(samples if num_samples > 1 else []):
+        sys.stdout.write(start + enc.decode(sample) + '\n' + ('---------------\n' if k < num_samples - 1 else ''))
 except BrokenPipeError:  # the reader has gone (python sample.py | head): stop quietly, as other tools do
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
     sys.exit(0)
 except KeyboardInterrupt:
     sys.exit("\ninterrupted")
 elapsed = time.time() - t0
-steady = tokens_made - num_samples  # the tokens after each sample's first
-print(f"{source}{tokens_made} tokens in {elapsed:.2f} s: prefill of {len(start_ids)} prompt tokens and the first token "
-      f"{first_token_seconds / num_samples * 1000:.1f} ms"
+steady = (len(made) - 1) * num_samples  # the tokens after each sample's first
+print(f"{source}{len(made) * num_samples} tokens ({num_samples} x {len(made)}) in {elapsed:.2f} s: prefill of "
+      f"{len(start_ids)} prompt tokens and the first token {first_token_seconds * 1000:.1f} ms"
       + (f", then {steady / (elapsed - first_token_seconds):.1f} tokens/s" if steady else ""), file=sys.stderr)

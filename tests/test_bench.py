@@ -1,6 +1,10 @@
 import json
 
+import pytest
+import torch
+
 from conftest import run_in_process
+from model import GPT, GPTConfig
 
 TINY = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=2', '--new_tokens=4',
         '--steps=1', '--warmup=1']
@@ -21,7 +25,8 @@ def test_bench_produces_every_row_at_the_sizes_it_is_given(tmp_path):
                 *[f'GPT-2 small: eager {dtype}, B=2 T=16' for dtype in dtypes],
                 *[f'CPU config: eager {dtype}, B=3 T=24' for dtype in dtypes],
                 'get_batch (memmap opened once)', 'get_batch (memmap reopened per batch)',
-                'generate 4 tokens, no cache', 'generate 4 tokens, KV cache']
+                'memory bandwidth (read)', 'GPT-2 small: generate 4 tokens, no cache, B=1',
+                *[f'{shape}: decode 4 tokens, eager, B={B}' for shape in ('GPT-2 small', 'CPU config') for B in (1, 8)]]
     assert [r['name'] for r in rows] == expected
     for r in rows:
         assert r['device'] == 'cpu' and all(v > 0 for k, v in r.items() if isinstance(v, float))
@@ -30,4 +35,12 @@ def test_bench_produces_every_row_at_the_sizes_it_is_given(tmp_path):
     assert probe['chosen'] == min(('float32', 'bfloat16'), key=lambda dtype: probe[f'{dtype}_ms'])
     assert 1 <= probe['tokens'] <= 3 * 24
     assert 0 < speed['get_batch (memmap opened once)']['fraction_of_step'] < 1
-    assert speed['generate 4 tokens, KV cache']['of_limit'] > 0
+    # the decode rows' limit: B tokens per step, each step reading the weights and the whole cache once
+    decode = speed['CPU config: decode 4 tokens, eager, B=8']
+    element = torch.finfo(getattr(torch, decode['dtype'])).bits // 8
+    small_model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=24, pad_vocab_to=64))
+    weights = sum(p.numel() for p in small_model.parameters())
+    cache = 2 * 1 * 8 * 24 * 32  # keys and values, n_layer x B x block_size x n_embd
+    bandwidth = speed['memory bandwidth (read)']['gb_per_s'] * 1e9
+    assert decode['read_limit_tokens_per_s'] == pytest.approx(8 * bandwidth / ((weights + cache) * element), rel=1e-9)
+    assert decode['of_limit'] == pytest.approx(decode['tokens_per_s'] / decode['read_limit_tokens_per_s'], rel=1e-9)

@@ -30,7 +30,7 @@ def test_gpu_check_runs_every_part_on_the_cpu(data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     text = report.read_text()
     assert all(line in result.stdout for line in text.splitlines())  # printed as written
-    for line in ('peak matmul fp32', 'memory bandwidth (copy)', 'generate 4 tokens, KV cache', '| 4 |',
+    for line in ('peak matmul fp32', 'memory bandwidth (copy)', 'GPT-2 small: decode 4 tokens, eager, B=1', '| 4 |',
                  'best.pt: iteration', 'bf16 on cpu against fp32 on the CPU', 'resumed after 2 steps', 'all checks passed'):
         assert line in text, line
     # on the CPU a resume is bit-exact: the largest difference is 0
@@ -44,3 +44,18 @@ def test_a_compiled_bf16_step_on_cuda_reads_nothing_on_the_host(data, tmp_path):
                         '--device=cuda', '--max_iters=30', '--log_interval=10', '--eval_interval=30', '--eval_iters=1',
                         '--sync_debug=True', '--sample_tokens=0', timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_the_compiled_decode_step_runs_as_a_cuda_graph():
+    from torch._dynamo.utils import counters
+
+    from model import GPT, GPTConfig, compile_decode
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)).cuda().eval()
+    prompt = torch.randint(0, 50257, (2, 8), device='cuda')
+    counters.clear()
+    decoded = model.generate(prompt, 40, temperature=0, decode=compile_decode(model))
+    assert counters['inductor']['cudagraph_skips'] == 0
+    assert torch.equal(decoded, model.generate(prompt, 40, temperature=0, kv_cache=False))

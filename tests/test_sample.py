@@ -44,7 +44,7 @@ def test_a_reader_that_leaves_early_ends_the_run_quietly(tmp_path):
     from conftest import ROOT
     tiny_checkpoint(tmp_path / 'out')
     process = subprocess.Popen([sys.executable, 'sample.py', f'--out_dir={tmp_path / "out"}', '--max_new_tokens=2000',
-                                '--kv_cache=False'], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                '--kv_cache=False', '--dtype=float32'], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                env={k: v for k, v in os.environ.items() if k != 'PYTHONUNBUFFERED'})  # a pipe buffers
     first = os.read(process.stdout.fileno(), 1 << 16)  # what has arrived when the first write wakes the reader
     assert 0 < len(first) < 1000 and process.poll() is None  # streamed: token by token, while the rest are made
