@@ -218,13 +218,13 @@ def decode_speed(model, batch, n_tokens, kv_cache=True, decode=None):
 for shape_name, config in (('GPT-2 small', GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)),
                            ('CPU config', small_config)):
     model = GPT(config).to(device).eval()
+    n_tokens = min(new_tokens, config.block_size - 16)  # within the cache
+    if shape_name == 'GPT-2 small':  # in fp32: recomputing multiplies matrices, where emulated bf16 is slowest
+        recompute = decode_speed(model, 1, n_tokens, kv_cache=False)
+        row(f'{shape_name}: generate {n_tokens} tokens, no cache, B=1', dtype='float32', tokens_per_s=recompute)
     dtype, _ = choose_decode_dtype(model, device)
     model.to(getattr(torch, dtype))
-    n_tokens = min(new_tokens, config.block_size - 16)  # within the cache
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # each read once per step
-    if shape_name == 'GPT-2 small':
-        recompute = decode_speed(model, 1, n_tokens, kv_cache=False)
-        row(f'{shape_name}: generate {n_tokens} tokens, no cache, B=1', dtype=dtype, tokens_per_s=recompute)
     for B in (1, 8):
         cache_bytes = 2 * config.n_layer * B * config.block_size * config.n_embd * model.lm_head.weight.element_size()
         limit = B * read_bandwidth / (weight_bytes + cache_bytes)  # tokens/s when a step is its reads

@@ -88,9 +88,13 @@ if dtype == 'auto':
     print(f"dtype auto: {dtype} (a decode step: " + ", ".join(f"{seconds * 1000:.1f} ms in {name}" for name, seconds
                                                          in step_seconds.items()) + ")", file=sys.stderr)
 model.to(getattr(torch, dtype))
-decode = compile_decode(model) if compile else None
-
 x = torch.tensor([start_ids] * num_samples, dtype=torch.long, device=device)
+decode = None
+if compile:  # compiled on its first call, here: a prefill and one decode step at the very shapes that follow
+    t0 = time.time()
+    decode = compile_decode(model)
+    model.generate(x, 2, temperature=0, decode=decode)
+    print(f"compiled the decode step in {time.time() - t0:.1f} s", file=sys.stderr)
 
 generator = torch.Generator(device=device).manual_seed(seed)
 utf8 = codecs.getincrementaldecoder('utf-8')(errors='replace')  # a character may span two tokens

@@ -357,7 +357,8 @@ def test_two_nodes_one_epoch_and_the_gradient_of_one_process(small_data, tmp_pat
     node = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', '--nproc_per_node=1', '--rdzv-backend=c10d',
             f'--rdzv-endpoint=127.0.0.1:{free_port()}', '--rdzv-id=two-nodes']
     args = ['config/gulliver_cpu.py', *TINY, '--block_size=48', '--batch_size=124', f'--data_dir={small_data}',
-            '--sampler=epoch', '--max_iters=1', '--eval_interval=1', '--grad_clip=None', '--sample_tokens=0']
+            '--sampler=epoch', '--max_iters=1', '--eval_interval=1', '--grad_clip=None', '--sample_tokens=0',
+            '--optimizer=adamw']  # Adam's first moment after one step is the gradient: compared below
     nodes = [start(node, *args, f'--out_dir={tmp_path / "ddp"}') for _ in range(2)]
     assert run_in_process('train.py', *args, f'--out_dir={tmp_path / "one"}').returncode == 0  # while the nodes run
     out = finish(*nodes)
