@@ -198,11 +198,11 @@ read_bandwidth = measure_read_bandwidth()
 row('memory bandwidth (read)', gb_per_s=read_bandwidth / 1e9)
 
 
-def decode_speed(model, batch, n_tokens, kv_cache=True, decode=None):
-    """Tokens/s of greedy decoding after a prompt of 16 tokens: n_tokens steps of batch tokens,
+def decode_speed(model, batch, n_tokens, prompt_tokens, kv_cache=True, decode=None):
+    """Tokens/s of greedy decoding after a prompt of prompt_tokens: n_tokens steps of batch tokens,
     timed from the second token on (the first pays for the prefill); after a warm-up that also
     compiles decode."""
-    prompt = torch.randint(0, model.config.vocab_size, (batch, 16), device=device)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_tokens), device=device)
     for _ in model.stream(prompt, 3, temperature=0, kv_cache=kv_cache, decode=decode):
         pass
     tokens = model.stream(prompt, n_tokens + 1, temperature=0, kv_cache=kv_cache, decode=decode)
@@ -218,9 +218,10 @@ def decode_speed(model, batch, n_tokens, kv_cache=True, decode=None):
 for shape_name, config in (('GPT-2 small', GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)),
                            ('CPU config', small_config)):
     model = GPT(config).to(device).eval()
-    n_tokens = min(new_tokens, config.block_size - 16)  # within the cache
+    prompt_tokens = min(16, config.block_size // 2)
+    n_tokens = min(new_tokens, config.block_size - prompt_tokens)  # within the cache
     if shape_name == 'GPT-2 small':  # in fp32: recomputing multiplies matrices, where emulated bf16 is slowest
-        recompute = decode_speed(model, 1, n_tokens, kv_cache=False)
+        recompute = decode_speed(model, 1, n_tokens, prompt_tokens, kv_cache=False)
         row(f'{shape_name}: generate {n_tokens} tokens, no cache, B=1', dtype='float32', tokens_per_s=recompute)
     dtype, _ = choose_decode_dtype(model, device)
     model.to(getattr(torch, dtype))
@@ -229,7 +230,8 @@ for shape_name, config in (('GPT-2 small', GPTConfig(n_layer=n_layer, n_head=n_h
         cache_bytes = 2 * config.n_layer * B * config.block_size * config.n_embd * model.lm_head.weight.element_size()
         limit = B * read_bandwidth / (weight_bytes + cache_bytes)  # tokens/s when a step is its reads
         for mode in (['eager', 'compiled'] if compile else ['eager']):
-            speed = decode_speed(model, B, n_tokens, decode=compile_decode(model) if mode == 'compiled' else None)
+            speed = decode_speed(model, B, n_tokens, prompt_tokens,
+                                 decode=compile_decode(model) if mode == 'compiled' else None)
             if cuda and mode == 'compiled' and torch._dynamo.utils.counters['inductor']['cudagraph_skips']:
                 sys.exit("error: the compiled decode step ran without a CUDA graph (TORCH_LOGS=cudagraphs says why)")
             extra = {'vs_no_cache': speed / recompute} if shape_name == 'GPT-2 small' and B == 1 else {}
