@@ -112,12 +112,12 @@ def choose_cpu_dtype(n_embd, vocab_size, n_tokens, enough=0.1, timer=time_head):
     return choice[0], seconds, tokens
 
 
-def time_decode(model, dtype, device, steps=8):
-    """Seconds (best of steps) of one eager decode step at batch 1, with the model's weights in dtype
-    (a copy of the model): a step reads every weight once, so its time is mostly memory reads."""
+def time_decode(model, dtype, device, batch=1, steps=8):
+    """Seconds (best of steps) of one eager decode step of batch tokens, with the model's weights in
+    dtype (a copy of the model): at a small batch a step is mostly the reading of every weight."""
     model = copy.deepcopy(model).to(getattr(torch, dtype)).eval()
-    cache = model.new_cache(1, getattr(torch, dtype), device)
-    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    cache = model.new_cache(batch, getattr(torch, dtype), device)
+    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
     position = torch.zeros(1, dtype=torch.long, device=device)
     best = float('inf')
     with torch.no_grad():
@@ -130,15 +130,16 @@ def time_decode(model, dtype, device, steps=8):
     return best
 
 
-def choose_decode_dtype(model, device, timer=time_decode):
-    """The dtype of the weights that decodes faster on this machine: 'float32' or 'bfloat16'
-    ('float16' on a GPU without bf16). Decoding one token is a chain of matrix-vector products,
-    bound by how fast the weights are read, not by arithmetic: half the bytes can win even where
-    bf16 arithmetic is emulated, so this times a decode step itself, not train.py's
-    compute-bound probe. Returns (dtype, {dtype: seconds per step})."""
+def choose_decode_dtype(model, device, batch=1, timer=time_decode):
+    """The dtype of the weights that decodes batch sequences faster on this machine: 'float32' or
+    'bfloat16' ('float16' on a GPU without bf16). Decoding one token is a chain of matrix-vector
+    products, bound by how fast the weights are read, not by arithmetic: half the bytes can win
+    even where bf16 arithmetic is emulated, so this times a decode step itself, not train.py's
+    compute-bound probe; at a larger batch the arithmetic counts again, so the batch is the one
+    that will decode. Returns (dtype, {dtype: seconds per step})."""
     cuda = str(device).startswith('cuda')
     low = 'bfloat16' if not cuda or torch.cuda.is_bf16_supported() else 'float16'
-    seconds = {dtype: timer(model, dtype, device) for dtype in ('float32', low)}
+    seconds = {dtype: timer(model, dtype, device, batch) for dtype in ('float32', low)}
     return min(seconds, key=seconds.get), seconds
 
 

@@ -84,7 +84,7 @@ if len(start_ids) > block_size:
 
 model.eval().to(device)
 if dtype == 'auto':
-    dtype, step_seconds = choose_decode_dtype(model, device)
+    dtype, step_seconds = choose_decode_dtype(model, device, num_samples)
     print(f"dtype auto: {dtype} (a decode step: " + ", ".join(f"{seconds * 1000:.1f} ms in {name}" for name, seconds
                                                          in step_seconds.items()) + ")", file=sys.stderr)
 model.to(getattr(torch, dtype))

@@ -129,3 +129,18 @@ def test_matmul_peak_grows_the_product_until_the_rate_stops_rising(monkeypatch):
     monkeypatch.setattr(torch, 'randn', lambda n, *args, **kwargs: torch.empty(n, 2))  # no 8192^2 matrices
     flops, n = machine.measure_matmul_flops('cpu', torch.float32, seconds=1)
     assert n == max(sizes) == 8192 and flops == pytest.approx(rate(8192))
+
+
+def test_decode_dtype_probe_times_a_real_step_of_the_batch_that_will_decode():
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)).eval()
+    calls = []
+
+    def timer(model, dtype, device, batch):
+        calls.append((dtype, batch))
+        return {'float32': 2.0, 'bfloat16': 1.0}[dtype]
+    assert machine.choose_decode_dtype(model, 'cpu', 8, timer=timer) == ('bfloat16', {'float32': 2.0, 'bfloat16': 1.0})
+    assert calls == [('float32', 8), ('bfloat16', 8)]
+    # the real timer: one decode step of 3 sequences, in each dtype, on a copy (the model stays fp32)
+    assert all(0 < machine.time_decode(model, dtype, 'cpu', 3, steps=2) < 10 for dtype in ('float32', 'bfloat16'))
+    assert model.lm_head.weight.dtype == torch.float32
