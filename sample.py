@@ -90,7 +90,7 @@ if dtype == 'auto':
 model.to(getattr(torch, dtype))
 x = torch.tensor([start_ids] * num_samples, dtype=torch.long, device=device)
 decode = None
-if compile:  # compiled on its first call, here: a prefill and one decode step at the very shapes that follow
+if compile and kv_cache:  # compiled on its first call, here: a prefill and one decode step at the shapes that follow
     t0 = time.time()
     decode = compile_decode(model)
     model.generate(x, 2, temperature=0, decode=decode)
