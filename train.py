@@ -267,7 +267,7 @@ if peak_flops == 'auto':
 def evaluate(rank_states):
     """The mean loss of each split over eval_iters random batches (the same at every evaluation),
     but with whole_val, val's over every window once (data.every_window: each val token predicted
-    once, the same targets in every run of this block_size: the loss runs can be compared on).
+    once, so that every run of this block_size is measured on the very same targets).
     Printed and logged with the val loss in bits per byte and the share of the training tokens
     drawn as targets so far; returns the val loss."""
     losses = {}
