@@ -70,28 +70,20 @@ def row(name, **values):
 
 
 def measure_bandwidth(n_bytes=1 << 28, repeats=5):
-    """Memory bandwidth in bytes/s: a large copy reads and writes n_bytes each."""
+    """Memory bandwidth in bytes/s, (copy, read): a large copy reads and writes n_bytes each; a sum
+    over them only reads them, as decoding reads its weights."""
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        dst.copy_(src)
-    synchronize(device)
-    return 2 * n_bytes * repeats / (time.perf_counter() - t0)
 
-
-def measure_read_bandwidth(n_bytes=1 << 28, repeats=5):
-    """Memory bandwidth in bytes/s for reading alone, as decoding reads its weights: a sum over n_bytes."""
-    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
-    src.sum()
-    synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        src.sum()
-    synchronize(device)
-    return n_bytes * repeats / (time.perf_counter() - t0)
+    def rate(operation, bytes_moved):
+        operation()  # warm-up
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            operation()
+        synchronize(device)
+        return bytes_moved * repeats / (time.perf_counter() - t0)
+    return rate(lambda: dst.copy_(src), 2 * n_bytes), rate(src.sum, n_bytes)
 
 
 def train_step_speed(config, dtype, compiled, B, T):
@@ -120,7 +112,7 @@ def train_step_speed(config, dtype, compiled, B, T):
 peak, peak_n = {}, {}
 for dt in ('float32', 'bfloat16'):
     peak[dt], peak_n[dt] = measure_matmul_flops(device, getattr(torch, dt))
-bandwidth = measure_bandwidth()
+bandwidth, read_bandwidth = measure_bandwidth()
 row('peak matmul fp32' + (' (TF32)' if cuda else ''), tflops=peak['float32'] / 1e12, n=peak_n['float32'])
 row('peak matmul bf16', tflops=peak['bfloat16'] / 1e12, n=peak_n['bfloat16'],
     vs_fp32=peak['bfloat16'] / peak['float32'])
@@ -194,7 +186,6 @@ row('get_batch (memmap reopened per batch)', us_per_batch=reopening * 1e6, vs_op
 # --- generation: prefill into the static KV cache, then one decode step per token, eager and
 # compiled, at batch 1 and 8, beside the limit that reading the weights and the cache once per
 # step sets; and recomputing the whole context for each token, without a cache
-read_bandwidth = measure_read_bandwidth()
 row('memory bandwidth (read)', gb_per_s=read_bandwidth / 1e9)
 
 
