@@ -16,6 +16,7 @@ Every row takes its sizes from the settings below (the small model's from cpu_co
 this CPU emulates bf16 (its bf16 matmul peak is below fp32's), the bf16 training rows are left
 out: they would take hours and say only that.
 """
+import copy
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from configurator import at_least, check, configure, integer_at_least, one_of, optional, resolve_device
 from data import random_offsets, windows
@@ -69,21 +71,35 @@ def row(name, **values):
         f.write(json.dumps(rows[-1]) + '\n')
 
 
-def measure_bandwidth(n_bytes=1 << 28, repeats=5):
+def bytes_per_second(operation, bytes_moved, repeats=5):
+    """The rate at which operation() moves bytes_moved, after one warm-up call."""
+    operation()
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        operation()
+    synchronize(device)
+    return bytes_moved * repeats / (time.perf_counter() - t0)
+
+
+def measure_bandwidth(n_bytes=1 << 28):
     """Memory bandwidth in bytes/s, (copy, read): a large copy reads and writes n_bytes each; a sum
     over them only reads them, as decoding reads its weights."""
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
+    return bytes_per_second(lambda: dst.copy_(src), 2 * n_bytes), bytes_per_second(src.sum, n_bytes)
 
-    def rate(operation, bytes_moved):
-        operation()  # warm-up
-        synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            operation()
-        synchronize(device)
-        return bytes_moved * repeats / (time.perf_counter() - t0)
-    return rate(lambda: dst.copy_(src), 2 * n_bytes), rate(src.sum, n_bytes)
+
+def matvec_bandwidth(dtype):
+    """Bytes/s at which F.linear reads the weights of one token's matrix-vector products: the GPT-2
+    small rows' four matrices per block, for every block, more than a CPU's cache holds. What the
+    decode rows can reach at B=1 is this, not the read bandwidth of a plain sum."""
+    d = n_embd
+    weights = [torch.randn(n_out, n_in, dtype=dtype, device=device) for _ in range(n_layer)
+               for n_out, n_in in ((3 * d, d), (d, d), (4 * d, d), (d, 4 * d))]
+    inputs = {n_in: torch.randn(1, n_in, dtype=dtype, device=device) for n_in in (d, 4 * d)}
+    return bytes_per_second(lambda: [F.linear(inputs[w.size(1)], w) for w in weights],
+                            sum(w.numel() * w.element_size() for w in weights))
 
 
 def train_step_speed(config, dtype, compiled, B, T):
@@ -187,16 +203,20 @@ row('get_batch (memmap reopened per batch)', us_per_batch=reopening * 1e6, vs_op
 # compiled, at batch 1 and 8, beside the limit that reading the weights and the cache once per
 # step sets; and recomputing the whole context for each token, without a cache
 row('memory bandwidth (read)', gb_per_s=read_bandwidth / 1e9)
+for dtype in ('float32', 'bfloat16'):
+    rate = matvec_bandwidth(getattr(torch, dtype))
+    row(f'matrix-vector products ({dtype})', gb_per_s=rate / 1e9, of_read_bandwidth=rate / read_bandwidth)
 
 
-def decode_speed(model, batch, n_tokens, prompt_tokens, kv_cache=True, decode=None):
+def decode_speed(model, batch, n_tokens, prompt_tokens, cache_dtype=None, kv_cache=True, decode=None):
     """Tokens/s of greedy decoding after a prompt of prompt_tokens: n_tokens steps of batch tokens,
     timed from the second token on (the first pays for the prefill); after a warm-up that also
     compiles decode."""
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_tokens), device=device)
-    for _ in model.stream(prompt, 3, temperature=0, kv_cache=kv_cache, decode=decode):
+    for _ in model.stream(prompt, 3, temperature=0, kv_cache=kv_cache, decode=decode, cache_dtype=cache_dtype):
         pass
-    tokens = model.stream(prompt, n_tokens + 1, temperature=0, kv_cache=kv_cache, decode=decode)
+    tokens = model.stream(prompt, n_tokens + 1, temperature=0, kv_cache=kv_cache, decode=decode,
+                          cache_dtype=cache_dtype)
     next(tokens)
     synchronize(device)
     t0 = time.perf_counter()
@@ -214,17 +234,17 @@ for shape_name, config in (('GPT-2 small', GPTConfig(n_layer=n_layer, n_head=n_h
     if shape_name == 'GPT-2 small':  # in fp32: recomputing multiplies matrices, where emulated bf16 is slowest
         recompute = decode_speed(model, 1, n_tokens, prompt_tokens, kv_cache=False)
         row(f'{shape_name}: generate {n_tokens} tokens, no cache, B=1', dtype='float32', tokens_per_s=recompute)
-    dtype, _ = choose_decode_dtype(model, device)
-    model.to(getattr(torch, dtype))
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # each read once per step
     for B in (1, 8):
-        cache_bytes = 2 * config.n_layer * B * config.block_size * config.n_embd * model.lm_head.weight.element_size()
+        (dtype, cache_dtype), _ = choose_decode_dtype(model, device, B)  # the fastest pair at this batch
+        decoder = copy.deepcopy(model).to(getattr(torch, dtype))
+        weight_bytes = sum(p.numel() * p.element_size() for p in decoder.parameters())  # each read once per step
+        cache_bytes = 2 * config.n_layer * B * config.block_size * config.n_embd * getattr(torch, cache_dtype).itemsize
         limit = B * read_bandwidth / (weight_bytes + cache_bytes)  # tokens/s when a step is its reads
         for mode in (['eager', 'compiled'] if compile else ['eager']):
-            speed = decode_speed(model, B, n_tokens, prompt_tokens,
-                                 decode=compile_decode(model) if mode == 'compiled' else None)
+            speed = decode_speed(decoder, B, n_tokens, prompt_tokens, getattr(torch, cache_dtype),
+                                 decode=compile_decode(decoder) if mode == 'compiled' else None)
             if cuda and mode == 'compiled' and torch._dynamo.utils.counters['inductor']['cudagraph_skips']:
                 sys.exit("error: the compiled decode step ran without a CUDA graph (TORCH_LOGS=cudagraphs says why)")
             extra = {'vs_no_cache': speed / recompute} if shape_name == 'GPT-2 small' and B == 1 else {}
-            row(f'{shape_name}: decode {n_tokens} tokens, {mode}, B={B}', dtype=dtype, tokens_per_s=speed,
-                read_limit_tokens_per_s=limit, of_limit=speed / limit, **extra)
+            row(f'{shape_name}: decode {n_tokens} tokens, {mode}, B={B}', dtype=dtype, cache_dtype=cache_dtype,
+                tokens_per_s=speed, read_limit_tokens_per_s=limit, of_limit=speed / limit, **extra)

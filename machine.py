@@ -112,11 +112,12 @@ def choose_cpu_dtype(n_embd, vocab_size, n_tokens, enough=0.1, timer=time_head):
     return choice[0], seconds, tokens
 
 
-def time_decode(model, dtype, device, batch=1, steps=8):
+def time_decode(model, dtype, device, batch=1, cache_dtype=None, steps=8):
     """Seconds (best of steps) of one eager decode step of batch tokens, with the model's weights in
-    dtype (a copy of the model): at a small batch a step is mostly the reading of every weight."""
+    dtype (a copy of the model) and the KV cache in cache_dtype (None: dtype): at a small batch a
+    step is mostly the reading of every weight and of the cache."""
     model = copy.deepcopy(model).to(getattr(torch, dtype)).eval()
-    cache = model.new_cache(batch, getattr(torch, dtype), device)
+    cache = model.new_cache(batch, getattr(torch, cache_dtype or dtype), device)
     token = torch.zeros(batch, 1, dtype=torch.long, device=device)
     position = torch.zeros(1, dtype=torch.long, device=device)
     best = float('inf')
@@ -131,15 +132,18 @@ def time_decode(model, dtype, device, batch=1, steps=8):
 
 
 def choose_decode_dtype(model, device, batch=1, timer=time_decode):
-    """The dtype of the weights that decodes batch sequences faster on this machine: 'float32' or
-    'bfloat16' ('float16' on a GPU without bf16). Decoding one token is a chain of matrix-vector
-    products, bound by how fast the weights are read, not by arithmetic: half the bytes can win
-    even where bf16 arithmetic is emulated, so this times a decode step itself, not train.py's
-    compute-bound probe; at a larger batch the arithmetic counts again, so the batch is the one
-    that will decode. Returns (dtype, {dtype: seconds per step})."""
+    """The dtypes of the weights and of the KV cache that decode batch sequences fastest on this
+    machine: fp32 throughout, bf16 throughout (fp16 on a GPU without bf16), or bf16 weights with an
+    fp32 cache. Decoding one token is a chain of matrix-vector products, bound by how fast the
+    weights are read, not by arithmetic: half the bytes can win even where bf16 arithmetic is
+    emulated, so this times a decode step itself, not train.py's compute-bound probe. Attention
+    over the cache is arithmetic as much as reading: where bf16 is emulated it runs faster in
+    fp32. At a larger batch the arithmetic counts again, so the batch is the one that will decode.
+    Returns ((weights dtype, cache dtype), {(weights dtype, cache dtype): seconds per step})."""
     cuda = str(device).startswith('cuda')
     low = 'bfloat16' if not cuda or torch.cuda.is_bf16_supported() else 'float16'
-    seconds = {dtype: timer(model, dtype, device, batch) for dtype in ('float32', low)}
+    pairs = [('float32', 'float32'), (low, low), (low, 'float32')]
+    seconds = {pair: timer(model, pair[0], device, batch, pair[1]) for pair in pairs}
     return min(seconds, key=seconds.get), seconds
 
 

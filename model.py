@@ -115,22 +115,24 @@ class CausalSelfAttention(nn.Module):
         """x: (B, T, d). rope: (cos, sin) for these T positions. alibi: (n_head, T, T_k) score bias.
         cache: this layer's key and value buffers, (B, n_head, block_size, d_head) each (GPT.new_cache):
         the T new keys and values are written in at `positions` (a device tensor of T positions),
-        and the queries attend over the whole buffer, each up to its own position."""
+        and the queries attend over the whole buffer, each up to its own position, in the cache's
+        dtype (an fp32 cache beside bf16 weights: see machine.choose_decode_dtype)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
-        mask, is_causal = alibi, self.causal and alibi is None
+        mask, is_causal, dtype = alibi, self.causal and alibi is None, q.dtype
         if cache is not None:
             cache['k'].index_copy_(2, positions, k.to(cache['k'].dtype))
             cache['v'].index_copy_(2, positions, v.to(cache['v'].dtype))
-            k, v, is_causal = cache['k'], cache['v'], False
-            if alibi is None:  # key j is seen by the query at position i when j <= i: the rest is empty or future
-                mask = torch.arange(k.size(2), device=x.device) <= positions[:, None]
+            q, k, v, is_causal = q.to(cache['k'].dtype), cache['k'], cache['v'], False
+            # key j is seen by the query at position i when j <= i: the rest is empty or future (ALiBi's bias has it)
+            keys = torch.arange(k.size(2), device=x.device)
+            mask = keys <= positions[:, None] if alibi is None else alibi.to(q.dtype)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.to(dtype).transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -299,11 +301,12 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True, generator=None,
-               decode=None):
+               decode=None, cache_dtype=None):
         """Yield max_new_tokens next tokens, each (B, 1), continuing idx (B, T); see sample_next.
         With kv_cache the prompt runs once, eagerly, into a static cache (prefill), then one token
-        per step through decode: decode_step, or compile_decode's compiled one. Past block_size
-        the context is cropped and recomputed at every step (positions would shift in a cache)."""
+        per step through decode: decode_step, or compile_decode's compiled one. The cache holds
+        cache_dtype (None: the dtype the keys are computed in). Past block_size the context is
+        cropped and recomputed at every step (positions would shift in a cache)."""
         decode = decode or self.decode_step
         cache, position, next_token = None, None, None
         for _ in range(max_new_tokens):
@@ -311,8 +314,8 @@ class GPT(nn.Module):
                 logits = self.next_logits(idx[:, -self.config.block_size:])
             elif cache is None:
                 device_type = idx.device.type
-                dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                         else self.lm_head.weight.dtype)  # what the keys and values are computed in
+                dtype = cache_dtype or (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                                        else self.lm_head.weight.dtype)  # what the keys and values are computed in
                 cache = self.new_cache(idx.size(0), dtype, idx.device)
                 positions = torch.arange(idx.size(1), device=idx.device)
                 logits = self.next_logits(idx, cache, positions)
@@ -325,10 +328,10 @@ class GPT(nn.Module):
             yield next_token
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True, generator=None,
-                 decode=None):
+                 decode=None, cache_dtype=None):
         """Return idx (B, T) extended by max_new_tokens sampled tokens; see stream()."""
-        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, kv_cache, generator, decode))
-        return torch.cat([idx] + new, dim=1)
+        new = self.stream(idx, max_new_tokens, temperature, top_k, top_p, kv_cache, generator, decode, cache_dtype)
+        return torch.cat([idx] + list(new), dim=1)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw',
                              wpe_weight_decay=None, embedding_lr=None, ns_dtype=torch.bfloat16):

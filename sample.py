@@ -12,9 +12,9 @@ One sample streams to stdout token by token. num_samples > 1 decode together, as
 and each is printed whole when all are done, separated by a line of dashes. The prompt runs
 once (prefill) into a static KV cache; then each token is one decode step, which
 --compile=True compiles (on CUDA as a CUDA graph; the first call compiles, for tens of seconds
-on a CPU). dtype 'auto' keeps the weights in the dtype that decodes faster here, measured
-(model.py's decode reads every weight once per token). The speed goes to stderr at the end, in
-two parts: the time to the first token (prefill, which also pays for a cold start: a fresh CUDA
+on a CPU). dtype 'auto' keeps the weights and the cache in the dtypes that decode fastest
+here, measured (a step reads every weight and the whole cache once per token). The speed goes
+to stderr at the end, in two parts: the time to the first token (prefill, which also pays for a cold start: a fresh CUDA
 context, a first kernel launch, a compilation) and the steady rate of the tokens after it.
 """
 import codecs
@@ -44,7 +44,7 @@ top_p = 1.0            # nucleus sampling; 1.0: off
 kv_cache = True
 seed = 1337
 device = 'auto'        # 'auto', 'cpu', 'cuda', 'cuda:1', ...
-dtype = 'auto'         # the weights' dtype: 'auto' (the faster to decode, measured), 'float32', 'bfloat16', 'float16'
+dtype = 'auto'         # weights and KV cache: 'auto' (the fastest, measured), 'float32', 'bfloat16', 'float16'
 compile = False        # compile the decode step (model.compile_decode)
 # -----------------------------------------------------------------------------
 configure(globals())
@@ -83,17 +83,20 @@ if len(start_ids) > block_size:
     start_ids = start_ids[-block_size:]
 
 model.eval().to(device)
+cache_dtype = dtype
 if dtype == 'auto':
-    dtype, step_seconds = choose_decode_dtype(model, device, num_samples)
-    print(f"dtype auto: {dtype} (a decode step: " + ", ".join(f"{seconds * 1000:.1f} ms in {name}" for name, seconds
-                                                         in step_seconds.items()) + ")", file=sys.stderr)
+    (dtype, cache_dtype), step_seconds = choose_decode_dtype(model, device, num_samples)
+    print(f"dtype auto: {dtype} weights, {cache_dtype} KV cache (a decode step: " + ", ".join(
+        f"{seconds * 1000:.1f} ms with {weights}/{cache}" for (weights, cache), seconds in step_seconds.items())
+        + ")", file=sys.stderr)
 model.to(getattr(torch, dtype))
+cache_dtype = getattr(torch, cache_dtype)
 x = torch.tensor([start_ids] * num_samples, dtype=torch.long, device=device)
 decode = None
 if compile and kv_cache:  # compiled on its first call, here: a prefill and one decode step at the shapes that follow
     t0 = time.time()
     decode = compile_decode(model)
-    model.generate(x, 2, temperature=0, decode=decode)
+    model.generate(x, 2, temperature=0, decode=decode, cache_dtype=cache_dtype)
     print(f"compiled the decode step in {time.time() - t0:.1f} s", file=sys.stderr)
 
 generator = torch.Generator(device=device).manual_seed(seed)
@@ -103,7 +106,7 @@ try:
     if num_samples == 1:
         sys.stdout.write(start)
     for i, token in enumerate(model.stream(x, max_new_tokens, temperature, top_k, top_p if top_p < 1 else None,
-                                           kv_cache, generator, decode)):
+                                           kv_cache, generator, decode, cache_dtype)):
         made.append(token)
         if num_samples == 1:
             sys.stdout.write(utf8.decode(enc.decode_single_token_bytes(token.item())))  # item() waits for the token

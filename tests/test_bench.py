@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from conftest import run_in_process
 from model import GPT, GPTConfig
@@ -25,7 +24,8 @@ def test_bench_produces_every_row_at_the_sizes_it_is_given(tmp_path):
                 *[f'GPT-2 small: eager {dtype}, B=2 T=16' for dtype in dtypes],
                 *[f'CPU config: eager {dtype}, B=3 T=24' for dtype in dtypes],
                 'get_batch (memmap opened once)', 'get_batch (memmap reopened per batch)',
-                'memory bandwidth (read)', 'GPT-2 small: generate 4 tokens, no cache, B=1',
+                'memory bandwidth (read)', 'matrix-vector products (float32)', 'matrix-vector products (bfloat16)',
+                'GPT-2 small: generate 4 tokens, no cache, B=1',
                 *[f'{shape}: decode 4 tokens, eager, B={B}' for shape in ('GPT-2 small', 'CPU config') for B in (1, 8)]]
     assert [r['name'] for r in rows] == expected
     for r in rows:
@@ -35,12 +35,18 @@ def test_bench_produces_every_row_at_the_sizes_it_is_given(tmp_path):
     assert probe['chosen'] == min(('float32', 'bfloat16'), key=lambda dtype: probe[f'{dtype}_ms'])
     assert 1 <= probe['tokens'] <= 3 * 24
     assert 0 < speed['get_batch (memmap opened once)']['fraction_of_step'] < 1
+    read = speed['memory bandwidth (read)']['gb_per_s']
+    for dtype in ('float32', 'bfloat16'):
+        matvec = speed[f'matrix-vector products ({dtype})']
+        assert matvec['of_read_bandwidth'] == pytest.approx(matvec['gb_per_s'] / read, rel=1e-9)
     # the decode rows' limit: B tokens per step, each step reading the weights and the whole cache once
     decode = speed['CPU config: decode 4 tokens, eager, B=8']
-    element = torch.finfo(getattr(torch, decode['dtype'])).bits // 8
+    assert (decode['dtype'], decode['cache_dtype']) in [('float32', 'float32'), ('bfloat16', 'bfloat16'),
+                                                        ('bfloat16', 'float32')]
+    element = {'float32': 4, 'bfloat16': 2}
     small_model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=24, pad_vocab_to=64))
-    weights = sum(p.numel() for p in small_model.parameters())
-    cache = 2 * 1 * 8 * 24 * 32  # keys and values, n_layer x B x block_size x n_embd
+    weights = sum(p.numel() for p in small_model.parameters()) * element[decode['dtype']]
+    cache = 2 * 1 * 8 * 24 * 32 * element[decode['cache_dtype']]  # keys and values, n_layer x B x block_size x n_embd
     bandwidth = speed['memory bandwidth (read)']['gb_per_s'] * 1e9
-    assert decode['read_limit_tokens_per_s'] == pytest.approx(8 * bandwidth / ((weights + cache) * element), rel=1e-9)
+    assert decode['read_limit_tokens_per_s'] == pytest.approx(8 * bandwidth / (weights + cache), rel=1e-9)
     assert decode['of_limit'] == pytest.approx(decode['tokens_per_s'] / decode['read_limit_tokens_per_s'], rel=1e-9)

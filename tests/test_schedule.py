@@ -136,11 +136,14 @@ def test_decode_dtype_probe_times_a_real_step_of_the_batch_that_will_decode():
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)).eval()
     calls = []
 
-    def timer(model, dtype, device, batch):
-        calls.append((dtype, batch))
-        return {'float32': 2.0, 'bfloat16': 1.0}[dtype]
-    assert machine.choose_decode_dtype(model, 'cpu', 8, timer=timer) == ('bfloat16', {'float32': 2.0, 'bfloat16': 1.0})
-    assert calls == [('float32', 8), ('bfloat16', 8)]
-    # the real timer: one decode step of 3 sequences, in each dtype, on a copy (the model stays fp32)
-    assert all(0 < machine.time_decode(model, dtype, 'cpu', 3, steps=2) < 10 for dtype in ('float32', 'bfloat16'))
+    def timer(model, dtype, device, batch, cache_dtype):
+        calls.append((dtype, cache_dtype, batch))
+        return {('float32', 'float32'): 2.0, ('bfloat16', 'bfloat16'): 1.5,
+                ('bfloat16', 'float32'): 1.0}[dtype, cache_dtype]
+    choice, seconds = machine.choose_decode_dtype(model, 'cpu', 8, timer=timer)
+    assert choice == ('bfloat16', 'float32') and seconds[('bfloat16', 'bfloat16')] == 1.5
+    assert calls == [('float32', 'float32', 8), ('bfloat16', 'bfloat16', 8), ('bfloat16', 'float32', 8)]
+    # the real timer: one decode step of 3 sequences, for each pair, on a copy (the model stays fp32)
+    assert all(0 < machine.time_decode(model, dtype, 'cpu', 3, cache_dtype, steps=2) < 10
+               for dtype, cache_dtype in [('float32', 'float32'), ('bfloat16', 'bfloat16'), ('bfloat16', 'float32')])
     assert model.lm_head.weight.dtype == torch.float32
