@@ -11,7 +11,9 @@ tokens/s and MFU for the GPT-2 small shape and for the shape of cpu_config, eage
 compiled and fp32 against bf16, and on CUDA GPT-2 small at larger micro-batches; get_batch
 against a loader that reopens the file every batch; decoding on the static KV cache, eager and
 compiled, at batch 1 and 8, beside the limit that reading the weights and the cache once per
-step sets at the measured read bandwidth (and GPT-2 small recomputing its context instead).
+step sets at the measured read bandwidth, and how fast matrix-vector products read at all;
+GPT-2 small recomputing its context instead, and, where transformers is installed
+(requirements-dev.txt), its eager generate on a randomly initialised GPT-2 of the same shape.
 Every row takes its sizes from the settings below (the small model's from cpu_config). Where
 this CPU emulates bf16 (its bf16 matmul peak is below fp32's), the bf16 training rows are left
 out: they would take hours and say only that.
@@ -45,11 +47,13 @@ steps = 3                 # timed steps per training row, after warm-up
 warmup = 1                # the first step also compiles
 new_tokens = 256          # decode rows (the CPU config's: up to its block_size)
 compile = True            # include torch.compile rows
+reference = True          # time transformers' generate beside the decode rows, where it is installed
 out_file = 'bench.jsonl'
 # -----------------------------------------------------------------------------
 configure(globals())
 check(globals(), {'batch_size': optional(integer_at_least(1)), 'block_size': optional(integer_at_least(1)),
-                  'steps': at_least(1), 'warmup': at_least(1), 'new_tokens': at_least(1), 'compile': one_of(True, False)})
+                  'steps': at_least(1), 'warmup': at_least(1), 'new_tokens': at_least(1), 'compile': one_of(True, False),
+                  'reference': one_of(True, False)})
 device = resolve_device(device)
 cuda = device.startswith('cuda')
 torch.backends.cuda.matmul.allow_tf32 = True  # as train.py: fp32 matmuls on a GPU run in TF32
@@ -226,6 +230,32 @@ def decode_speed(model, batch, n_tokens, prompt_tokens, cache_dtype=None, kv_cac
     return batch * n_tokens / (time.perf_counter() - t0)
 
 
+def transformers_speed(config, dtype, n_tokens, prompt_tokens):
+    """Tokens/s of Hugging Face transformers' greedy generate (eager, its dynamic cache) on a randomly
+    initialised GPT-2 of config's shape at batch 1, from the second token on, as decode_speed times
+    ours: generate(n_tokens + 1) less generate(1), the prompt's prefill and first token. None where
+    transformers is not installed."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        print("transformers is not installed: no reference row (pip install -r requirements-dev.txt)", file=sys.stderr)
+        return None
+    torch.manual_seed(0)
+    hf_config = GPT2Config(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
+                           n_positions=config.block_size, vocab_size=config.vocab_size)
+    hf = GPT2LMHeadModel(hf_config).to(device, getattr(torch, dtype)).eval()
+    prompt = torch.randint(0, config.vocab_size, (1, prompt_tokens), device=device)
+
+    def seconds(new):
+        synchronize(device)
+        t0 = time.perf_counter()
+        hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        synchronize(device)
+        return time.perf_counter() - t0
+    seconds(3)  # warm-up
+    return n_tokens / (seconds(n_tokens + 1) - seconds(1))
+
+
 for shape_name, config in (('GPT-2 small', GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)),
                            ('CPU config', small_config)):
     model = GPT(config).to(device).eval()
@@ -240,11 +270,19 @@ for shape_name, config in (('GPT-2 small', GPTConfig(n_layer=n_layer, n_head=n_h
         weight_bytes = sum(p.numel() * p.element_size() for p in decoder.parameters())  # each read once per step
         cache_bytes = 2 * config.n_layer * B * config.block_size * config.n_embd * getattr(torch, cache_dtype).itemsize
         limit = B * read_bandwidth / (weight_bytes + cache_bytes)  # tokens/s when a step is its reads
+        reference_speed = None
+        if reference and shape_name == 'GPT-2 small' and B == 1:
+            reference_speed = transformers_speed(config, dtype, n_tokens, prompt_tokens)
+            if reference_speed:
+                row(f'{shape_name}: transformers generate {n_tokens} tokens, B=1', dtype=dtype,
+                    tokens_per_s=reference_speed)
         for mode in (['eager', 'compiled'] if compile else ['eager']):
             speed = decode_speed(decoder, B, n_tokens, prompt_tokens, getattr(torch, cache_dtype),
                                  decode=compile_decode(decoder) if mode == 'compiled' else None)
             if cuda and mode == 'compiled' and torch._dynamo.utils.counters['inductor']['cudagraph_skips']:
                 sys.exit("error: the compiled decode step ran without a CUDA graph (TORCH_LOGS=cudagraphs says why)")
             extra = {'vs_no_cache': speed / recompute} if shape_name == 'GPT-2 small' and B == 1 else {}
+            if reference_speed:
+                extra['vs_transformers'] = speed / reference_speed
             row(f'{shape_name}: decode {n_tokens} tokens, {mode}, B={B}', dtype=dtype, cache_dtype=cache_dtype,
                 tokens_per_s=speed, read_limit_tokens_per_s=limit, of_limit=speed / limit, **extra)

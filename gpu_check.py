@@ -6,7 +6,8 @@ it to one file, out_file (markdown):
 1. speed (bench.py): the matmul peak and the size n that reached it, the memory bandwidth,
    GPT-2 small training at 16 x 1,024 tokens and at larger micro-batches up to the largest that
    fits (tokens/s, MFU), and decoding on the static KV cache, eager and compiled (a CUDA
-   graph), at batch 1 and 8, beside the limit that reading the weights sets;
+   graph), at batch 1 and 8, beside the limit that reading the weights sets and beside
+   transformers' eager generate on a randomly initialised GPT-2 small;
 2. the flagship run, train.py config/gulliver.py, with sync_debug on: a host read of a device
    tensor inside any training step after the first is an error that stops it (on CUDA);
    its evaluations, its best.pt and its wall time;

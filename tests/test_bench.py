@@ -25,7 +25,7 @@ def test_bench_produces_every_row_at_the_sizes_it_is_given(tmp_path):
                 *[f'CPU config: eager {dtype}, B=3 T=24' for dtype in dtypes],
                 'get_batch (memmap opened once)', 'get_batch (memmap reopened per batch)',
                 'memory bandwidth (read)', 'matrix-vector products (float32)', 'matrix-vector products (bfloat16)',
-                'GPT-2 small: generate 4 tokens, no cache, B=1',
+                'GPT-2 small: generate 4 tokens, no cache, B=1', 'GPT-2 small: transformers generate 4 tokens, B=1',
                 *[f'{shape}: decode 4 tokens, eager, B={B}' for shape in ('GPT-2 small', 'CPU config') for B in (1, 8)]]
     assert [r['name'] for r in rows] == expected
     for r in rows:
@@ -35,6 +35,10 @@ def test_bench_produces_every_row_at_the_sizes_it_is_given(tmp_path):
     assert probe['chosen'] == min(('float32', 'bfloat16'), key=lambda dtype: probe[f'{dtype}_ms'])
     assert 1 <= probe['tokens'] <= 3 * 24
     assert 0 < speed['get_batch (memmap opened once)']['fraction_of_step'] < 1
+    ours = speed['GPT-2 small: decode 4 tokens, eager, B=1']
+    theirs = speed['GPT-2 small: transformers generate 4 tokens, B=1']
+    assert theirs['dtype'] == ours['dtype']
+    assert ours['vs_transformers'] == pytest.approx(ours['tokens_per_s'] / theirs['tokens_per_s'], rel=1e-9)
     read = speed['memory bandwidth (read)']['gb_per_s']
     for dtype in ('float32', 'bfloat16'):
         matvec = speed[f'matrix-vector products ({dtype})']

@@ -20,7 +20,8 @@ def data(tmp_path_factory):
 def test_gpu_check_runs_every_part_on_the_cpu(data, tmp_path):
     report, small = tmp_path / 'gpu_check.md', tmp_path / 'small.py'
     small.write_text('n_layer = 1\nn_head = 2\nn_embd = 32\nblock_size = 16\nbatch_size = 2\n')
-    bench = f'{TINY_MODEL} --new_tokens=4 --steps=1 --warmup=1 --compile=False --cpu_config={small}'
+    bench = f'{TINY_MODEL} --new_tokens=4 --steps=1 --warmup=1 --compile=False --reference=False ' \
+            f'--cpu_config={small}'
     flagship = f'{TINY_MODEL} --max_iters=4 --eval_interval=2 --eval_iters=1 --log_interval=2 --snapshot_interval=None ' \
                f'--sample_tokens=0 --peak_flops=1e12'
     # gpu_check.py itself in this process: the scripts it runs are subprocesses, as on the GPU machine
