@@ -20,7 +20,8 @@ TINY = {
     'analyze.py': ['--top_n=300', '--eval_tokens=256'],
     'embeddings.py': ['--dim=8', '--epochs=1'],
     'bench.py': ['--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=2', '--new_tokens=4',
-                 '--steps=1', '--warmup=1', '--compile=False', '--cpu_config=tiny_cpu.py'],
+                 '--steps=1', '--warmup=1', '--compile=False', '--cpu_config=tiny_cpu.py',
+                 '--reference=False'],  # transformers' row: tests/test_bench.py
 }
 NOT_RUN = {  # command prefix -> why this test does not run it
     'make demo': 'the whole pipeline, minutes long; run by hand and in the README numbers',
