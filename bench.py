@@ -52,8 +52,8 @@ out_file = 'bench.jsonl'
 # -----------------------------------------------------------------------------
 configure(globals())
 check(globals(), {'batch_size': optional(integer_at_least(1)), 'block_size': optional(integer_at_least(1)),
-                  'steps': at_least(1), 'warmup': at_least(1), 'new_tokens': at_least(1), 'compile': one_of(True, False),
-                  'reference': one_of(True, False)})
+                  'steps': at_least(1), 'warmup': at_least(1), 'new_tokens': at_least(1),
+                  'compile': one_of(True, False), 'reference': one_of(True, False)})
 device = resolve_device(device)
 cuda = device.startswith('cuda')
 torch.backends.cuda.matmul.allow_tf32 = True  # as train.py: fp32 matmuls on a GPU run in TF32

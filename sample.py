@@ -14,8 +14,9 @@ once (prefill) into a static KV cache; then each token is one decode step, which
 --compile=True compiles (on CUDA as a CUDA graph; the first call compiles, for tens of seconds
 on a CPU). dtype 'auto' keeps the weights and the cache in the dtypes that decode fastest
 here, measured (a step reads every weight and the whole cache once per token). The speed goes
-to stderr at the end, in two parts: the time to the first token (prefill, which also pays for a cold start: a fresh CUDA
-context, a first kernel launch, a compilation) and the steady rate of the tokens after it.
+to stderr at the end, in two parts: the time to the first token (prefill, which also pays for
+a cold start: a fresh CUDA context, a first kernel launch, a compilation) and the steady rate
+of the tokens after it.
 """
 import codecs
 import os
