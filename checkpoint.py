@@ -144,6 +144,6 @@ def check_resume(settings, checkpoint, path, world_size, data_fingerprint):
         fail(f"{path} holds the state of optimizer={saved['optimizer']!r}"
              f"{' with the float16 gradient scaler' if scaler else ''}; resume with "
              f"--optimizer={saved['optimizer']}{' --dtype=float16' if scaler else ''}")
-    for name in ('max_iters', 'max_seconds', 'warmup_iters', 'learning_rate', 'min_lr', 'decay_lr'):
-        if settings[name] != saved[name]:
-            print(f"note: {name} changed on resume: {saved[name]} -> {settings[name]}")
+    for name in ('max_iters', 'max_seconds', 'warmup_iters', 'learning_rate', 'min_lr', 'decay_lr', 'cooldown'):
+        if settings[name] != saved.get(name):
+            print(f"note: {name} changed on resume: {saved.get(name)} -> {settings[name]}")

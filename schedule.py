@@ -11,10 +11,15 @@ from learning_rate down to min_lr over progress 0 -> 1:
 
     lr = min(1, (iter + 1) / (warmup_iters + 1)) * (min_lr + (learning_rate - min_lr) * (1 + cos(pi p)) / 2)
 
-with p = min(progress, 1). A budgeted run therefore ends its decay at min_lr whatever the speed
-of the machine: a slow CPU takes fewer, a fast one more, iterations to get there. Warm-up
-counts iterations because what it protects against (large early updates from Adam's
-uninitialised second moments) is a number of steps, not of seconds.
+with p = min(progress, 1). With a cooldown fraction f the peak holds instead, and the decay
+is linear over the last f of the run (warm-up, stable, decay):
+
+    lr = min(1, (iter + 1) / (warmup_iters + 1)) * (min_lr + (learning_rate - min_lr) * min(1, (1 - p) / f))
+
+A budgeted run therefore ends its decay at min_lr whatever the speed of the machine: a slow
+CPU takes fewer, a fast one more, iterations to get there. Warm-up counts iterations because
+what it protects against (large early updates from Adam's uninitialised second moments) is a
+number of steps, not of seconds.
 """
 import math
 
@@ -26,8 +31,10 @@ def training_progress(iter_num, max_iters, elapsed, max_seconds):
     return max(by_iters, by_time)
 
 
-def learning_rate_at(iter_num, progress, learning_rate, min_lr, warmup_iters):
-    """Linear warm-up in iterations times a cosine decay in progress (see the module docstring)."""
+def learning_rate_at(iter_num, progress, learning_rate, min_lr, warmup_iters, cooldown=None):
+    """Linear warm-up in iterations times a decay in progress: a cosine over the whole run, or
+    with cooldown, the peak and then a line to min_lr over that last fraction (module docstring)."""
     warmup = min(1.0, (iter_num + 1) / (warmup_iters + 1))
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    return warmup * (min_lr + cosine * (learning_rate - min_lr))
+    p = min(progress, 1.0)
+    decay = 0.5 * (1.0 + math.cos(math.pi * p)) if cooldown is None else min(1.0, (1.0 - p) / cooldown)
+    return warmup * (min_lr + decay * (learning_rate - min_lr))

@@ -44,8 +44,8 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import check_resume, gather_rank_states, restore_training, training_state, write_checkpoint
-from configurator import (at_least, auto_or, below, check, check_model, configure, greater_than, integer_at_least, one_of,
-                          optional, resolve_device, resolve_dtype)
+from configurator import (at_least, auto_or, below, check, check_model, configure, greater_than, integer_at_least,
+                          number, one_of, optional, resolve_device, resolve_dtype)
 from data import Sampler, batch_at, bits_per_byte, every_window, open_data, random_offsets, split_batch
 from download import DownloadError
 from machine import autocast, choose_cpu_dtype, keep_freed_memory, measure_matmul_flops, to_device
@@ -95,10 +95,11 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0         # None: no clipping
 max_skipped_steps = 10  # stop after this many steps in a row with a non-finite loss or gradient (seen at a log)
-# learning-rate schedule: linear warm-up (iterations), then cosine decay to min_lr at the end of the run
+# learning-rate schedule: linear warm-up (iterations), then a decay to min_lr at the end of the run (schedule.py)
 decay_lr = True
 warmup_iters = 100
 min_lr = 6e-5
+cooldown = None         # None: a cosine decay; a fraction f: the peak, then linear to min_lr over the last f of the run
 # system
 backend = 'nccl'        # DDP backend on CUDA; the CPU uses gloo
 device = 'auto'         # 'auto', 'cpu', 'cuda', 'cuda:1', ...
@@ -120,6 +121,7 @@ check(globals(), {
                                       'max_skipped_steps')},
     **{name: at_least(0) for name in ('learning_rate', 'min_lr', 'max_iters', 'weight_decay', 'warmup_iters',
                                       'sample_tokens', 'seed')},
+    'cooldown': optional(lambda f: None if number(f) and 0 < f <= 1 else "in (0, 1]"),
     'max_seconds': optional(greater_than(0)), 'grad_clip': optional(greater_than(0)), 'wpe_init_std': at_least(0),
     'wpe_weight_decay': optional(at_least(0)), 'embedding_lr': optional(greater_than(0)),
     'snapshot_interval': optional(integer_at_least(1)), 'peak_flops': auto_or(greater_than(0)),
@@ -376,7 +378,8 @@ while True:
         torch.distributed.all_reduce(shared, op=torch.distributed.ReduceOp.MAX, group=host_group)
         elapsed, stop = shared[0].item(), shared[1].item() > 0
     progress = training_progress(iter_num, max_iters, elapsed, max_seconds)
-    lr = learning_rate_at(iter_num, progress, learning_rate, min_lr, warmup_iters) if decay_lr else learning_rate
+    lr = (learning_rate_at(iter_num, progress, learning_rate, min_lr, warmup_iters, cooldown) if decay_lr
+          else learning_rate)
     for opt in optimizers:
         for group in opt.param_groups:
             group['lr'] = lr * group.get('lr_scale', 1.0)  # embedding_lr's group: its ratio to learning_rate

@@ -25,3 +25,4 @@ max_seconds = 260  # + 10-30 s of start-up and final evaluation, by the CPU (4 m
 max_iters = 20000  # an upper bound that a 2-core CPU does not reach within max_seconds
 warmup_iters = 50
 min_lr = 1e-4
+cooldown = 0.3     # the peak until 70% of the run, then a line to min_lr: 0.08-0.09 lower val than a cosine

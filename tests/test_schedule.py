@@ -11,22 +11,23 @@ from schedule import learning_rate_at, training_progress
 LR, MIN_LR, WARMUP = 2e-3, 1e-4, 10
 
 
-def run_on_fake_clock(seconds_per_step, max_iters, max_seconds):
+def run_on_fake_clock(seconds_per_step, max_iters, max_seconds, cooldown=None):
     """Drive the schedule as train.py's loop does, with a clock that advances seconds_per_step
     per iteration. Returns [(iter, elapsed, lr)] for every pass through the loop, the last one
     being the pass that ends the run."""
     trace, iter_num, elapsed = [], 0, 0.0
     while True:
         progress = training_progress(iter_num, max_iters, elapsed, max_seconds)
-        trace.append((iter_num, elapsed, learning_rate_at(iter_num, progress, LR, MIN_LR, WARMUP)))
+        trace.append((iter_num, elapsed, learning_rate_at(iter_num, progress, LR, MIN_LR, WARMUP, cooldown)))
         if progress >= 1:
             return trace
         iter_num, elapsed = iter_num + 1, elapsed + seconds_per_step
 
 
+@pytest.mark.parametrize('cooldown', [None, 0.3])
 @pytest.mark.parametrize('seconds_per_step', [0.25, 0.7, 1.3])
-def test_budget_ends_the_decay_at_min_lr_whatever_the_speed(seconds_per_step):
-    trace = run_on_fake_clock(seconds_per_step, max_iters=10**6, max_seconds=60.0)
+def test_budget_ends_the_decay_at_min_lr_whatever_the_speed(seconds_per_step, cooldown):
+    trace = run_on_fake_clock(seconds_per_step, max_iters=10**6, max_seconds=60.0, cooldown=cooldown)
     last_iter, last_elapsed, last_lr = trace[-1]
     assert last_lr == MIN_LR                                  # exactly, at the budget
     assert last_elapsed >= 60.0 > trace[-2][1]                # the first pass past the budget ends it
@@ -50,6 +51,17 @@ def test_warmup_is_linear_in_iterations_and_the_cosine_is_half_way_at_half_progr
     assert learning_rate_at(100, 0.5, LR, MIN_LR, WARMUP) == pytest.approx((LR + MIN_LR) / 2)
     assert learning_rate_at(100, 1.7, LR, MIN_LR, WARMUP) == MIN_LR  # past the end: stays at min_lr
     assert training_progress(30, 100, 12.0, 60.0) == pytest.approx(0.3)
+
+
+def test_a_cooldown_holds_the_peak_then_falls_in_a_line_to_min_lr():
+    assert learning_rate_at(0, 0.0, LR, MIN_LR, WARMUP, cooldown=0.3) == pytest.approx(LR / (WARMUP + 1))
+    assert learning_rate_at(100, 0.5, LR, MIN_LR, WARMUP, cooldown=0.3) == LR
+    assert learning_rate_at(100, 0.7, LR, MIN_LR, WARMUP, cooldown=0.3) == pytest.approx(LR)
+    assert learning_rate_at(100, 0.85, LR, MIN_LR, WARMUP, cooldown=0.3) == pytest.approx((LR + MIN_LR) / 2)
+    assert learning_rate_at(100, 0.94, LR, MIN_LR, WARMUP, cooldown=0.3) == pytest.approx(MIN_LR + 0.2 * (LR - MIN_LR))
+    assert learning_rate_at(100, 1.0, LR, MIN_LR, WARMUP, cooldown=0.3) == MIN_LR
+    assert learning_rate_at(100, 1.7, LR, MIN_LR, WARMUP, cooldown=0.3) == MIN_LR
+    assert learning_rate_at(100, 0.5, LR, MIN_LR, WARMUP, cooldown=1.0) == pytest.approx((LR + MIN_LR) / 2)
     assert training_progress(10, 100, 30.0, 60.0) == pytest.approx(0.5)
     assert training_progress(0, 0, 0.0, 0.0) == 1.0           # max_iters 0: nothing to train
 
