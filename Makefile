@@ -1,16 +1,20 @@
 PYTHON ?= python3
 SOURCE ?= https://www.gutenberg.org/cache/epub/829/pg829.txt
 DATA := data/gulliver
-# the GPU experiment where CUDA is present, the 5-minute CPU model otherwise
-DEVICE := $(shell $(PYTHON) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
-CONFIG := $(if $(filter cuda,$(DEVICE)),config/gulliver.py,config/gulliver_cpu.py)
-OUT := $(if $(filter cuda,$(DEVICE)),out-gulliver,out-gulliver-cpu)
+# the GPU experiment where CUDA is present, the 5-minute CPU model otherwise; DEVICE asks torch
+# once, when first used (demo), so that other targets do not pay for importing it
+DEVICE = $(eval DEVICE := $(shell $(PYTHON) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu))$(DEVICE)
+CONFIG = $(if $(filter cuda,$(DEVICE)),config/gulliver.py,config/gulliver_cpu.py)
+OUT = $(if $(filter cuda,$(DEVICE)),out-gulliver,out-gulliver-cpu)
 PROMPT := "I was going to"
 
 .PHONY: install test data demo gpu-check
 
-install:
+# pip runs again only when a requirements file is newer than the stamp of its last success
+install: .installed
+.installed: requirements.txt requirements-dev.txt
 	@$(PYTHON) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	@touch $@
 
 # the suite needs one pytest plugin, xdist: others installed beside it are not loaded
 test: install
