@@ -217,10 +217,10 @@ def decode_speed(model, batch, n_tokens, prompt_tokens, cache_dtype=None, kv_cac
     timed from the second token on (the first pays for the prefill); after a warm-up that also
     compiles decode."""
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_tokens), device=device)
-    for _ in model.stream(prompt, 3, temperature=0, kv_cache=kv_cache, decode=decode, cache_dtype=cache_dtype):
+    greedy = lambda n: model.stream(prompt, n, temperature=0, kv_cache=kv_cache, decode=decode, cache_dtype=cache_dtype)
+    for _ in greedy(3):
         pass
-    tokens = model.stream(prompt, n_tokens + 1, temperature=0, kv_cache=kv_cache, decode=decode,
-                          cache_dtype=cache_dtype)
+    tokens = greedy(n_tokens + 1)
     next(tokens)
     synchronize(device)
     t0 = time.perf_counter()
