@@ -25,12 +25,13 @@ import numpy as np
 import torch
 
 from atomic import write_atomic
+from checkpoint import load_model
 from circuits import position_table
 from configurator import a_path, at_least, check, configure, one_of, optional, resolve_device
 from data import read_split
 from download import DownloadError
 from geometry import drift_vs_frequency, mean_cos_by_distance
-from model import PRETRAINED, load_model
+from pretrained import PRETRAINED
 from report import figures_shown, plain
 from runlog import read_events, tokens_seen
 from sections import (FREQUENCY_BINS, MIN_COUNT, PROBE_WORDS, attention_section, compare_section, contextual_section,

@@ -12,7 +12,8 @@ would rewind the run's RNG and clock), holds it to the rules of check_resume and
 optimizers, each rank's streams (restore_rank_state, the inverse of rank_state) and the coverage
 back with restore_training; sample.py and analyze.py read best.pt where train.py kept one. Both
 files are written to temporary files and renamed together (atomic.py), so a crash never
-leaves half of either.
+leaves half of either. load_checkpoint builds the model a checkpoint holds; load_model, what
+sample.py and analyze.py are pointed at: a run, an untrained model, or GPT-2's weights.
 """
 import os
 import random
@@ -23,6 +24,8 @@ import torch
 
 from atomic import write_atomic
 from configurator import fail
+from model import GPT, GPTConfig
+from pretrained import PRETRAINED
 
 CHECKPOINT_KEYS = ('model', 'model_args', 'config', 'optimizers', 'scaler', 'iter_num', 'best_val_loss', 'elapsed',
                    'ranks', 'coverage', 'data')  # and 'best_iter', absent from a checkpoint older than best.pt
@@ -84,6 +87,38 @@ def checkpoint_to_read(out_dir, which='best'):
     latest: what a run written before best.pt existed has)."""
     best = os.path.join(out_dir, 'best.pt')
     return best if which == 'best' and os.path.exists(best) else os.path.join(out_dir, 'ckpt.pt')
+
+
+def load_model(init_from, out_dir, device='cpu', which='best'):
+    """(model, checkpoint dict or {}) for sample.py and analyze.py: init_from is 'resume' (the
+    run in out_dir: its best.pt where train.py kept one and which is 'best', else its ckpt.pt),
+    'scratch' (untrained, with the checkpoint's shape if there is one, else GPT-2 small), a GPT-2
+    name or a Hugging Face directory. Raises ValueError (one line)."""
+    path = checkpoint_to_read(out_dir, which)
+    if init_from in PRETRAINED or (init_from not in ('resume', 'scratch') and os.path.isdir(init_from)):
+        return GPT.from_pretrained(init_from).to(device), {}
+    if init_from not in ('resume', 'scratch'):
+        raise ValueError(f"unknown model {init_from!r}; use resume, scratch, {', '.join(PRETRAINED)} or a directory")
+    if init_from == 'resume' and not os.path.exists(path):
+        raise ValueError(f"no checkpoint at {path}; run python train.py first, or pass --out_dir or --init_from=gpt2")
+    if init_from == 'resume':
+        return load_checkpoint(path, device)
+    model_args = read_checkpoint(path)['model_args'] if os.path.exists(path) else {}
+    return GPT(GPTConfig(**model_args)).to(device), {}
+
+
+def load_checkpoint(path, device='cpu', **overrides):
+    """Return (model, checkpoint) from a ckpt.pt or best.pt written by train.py (checkpoint.py
+    lists what each holds), the model built from the checkpoint's 'model_args' with any GPTConfig
+    field in overrides (train.py passes dropout). ValueError (one line) for a damaged file."""
+    checkpoint = read_checkpoint(path, device)
+    try:
+        model = GPT(GPTConfig(**{**checkpoint['model_args'], **overrides}))
+        model.load_state_dict(checkpoint['model'])
+    except (TypeError, KeyError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0]
+        raise ValueError(f"{path} holds no model that its model_args describe ({reason}); train again") from None
+    return model.to(device), checkpoint
 
 
 def rank_state(sampler, cuda):

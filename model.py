@@ -13,27 +13,17 @@ and MLP(x) = GELU(x W_in + b_in) W_out + b_out with the tanh approximation of GE
 Besides GPT-2's learned position table, `pos_emb` selects the schemes it is usually
 compared with: a fixed sinusoidal table, rotary embeddings (RoPE) and ALiBi, or none.
 """
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from atomic import write_atomic
-from checkpoint import checkpoint_to_read, read_checkpoint
-from download import download
 from muon import Muon
+from pretrained import HF_CACHE_DIR, HF_HUB_URL, copy_pretrained, read_pretrained, write_pretrained
 
-HF_HUB_URL = 'https://huggingface.co'
-HF_CACHE_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'gulliver-gpt')
-PRETRAINED = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024),
-              'gpt2-large': (36, 20, 1280), 'gpt2-xl': (48, 25, 1600)}  # n_layer, n_head, n_embd
 POS_EMBS = ('learned', 'sinusoidal', 'rope', 'alibi', 'none')
-# Hugging Face stores these four as Conv1D, a Linear whose weight is transposed: (in, out)
-CONV1D_WEIGHTS = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 
 
 @dataclass
@@ -383,66 +373,19 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_dir, hub_url=HF_HUB_URL, cache_dir=HF_CACHE_DIR, **overrides):
         """GPT-2 weights from a local save_pretrained directory or the hub ('gpt2', 'gpt2-medium',
-        'gpt2-large', 'gpt2-xl'), downloaded once into cache_dir. overrides: e.g. dropout=0.1."""
-        if os.path.isdir(name_or_dir):
-            folder, cached = name_or_dir, False
-        elif name_or_dir in PRETRAINED:
-            folder, cached = os.path.join(cache_dir, name_or_dir), True
-            for file in ('config.json', 'model.safetensors'):
-                if not os.path.exists(os.path.join(folder, file)):
-                    print(f"downloading {name_or_dir}/{file} from {hub_url} ...")
-                    download(f"{hub_url}/{name_or_dir}/resolve/main/{file}", os.path.join(folder, file),
-                             check=READERS[file])
-        else:
-            raise ValueError(f"unknown model {name_or_dir!r}: use one of {', '.join(PRETRAINED)} or a directory "
-                             f"with config.json and model.safetensors")
-        hf, tensors = (read_hf_file(os.path.join(folder, file), cached) for file in ('config.json', 'model.safetensors'))
-        config = GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
-                           n_head=hf['n_head'], n_embd=hf['n_embd'], **overrides)
-        model = cls(config)
-        ours = {n: p for n, p in model.state_dict().items() if n != 'lm_head.weight'}
-        loaded = set()
-        for name, tensor in tensors.items():
-            key = name if name.startswith('transformer.') else 'transformer.' + name
-            if key.endswith(('.attn.bias', '.attn.masked_bias')) or name == 'lm_head.weight':
-                continue  # causal-mask buffers of older files; the head is tied to wte
-            if key not in ours:
-                raise ValueError(f"unexpected tensor {name!r} in {folder}/model.safetensors")
-            if key.endswith(CONV1D_WEIGHTS):
-                tensor = tensor.t()
-            target = ours[key][:tensor.size(0)] if key == 'transformer.wte.weight' else ours[key]
-            if target.shape != tensor.shape:
-                raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
-            with torch.no_grad():
-                target.copy_(tensor)
-            loaded.add(key)
-        missing = sorted(set(ours) - loaded)
-        if missing:
-            raise ValueError(f"{folder}/model.safetensors lacks {len(missing)} tensors, e.g. {missing[0]!r}")
+        'gpt2-large', 'gpt2-xl'), downloaded once into cache_dir (pretrained.py). overrides: e.g.
+        dropout=0.1."""
+        shape, tensors, source = read_pretrained(name_or_dir, hub_url, cache_dir)
+        model = cls(GPTConfig(**shape, **overrides))
+        copy_pretrained(tensors, model.state_dict(), source)
         return model
 
     def save_pretrained(self, folder):
         """Write config.json and model.safetensors as transformers' GPT2LMHeadModel expects them."""
-        from safetensors.torch import save_file
         c = self.config
         if (c.pos_emb, c.bias, c.causal) != ('learned', True, True):
             raise ValueError("save_pretrained needs the GPT-2 architecture: pos_emb='learned', bias=True, causal=True")
-        os.makedirs(folder, exist_ok=True)
-        tensors = {}
-        for name, tensor in self.state_dict().items():
-            if name == 'lm_head.weight':
-                continue
-            if name == 'transformer.wte.weight':
-                tensor = tensor[:c.vocab_size]
-            tensors[name] = (tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor).contiguous()
-        hf_config = {'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2', 'vocab_size': c.vocab_size,
-                     'n_positions': c.block_size, 'n_ctx': c.block_size, 'n_embd': c.n_embd, 'n_layer': c.n_layer,
-                     'n_head': c.n_head, 'n_inner': None, 'activation_function': 'gelu_new',
-                     'resid_pdrop': c.dropout, 'embd_pdrop': c.dropout, 'attn_pdrop': c.dropout,
-                     'layer_norm_epsilon': 1e-5, 'initializer_range': 0.02, 'bos_token_id': 50256,
-                     'eos_token_id': 50256, 'tie_word_embeddings': True}
-        write_atomic({os.path.join(folder, 'model.safetensors'): lambda tmp: save_file(tensors, tmp, metadata={'format': 'pt'}),
-                      os.path.join(folder, 'config.json'): json.dumps(hf_config, indent=2).encode()})
+        write_pretrained(folder, self.state_dict(), c)
 
 
 def compile_decode(model):
@@ -479,68 +422,3 @@ def step_unless(optimizers, skip):
             old_state = old_state or [torch.zeros_like(v) for v in new_state]
             for old, new in zip(old_state, new_state):
                 new.copy_(torch.where(keep, old, new))
-
-
-def read_config_json(path):
-    with open(path, encoding='utf-8') as f:
-        hf = json.load(f)
-    missing = [key for key in ('n_positions', 'vocab_size', 'n_layer', 'n_head', 'n_embd') if key not in hf]
-    if missing:
-        raise ValueError(f"no {', '.join(missing)}")
-    return hf
-
-
-def read_safetensors(path):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    try:
-        return load_file(path)
-    except SafetensorError as e:
-        raise ValueError(str(e))
-
-
-READERS = {'config.json': read_config_json, 'model.safetensors': read_safetensors}
-
-
-def read_hf_file(path, cached):
-    """One file of a Hugging Face GPT-2 directory, read by READERS; ValueError (one line) naming
-    the file when it is missing or damaged, and for a cached download, what to do about it."""
-    if not os.path.exists(path):
-        raise ValueError(f"no {path}: pass a directory written by save_pretrained (config.json, model.safetensors)")
-    try:
-        return READERS[os.path.basename(path)](path)
-    except (OSError, ValueError) as e:
-        advice = "delete it, and it is downloaded again" if cached else "save the model again"
-        raise ValueError(f"{path} is damaged ({e}); {advice}") from None
-
-
-def load_model(init_from, out_dir, device='cpu', which='best'):
-    """(model, checkpoint dict or {}) for sample.py and analyze.py: init_from is 'resume' (the
-    run in out_dir: its best.pt where train.py kept one and which is 'best', else its ckpt.pt),
-    'scratch' (untrained, with the checkpoint's shape if there is one, else GPT-2 small), a GPT-2
-    name or a Hugging Face directory. Raises ValueError (one line)."""
-    path = checkpoint_to_read(out_dir, which)
-    if init_from in PRETRAINED or (init_from not in ('resume', 'scratch') and os.path.isdir(init_from)):
-        return GPT.from_pretrained(init_from).to(device), {}
-    if init_from not in ('resume', 'scratch'):
-        raise ValueError(f"unknown model {init_from!r}; use resume, scratch, {', '.join(PRETRAINED)} or a directory")
-    if init_from == 'resume' and not os.path.exists(path):
-        raise ValueError(f"no checkpoint at {path}; run python train.py first, or pass --out_dir or --init_from=gpt2")
-    if init_from == 'resume':
-        return load_checkpoint(path, device)
-    model_args = read_checkpoint(path)['model_args'] if os.path.exists(path) else {}
-    return GPT(GPTConfig(**model_args)).to(device), {}
-
-
-def load_checkpoint(path, device='cpu', **overrides):
-    """Return (model, checkpoint) from a ckpt.pt or best.pt written by train.py (checkpoint.py
-    lists what each holds), the model built from the checkpoint's 'model_args' with any GPTConfig
-    field in overrides (train.py passes dropout). ValueError (one line) for a damaged file."""
-    checkpoint = read_checkpoint(path, device)
-    try:
-        model = GPT(GPTConfig(**{**checkpoint['model_args'], **overrides}))
-        model.load_state_dict(checkpoint['model'])
-    except (TypeError, KeyError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0]
-        raise ValueError(f"{path} holds no model that its model_args describe ({reason}); train again") from None
-    return model.to(device), checkpoint

@@ -25,11 +25,11 @@ import time
 
 import torch
 
-from checkpoint import checkpoint_to_read
+from checkpoint import checkpoint_to_read, load_model
 from configurator import at_least, check, configure, one_of, optional, resolve_device
 from download import DownloadError
 from machine import choose_decode_dtype
-from model import TEMPERATURE, TOP_K, compile_decode, load_model
+from model import TEMPERATURE, TOP_K, compile_decode
 from tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------

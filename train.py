@@ -43,13 +43,15 @@ import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import check_resume, gather_rank_states, restore_training, training_state, write_checkpoint
+from checkpoint import (check_resume, gather_rank_states, load_checkpoint, restore_training, training_state,
+                        write_checkpoint)
 from configurator import (at_least, auto_or, below, check, check_model, configure, greater_than, integer_at_least,
                           number, one_of, optional, resolve_device, resolve_dtype)
 from data import Sampler, batch_at, bits_per_byte, every_window, open_data, random_offsets, split_batch
 from download import DownloadError
 from machine import autocast, choose_cpu_dtype, keep_freed_memory, measure_matmul_flops, to_device
-from model import GPT, GPTConfig, POS_EMBS, PRETRAINED, TEMPERATURE, TOP_K, load_checkpoint, step_unless
+from model import GPT, GPTConfig, POS_EMBS, TEMPERATURE, TOP_K, step_unless
+from pretrained import PRETRAINED
 from runlog import plot_losses, start_log, write_event, write_snapshot
 from schedule import learning_rate_at, training_progress
 from tokenizer import get_tokenizer

@@ -1,6 +1,8 @@
 """Every command in README.md's fenced bash blocks is run here, with tiny overrides, in a
 scratch folder that links the project's code, configs and assets (never a folder a run wrote),
-or is named below with the reason it is not."""
+or is named below with the reason it is not; and the house the README describes: a layout table
+that names every module, no module importing a script, no import cycle."""
+import ast
 import os
 import re
 import shlex
@@ -94,3 +96,43 @@ def test_readme_commands_run(scratch, book_path):
         assert result.returncode == 0, f"{command}\n{result.stderr[-2000:]}"
         ran += 1
     assert ran >= 8
+
+
+SCRIPTS = {'prepare', 'train', 'sample', 'analyze', 'bench', 'gpu_check'}
+
+
+def project_imports():
+    """{module: the project modules it imports}, for every .py file at the top level."""
+    modules = {name[:-3] for name in os.listdir(ROOT) if name.endswith('.py')}
+    imports = {}
+    for module in modules:
+        tree = ast.parse(open(os.path.join(ROOT, module + '.py')).read())
+        names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imports[module] = {name.split('.')[0] for name in names} & modules
+    return imports
+
+
+def test_no_module_imports_a_script_and_imports_have_no_cycle():
+    imports = project_imports()
+    assert SCRIPTS <= set(imports)
+    for module, imported in imports.items():
+        assert not imported & SCRIPTS, f"{module}.py imports a script: {imported & SCRIPTS}"
+    done, visiting = set(), []
+
+    def visit(module):  # depth-first: a module met again while its own imports are open is a cycle
+        assert module not in visiting, f"import cycle: {' -> '.join(visiting[visiting.index(module):] + [module])}"
+        if module not in done:
+            visiting.append(module)
+            for imported in imports[module]:
+                visit(imported)
+            visiting.pop()
+            done.add(module)
+    for module in imports:
+        visit(module)
+
+
+def test_the_layout_table_names_every_module():
+    table = open(os.path.join(ROOT, 'README.md')).read().split('## Layout', 1)[1]
+    missing = [module for module in project_imports() if f"| `{module}.py` |" not in table]
+    assert not missing, f"README's layout table lacks {missing}"

@@ -15,10 +15,9 @@ from torch.nn import functional as F
 
 from conftest import ROOT, run_in_process, write_token_data
 from configurator import configure
-from checkpoint import rank_state, restore_rank_state
+from checkpoint import load_checkpoint, rank_state, restore_rank_state
 from data import (MASK_TOKEN, Sampler, epoch_offsets, every_window, mask_tokens, random_offsets, split_batch,
                   target_positions, windows)
-from model import load_checkpoint
 from schedule import learning_rate_at
 from tokenizer import get_tokenizer
 
