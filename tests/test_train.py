@@ -76,11 +76,12 @@ def test_epoch_sampler_deals_each_window_to_one_rank():
     ranks = [({'order': np.zeros(0, dtype=np.int64), 'pos': 0}, np.random.default_rng(7)) for _ in range(2)]
     one = ({'order': np.zeros(0, dtype=np.int64), 'pos': 0}, np.random.default_rng(7))  # the global batch, alone
     for epoch in range(3):
+        seen = []
         for step in range(10):
             mine, theirs = (epoch_offsets(state, rng, n, T, B, rank, 2) for rank, (state, rng) in enumerate(ranks))
             assert len(mine) == len(theirs) == B and not set(mine.tolist()) & set(theirs.tolist())
             assert set(mine.tolist()) | set(theirs.tolist()) == set(epoch_offsets(*one, n, T, 2 * B).tolist())
-            seen = (seen if step else []) + mine.tolist() + theirs.tolist()
+            seen += mine.tolist() + theirs.tolist()
         assert len(seen) == len(set(seen)) == 60 and set(seen) <= set(range(0, n - T, T))
 
 
