@@ -14,7 +14,8 @@ compiled, at batch 1 and 8, beside the limit that reading the weights and the ca
 step sets at the measured read bandwidth, and how fast matrix-vector products read at all;
 GPT-2 small recomputing its context instead, and, where transformers is installed
 (requirements-dev.txt), its eager generate on a randomly initialised GPT-2 of the same shape.
-Every row takes its sizes from the settings below (the small model's from cpu_config). Where
+Every row takes its sizes from the settings below (the small model's from cpu_config), except
+that GPT-2 small decodes with its own context of 1,024, the cache's size. Where
 this CPU emulates bf16 (its bf16 matmul peak is below fp32's), the bf16 training rows are left
 out: they would take hours and say only that.
 """
@@ -41,7 +42,7 @@ n_layer, n_head, n_embd = 12, 12, 768     # the "GPT-2 small" rows
 batch_size = None         # None: 4 on CPU, 16 on CUDA
 large_batches = [24, 32, 48, 64]          # CUDA: GPT-2 small compiled, up to the first micro-batch that does not fit
 block_size = None         # None: 256 on CPU, 1024 on CUDA
-cpu_config = 'config/gulliver_cpu.py'     # the small-model rows train with this config's shape and dtype
+cpu_config = 'config/gulliver_cpu.py'     # the small-model rows have this config's shape
 data_dir = 'data/gulliver'                # for the get_batch rows (random tokens if absent)
 steps = 3                 # timed steps per training row, after warm-up
 warmup = 1                # the first step also compiles
@@ -107,7 +108,7 @@ def matvec_bandwidth(dtype):
 
 
 def train_step_speed(config, dtype, compiled, B, T):
-    """(tokens/s, seconds/step) of forward + backward + AdamW on random tokens, after warm-up."""
+    """(tokens/s, seconds/step, the model) of forward + backward + AdamW on random tokens, after warm-up."""
     torch.manual_seed(0)
     model = GPT(config).to(device)
     [opt] = model.configure_optimizers(0.1, 3e-4, (0.9, 0.95), 'cuda' if cuda else 'cpu')

@@ -108,8 +108,8 @@ def load_model(init_from, out_dir, device='cpu', which='best'):
 
 
 def load_checkpoint(path, device='cpu', **overrides):
-    """Return (model, checkpoint) from a ckpt.pt or best.pt written by train.py (checkpoint.py
-    lists what each holds), the model built from the checkpoint's 'model_args' with any GPTConfig
+    """Return (model, checkpoint) from a ckpt.pt or best.pt written by train.py (the module's
+    docstring lists what each holds), the model built from the checkpoint's 'model_args' with any GPTConfig
     field in overrides (train.py passes dropout). ValueError (one line) for a damaged file."""
     checkpoint = read_checkpoint(path, device)
     try:
@@ -174,11 +174,12 @@ def check_resume(settings, checkpoint, path, world_size, data_fingerprint):
     for name in ('wpe_weight_decay', 'embedding_lr'):  # they decide the optimizer's parameter groups
         if settings[name] != saved.get(name):
             fail(f"{path} was trained with {name}={saved.get(name)!r}; resume with --{name}={saved.get(name)}")
+    if settings['optimizer'] != saved['optimizer']:
+        fail(f"{path} holds the state of optimizer={saved['optimizer']!r}; resume with --optimizer={saved['optimizer']}")
     scaler = bool(checkpoint['scaler'])  # the fp16 gradient scaler's state; empty without one
-    if settings['optimizer'] != saved['optimizer'] or (settings['dtype'] == 'float16') != scaler:
-        fail(f"{path} holds the state of optimizer={saved['optimizer']!r}"
-             f"{' with the float16 gradient scaler' if scaler else ''}; resume with "
-             f"--optimizer={saved['optimizer']}{' --dtype=float16' if scaler else ''}")
+    if (settings['dtype'] == 'float16') != scaler:
+        fail(f"{path} was trained {'with' if scaler else 'without'} the float16 gradient scaler; resume with "
+             + ("--dtype=float16" if scaler else "another dtype than float16"))
     for name in ('max_iters', 'max_seconds', 'warmup_iters', 'learning_rate', 'min_lr', 'decay_lr', 'cooldown'):
         if settings[name] != saved.get(name):
             print(f"note: {name} changed on resume: {saved.get(name)} -> {settings[name]}")

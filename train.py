@@ -63,7 +63,7 @@ eval_interval = 250
 log_interval = 10
 eval_iters = 50         # the train loss is the mean over this many random batches
 whole_val = True        # the val loss over every window of the val split once; False: eval_iters random batches
-eval_only = False       # evaluate the run in out_dir (its ckpt.pt) once, log the eval, and change no file
+eval_only = False       # evaluate the run in out_dir (its ckpt.pt) once: its log gains the eval, no other file changes
 always_save_checkpoint = True
 overwrite = False       # let init_from='scratch' or a pretrained model replace the run in out_dir
 init_from = 'scratch'   # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'
@@ -264,7 +264,7 @@ eval_model = model  # rank 0 evaluates alone: never through the DDP wrapper, who
 if ddp:
     model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
 if peak_flops == 'auto':
-    peak_flops, _ = measure_matmul_flops(device, torch.float32 if dtype == 'float32' else getattr(torch, dtype))
+    peak_flops, _ = measure_matmul_flops(device, getattr(torch, dtype))
 
 
 @torch.no_grad()

@@ -129,7 +129,7 @@ CASES = [
     ('train: resume a masked LM as a GPT', [*TRAIN, '--init_from=resume', '--out_dir={tmp}/mlm'],
      "has objective='mlm', but objective='clm' was asked for; resume with --objective=mlm"),
     ('train: resume with float16', [*TRAIN, '--init_from=resume', '--out_dir={tmp}/good', '--dtype=float16'],
-     'resume with --optimizer=adamw'),
+     'was trained without the float16 gradient scaler; resume with another dtype than float16'),
     ('train: resume with another optimizer', [*TRAIN, '--init_from=resume', '--out_dir={tmp}/good',
                                               '--optimizer=muon'], "holds the state of optimizer='adamw'"),
     ('train: checkpoint without a key', [*TRAIN, '--init_from=resume', '--out_dir={tmp}/no_key'], 'lacks ranks'),
