@@ -66,7 +66,7 @@ def configure(settings, argv=None):
                 with open(arg) as f:
                     source = f.read()
             except OSError as e:
-                fail(f"cannot read config file {arg!r} ({e.strerror}); pass an existing file such as config/gulliver_cpu.py")
+                fail(f"cannot read config file {arg!r} ({e.strerror}); pass an existing file (the configs are in config/)")
             file_settings = {}
             try:
                 exec(compile(source, arg, 'exec'), {}, file_settings)

@@ -286,7 +286,7 @@ def stability_section(W_E, W_pos, other_name, other_W_E, other_W_pos, counts, to
         out['W_pos'] = similarity(W_pos[:n], other_W_pos[:n])
     names = [k for k in ('W_E', 'W_pos') if k in out]
     return out, [f'## Across seeds: this run vs {other_name}\n', f'W_E over the {len(tokens)} most frequent '
-                 f'tokens seen at least {MIN_COUNT} times; W_pos over all positions.\n',
+                 f'tokens seen at least {MIN_COUNT} times; W_pos over the positions both have.\n',
                  similarity_table(names, [out[k] for k in names])]
 
 
