@@ -118,8 +118,8 @@ class CausalSelfAttention(nn.Module):
             cache['v'].index_copy_(2, positions, v.to(cache['v'].dtype))
             q, k, v, is_causal = q.to(cache['k'].dtype), cache['k'], cache['v'], False
             # key j is seen by the query at position i when j <= i: the rest is empty or future (ALiBi's bias has it)
-            keys = torch.arange(k.size(2), device=x.device)
-            mask = keys <= positions[:, None] if alibi is None else alibi.to(q.dtype)
+            mask = (torch.arange(k.size(2), device=x.device) <= positions[:, None] if alibi is None
+                    else alibi.to(q.dtype))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.to(dtype).transpose(1, 2).contiguous().view(B, T, C)
