@@ -2,7 +2,8 @@
 GPT-2 in the Hugging Face format, read and written: a folder with config.json and
 model.safetensors, as transformers' GPT2LMHeadModel saves it, or a model of the hub
 ('gpt2' ... 'gpt2-xl'), downloaded once into a cache folder. model.py's GPT.from_pretrained
-and GPT.save_pretrained use these; the tensors here are in model.py's names and layout.
+and GPT.save_pretrained use these: read_pretrained returns the file's tensors as stored,
+copy_pretrained maps them onto model.py's names and layout, write_pretrained maps them back.
 
 The two layouts differ in three ways: the hub's older files name the tensors without the
 'transformer.' prefix; the four matrices of a block are stored as Conv1D, a Linear whose
