@@ -34,9 +34,9 @@ from geometry import drift_vs_frequency, mean_cos_by_distance
 from pretrained import PRETRAINED
 from report import figures_shown, plain
 from runlog import read_events, tokens_seen
-from sections import (FREQUENCY_BINS, MIN_COUNT, PROBE_WORDS, attention_section, compare_section, contextual_section,
-                      dynamics_section, frequent_tokens, logit_lens_section, loss_section, onset_section,
-                      positional_section, stability_section, token_section, training_section)
+from sections import (FREQUENCY_BINS, MIN_COUNT, MIN_POSITIONS, PROBE_WORDS, attention_section, compare_section,
+                      contextual_section, dynamics_section, frequent_tokens, logit_lens_section, loss_section,
+                      onset_section, positional_section, stability_section, token_section, training_section)
 from tokenizer import VOCAB_SIZE, get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -185,9 +185,6 @@ def model_report(source, objective, model, W_pos, W_E, counts, data_dir, batch, 
         if model is not None:
             report['attention_layer0'], section = attention_section(model, batch[0], report_dir)
             md += section
-    else:
-        notes.append('no position table is added to the embeddings (pos_emb rope, alibi or none): '
-                     'positional studies skipped')
     if W_E is not None:
         report['tokens'], section = token_section(W_E, counts, probe_ids, enc, report_dir)
         md += section
@@ -257,12 +254,19 @@ if __name__ == '__main__':
         evals_by_model = [read_log(path)[1] if m is not None and os.path.exists(path) else []
                           for path, (*_, m) in zip(logs, loaded)]
     elif wpe_file or wte_file:
-        W_pos = load_matrix(wpe_file, 'wpe_file', min_rows=8) if wpe_file else None
+        W_pos = load_matrix(wpe_file, 'wpe_file', min_rows=MIN_POSITIONS) if wpe_file else None
         W_E = load_matrix(wte_file, 'wte_file', rows=VOCAB_SIZE) if wte_file else None
     else:
         model, config = load_eval_model(init_from, out_dir, device, checkpoint)
         W_E, P = model.W_E.detach().cpu().numpy(), position_table(model)
         W_pos = None if P is None else P.detach().cpu().numpy()
+        if P is None:
+            notes.append('no position table is added to the embeddings (pos_emb rope, alibi or none): '
+                         'positional studies skipped')
+        elif len(W_pos) < MIN_POSITIONS:
+            notes.append(f'the position table has {len(W_pos)} rows (block_size): positional studies skipped, '
+                         f'they need {MIN_POSITIONS}')
+            W_pos = None
     data_dir = data_dir or config.get('data_dir') or 'data/gulliver'
     counts = np.bincount(load_tokens(data_dir, 'train'), minlength=VOCAB_SIZE) if W_E is not None or compare else None
     val = load_tokens(data_dir, 'val') if model is not None or compare else None
@@ -280,6 +284,7 @@ if __name__ == '__main__':
         log_path = os.path.join(out_dir, 'log.jsonl')
         log = read_log(log_path) if os.path.exists(log_path) else None
         snapshots, position_tables = load_snapshots(os.path.join(out_dir, 'snapshots'), counts)
+        position_tables = position_tables if W_pos is not None else {}
     if reference_wpe and position_tables:
         reference = load_reference(reference_wpe, out_dir, device)
     try:

@@ -206,7 +206,10 @@ def rsa(A, B):
 
 def nn_overlap(A, B, k=10):
     """Mean over rows of |N_A(i) & N_B(i)| / k, N(i) the k nearest rows by cosine. Cosine
-    neighbours are unchanged by any rotation, so this is the same before or after Procrustes."""
+    neighbours are unchanged by any rotation, so this is the same before or after Procrustes.
+    nan for k + 1 rows or fewer, where every row's k nearest would be all the others."""
+    if len(A) <= k + 1:
+        return float('nan')
     def neighbours(X):
         C = cosine_matrix(X)
         np.fill_diagonal(C, -np.inf)

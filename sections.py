@@ -33,6 +33,7 @@ ONSET_STATISTICS = {'mean_norm': 'mean row norm', 'cos_1': 'mean cos, k=1', 'cos
                     'pc1_share': 'PC1 share', 'pc_corr': 'max abs corr(PC, t)', 'delta_cos': 'cos(delta_t, delta_t+1)',
                     'line_r2': 'line a + t b'}
 ONSET_THRESHOLD = 0.9  # abs corr(PC score, t): one principal direction follows position
+MIN_POSITIONS = 8  # rows a position table needs for its studies (cos at distance T/4, three PCs, ...)
 FREQUENCY_BINS = [(0, 0, 'unseen'), (1, 9, '1-9'), (10, 99, '10-99'), (100, 999, '100-999'), (1000, math.inf, '1000+')]
 
 

@@ -172,6 +172,14 @@ def test_rotated_copy_is_the_same_geometry(d_out):
     assert s['nn_overlap_10'] == 1 and np.isclose(s['rsa'], 1)
 
 
+def test_neighbour_overlap_is_nan_where_every_row_neighbours_all_the_others():
+    rng = np.random.default_rng(6)
+    A, B = rng.standard_normal((11, 4)), rng.standard_normal((11, 4))
+    assert np.isnan(nn_overlap(A, B))  # each row's 10 nearest are the other 10: overlap 1 whatever A and B are
+    A, B = rng.standard_normal((12, 4)), rng.standard_normal((12, 4))
+    assert 0 <= nn_overlap(A, B) < 1 and nn_overlap(A, A) == 1
+
+
 def test_independent_random_matrices_are_unrelated():
     rng = np.random.default_rng(5)
     A, B = rng.standard_normal((1000, 16)), rng.standard_normal((1000, 16))
@@ -465,6 +473,21 @@ def test_compare_a_checkpoint_with_a_rotated_w_e(run, tmp_path):
     assert out['layers'][0]['cka'][names[1]] == pytest.approx(seed2['layers'][0]['cka'][names[1]], abs=1e-5)
     assert {'contextual.png', 'contextual_cka.png'} <= set(full['figures'])
     assert '# Static vs contextual' in (tmp_path / 'report.md').read_text()
+
+
+def test_a_position_table_of_few_rows_skips_the_positional_studies(run, tmp_path):
+    # block_size 4: W_pos has 4 rows, too few for its studies; the token studies and the comparison still run
+    root, _ = run
+    for seed in (0, 1):
+        os.makedirs(tmp_path / f'short{seed}')
+        save_checkpoint(tiny_model(seed, block_size=4), tmp_path / f'short{seed}' / 'ckpt.pt', root / 'data')
+    result = run_in_process('analyze.py', f'--out_dir={tmp_path / "short0"}', f'--compare_out_dir={tmp_path / "short1"}',
+                            f'--report_dir={tmp_path / "report"}', '--top_n=300', '--eval_tokens=64')
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / 'report' / 'report.json').read_text())
+    assert 'positional' not in report and 'tokens' in report and 'W_pos' not in report['stability']
+    assert 'the position table has 4 rows (block_size): positional studies skipped, they need 8' in \
+        (tmp_path / 'report' / 'report.md').read_text()
 
 
 def test_compare_skips_the_contextual_study_when_no_token_repeats_in_val(run, tmp_path):
