@@ -157,8 +157,9 @@ def gather_rank_states(sampler, cuda):
 
 def check_resume(settings, checkpoint, path, world_size, data_fingerprint):
     """A checkpoint resumes only as it was trained: with all its keys, by as many processes, on
-    the same data, with the same optimizer and fp16 scaler. A schedule setting that changed is
-    printed. Anything else is one line and exit status 2."""
+    the same data, with the same optimizer and the settings its state holds (parameter groups,
+    betas, the context W_pos's moments have) and fp16 scaler. A schedule, batch or evaluation
+    setting that changed is printed. Anything else is one line and exit status 2."""
     missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
     if 'ranks' in checkpoint:
         missing += [f'ranks[0].{key}' for key in RANK_STATE_KEYS if key not in checkpoint['ranks'][0]]
@@ -171,7 +172,9 @@ def check_resume(settings, checkpoint, path, world_size, data_fingerprint):
     if checkpoint['data'] != data_fingerprint:
         fail(f"{path} was trained on other data than {settings['data_dir']} holds now (its train.bin or val.bin "
              f"differ); resume with the data_dir it was trained on ({saved['data_dir']}), or train from scratch")
-    for name in ('wpe_weight_decay', 'embedding_lr'):  # they decide the optimizer's parameter groups
+    # the optimizer's state holds these: its parameter groups, their decay and betas, and W_pos's
+    # moments with one row per position (block_size); a resume would silently keep the saved ones
+    for name in ('wpe_weight_decay', 'embedding_lr', 'weight_decay', 'beta1', 'beta2', 'block_size'):
         if settings[name] != saved.get(name):
             fail(f"{path} was trained with {name}={saved.get(name)!r}; resume with --{name}={saved.get(name)}")
     if settings['optimizer'] != saved['optimizer']:
@@ -180,6 +183,7 @@ def check_resume(settings, checkpoint, path, world_size, data_fingerprint):
     if (settings['dtype'] == 'float16') != scaler:
         fail(f"{path} was trained {'with' if scaler else 'without'} the float16 gradient scaler; resume with "
              + ("--dtype=float16" if scaler else "another dtype than float16"))
-    for name in ('max_iters', 'max_seconds', 'warmup_iters', 'learning_rate', 'min_lr', 'decay_lr', 'cooldown'):
+    for name in ('max_iters', 'max_seconds', 'warmup_iters', 'learning_rate', 'min_lr', 'decay_lr', 'cooldown',
+                 'grad_clip', 'batch_size', 'gradient_accumulation_steps', 'sampler', 'eval_iters', 'whole_val'):
         if settings[name] != saved.get(name):
             print(f"note: {name} changed on resume: {saved.get(name)} -> {settings[name]}")

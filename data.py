@@ -45,10 +45,17 @@ def open_data(data_dir):
             meta = json.load(f)
     except (ValueError, OSError) as e:
         raise ValueError(f"cannot read {meta_path} ({type(e).__name__}); {again}") from None
-    needed = ('vocab_size', 'train_tokens', 'val_tokens', 'train_bytes', 'val_bytes', 'sha256')
-    if not isinstance(meta, dict) or any(key not in meta for key in needed):
-        raise ValueError(f"{meta_path} lacks {', '.join(k for k in needed if k not in meta)} "
-                         f"(damaged, or written by an older prepare.py); {again}")
+    counts = ('vocab_size', 'train_tokens', 'val_tokens', 'train_bytes', 'val_bytes')
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path} holds no JSON object (damaged); {again}")
+    missing = [key for key in (*counts, 'sha256') if key not in meta]
+    if missing:
+        raise ValueError(f"{meta_path} lacks {', '.join(missing)} (damaged, or written by an older prepare.py); {again}")
+    wrong = [key for key in counts if type(meta[key]) is not int] + [key for key in ('sha256',)
+                                                                  if not isinstance(meta[key], dict)]
+    if wrong:
+        raise ValueError(f"{meta_path} has {', '.join(wrong)} of the wrong type (counts are integers, sha256 an "
+                         f"object); {again}")
     data = {}
     for split in ('train', 'val'):
         path = os.path.join(data_dir, f'{split}.bin')

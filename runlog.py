@@ -14,8 +14,9 @@ from atomic import remove_orphans, write_atomic
 
 def start_log(out_dir, new_run):
     """Create out_dir, clear the temporary files of a killed writer, set an earlier run's log,
-    snapshots and best.pt aside if this is a new run, and return log.jsonl open for appending.
-    OSError if out_dir cannot be written."""
+    snapshots and best.pt aside if this is a new run, and return log.jsonl open for appending
+    (without the last line of a killed writer, if it left one cut short). OSError if out_dir
+    cannot be written."""
     os.makedirs(out_dir, exist_ok=True)
     for folder in (out_dir, os.path.join(out_dir, 'snapshots')):
         remove_orphans(folder)
@@ -25,7 +26,13 @@ def start_log(out_dir, new_run):
             if os.path.exists(os.path.join(out_dir, name)):
                 stem, ext = os.path.splitext(name)
                 os.replace(os.path.join(out_dir, name), os.path.join(out_dir, f'{stem}-{stamp}{ext}'))
-    return open(os.path.join(out_dir, 'log.jsonl'), 'a')
+    path = os.path.join(out_dir, 'log.jsonl')
+    if os.path.exists(path):  # a killed writer's last line, cut short: dropped, or the next event would join it
+        with open(path, 'rb+') as f:
+            text = f.read()
+            if not text.endswith(b'\n'):
+                f.truncate(text.rfind(b'\n') + 1)
+    return open(path, 'a')
 
 
 def write_event(log_file, event, **fields):

@@ -127,6 +127,8 @@ check(globals(), {
     'max_seconds': optional(greater_than(0)), 'grad_clip': optional(greater_than(0)), 'wpe_init_std': at_least(0),
     'wpe_weight_decay': optional(at_least(0)), 'embedding_lr': optional(greater_than(0)),
     'snapshot_interval': optional(integer_at_least(1)), 'peak_flops': auto_or(greater_than(0)),
+    ('learning_rate', 'embedding_lr'): lambda lr, embedding_lr: None if embedding_lr is None or lr > 0
+    else "> 0 with embedding_lr (the embeddings' schedule is a multiple of learning_rate's)",
     ('n_embd', 'n_head'): lambda n_embd, n_head: None if n_embd % n_head == 0 else f"a multiple of n_head ({n_head})",
     ('pos_emb', 'n_embd', 'n_head'): lambda pos_emb, n_embd, n_head: None if pos_emb != 'rope' or n_embd // n_head % 2 == 0
     else f"another scheme than 'rope' (which rotates pairs) with an odd head size n_embd / n_head ({n_embd // n_head})",

@@ -42,7 +42,10 @@ def make_files(tmp):
                          ('longer_bin', lambda d: (d / 'train.bin').write_bytes(tokens.tobytes())),  # re-prepared
                          ('damaged_meta', lambda d: (d / 'meta.json').write_text('{"vocab_size": 50')),
                          ('no_vocab_meta', lambda d: (d / 'meta.json').write_text(json.dumps(
-                             {k: v for k, v in meta.items() if k != 'vocab_size'})))):
+                             {k: v for k, v in meta.items() if k != 'vocab_size'}))),
+                         ('number_meta', lambda d: (d / 'meta.json').write_text('5')),
+                         ('text_vocab_meta', lambda d: (d / 'meta.json').write_text(json.dumps(
+                             {**meta, 'vocab_size': '50257', 'sha256': []})))):
         write_token_data(tmp / name, tokens[:2500], tokens[2500:])
         change(tmp / name)
     result = run_in_process('train.py', f'--data_dir={data}', f'--out_dir={tmp / "good"}', '--n_layer=1', '--n_head=1',
@@ -120,6 +123,11 @@ CASES = [
     ('train: re-prepared longer train.bin', [*TRAIN, '--data_dir={tmp}/longer_bin'], 'is not the file'),
     ('train: damaged meta.json', [*TRAIN, '--data_dir={tmp}/damaged_meta'], 'cannot read'),
     ('train: meta.json without vocab_size', [*TRAIN, '--data_dir={tmp}/no_vocab_meta'], 'lacks vocab_size'),
+    ('train: meta.json that is a number', [*TRAIN, '--data_dir={tmp}/number_meta'], 'holds no JSON object'),
+    ('train: meta.json with a text vocab_size', [*TRAIN, '--data_dir={tmp}/text_vocab_meta'],
+     'has vocab_size, sha256 of the wrong type'),
+    ('train: an embedding lr beside a zero lr', [*TRAIN, '--learning_rate=0', '--embedding_lr=1e-3'],
+     'learning_rate must be > 0 with embedding_lr'),
     ('train: token ids above vocab_size', [*TRAIN, '--data_dir={tmp}/big_ids'], 'not below vocab_size 600'),
     ('train: scratch over another run', [*TRAIN, '--out_dir={tmp}/good'], "holds another run's checkpoint"),
     ('train: resume on other data', [*TRAIN, '--init_from=resume', '--out_dir={tmp}/good', '--data_dir={tmp}/other_data'],
@@ -130,6 +138,11 @@ CASES = [
      "has objective='mlm', but objective='clm' was asked for; resume with --objective=mlm"),
     ('train: resume with float16', [*TRAIN, '--init_from=resume', '--out_dir={tmp}/good', '--dtype=float16'],
      'was trained without the float16 gradient scaler; resume with another dtype than float16'),
+    ('train: resume with another weight decay', [*TRAIN, '--init_from=resume', '--out_dir={tmp}/good',
+                                                 '--weight_decay=0.5'], 'was trained with weight_decay=0.1; resume with '
+                                                                        '--weight_decay=0.1'),
+    ('train: resume with a shorter context', [*TRAIN, '--init_from=resume', '--out_dir={tmp}/good', '--block_size=8'],
+     'was trained with block_size=16; resume with --block_size=16'),
     ('train: resume with another optimizer', [*TRAIN, '--init_from=resume', '--out_dir={tmp}/good',
                                               '--optimizer=muon'], "holds the state of optimizer='adamw'"),
     ('train: checkpoint without a key', [*TRAIN, '--init_from=resume', '--out_dir={tmp}/no_key'], 'lacks ranks'),

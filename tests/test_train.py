@@ -419,11 +419,14 @@ def test_runs_in_one_out_dir_and_a_diverged_run(small_data, tmp_path):
     assert [e['event'] for e in map(json.loads, open(tmp_path / old_log))].count('train') == 3
     # the learning rate sends the weights to infinity: the steps are skipped, then the run stops
     good = (tmp_path / 'ckpt.pt').read_bytes()
+    with open(tmp_path / 'log.jsonl', 'a') as f:
+        f.write('{"event": "train", "it')  # the last line of a writer killed in the middle of it
     diverged = run_in_process('train.py', *common, '--init_from=resume', '--max_iters=100', '--learning_rate=1e30',
-                          '--max_skipped_steps=3')
+                          '--max_skipped_steps=3', '--grad_clip=None')
     assert diverged.returncode == 1 and diverged.stderr.count('\n') == 1
     assert 'was not finite for 3 steps in a row: the run diverged' in diverged.stderr
     assert 'note: learning_rate changed on resume: 0.003 -> 1e+30' in diverged.stdout
+    assert 'note: grad_clip changed on resume: 1.0 -> None' in diverged.stdout
     assert (tmp_path / 'ckpt.pt').read_bytes() == good  # the NaN evaluation at step 9 saved nothing
     rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f'{c} in log.jsonl')) for line in
             open(tmp_path / 'log.jsonl')]
