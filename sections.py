@@ -155,13 +155,13 @@ def token_markdown(studies):
                    f"{show(s['analogies'][i]['top_excluding_inputs'][0])}" for s in columns)]
                 for i, a in enumerate(first['analogies'])]),
             f"The expected word comes first in {ranks.count(1)} of {len(ranks)} cases; the median rank is "
-            f"{int(np.median(ranks))} of {first['candidates']} (chance: about {first['candidates'] // 2}).\n",
+            f"{np.median(ranks):g} of {first['candidates']} (chance: about {first['candidates'] // 2}).\n",
             table(['', *studies], [[label, *(s[key][sub] for s in columns)] for label, key, sub in (
                 ('Spearman(norm, log count), seen tokens', 'norm_frequency', 'spearman_seen'),
                 ('mean norm, seen tokens', 'norm_frequency', 'mean_norm_seen'),
                 ('mean norm, never-seen tokens', 'norm_frequency', 'mean_norm_unseen'),
-                ('anisotropy, all rows: raw', 'anisotropy', 'raw'),
-                ('anisotropy, all rows: centred', 'anisotropy', 'centred'),
+                ('anisotropy, all nonzero rows: raw', 'anisotropy', 'raw'),
+                ('anisotropy, all nonzero rows: centred', 'anisotropy', 'centred'),
                 ('anisotropy, seen rows: raw', 'anisotropy_seen', 'raw'),
                 ('anisotropy, seen rows: centred', 'anisotropy_seen', 'centred'))])]
 
@@ -237,7 +237,8 @@ def onset_section(tables, seen, train_tokens, evals, reference, report_dir):
                  '' if r['passes'] is None else f"{r['passes']:.2f}",
                  *('' if r[loss] is None else f'{r[loss]:.3f}' for loss in ('train_loss', 'val_loss')),
                  *(('', ) * len(ONSET_STATISTICS) if r[key] is None else
-                   (f"{r[key][s]:.3f} (PC{r[key]['pc_corr_which']})" if s == 'pc_corr' else f'{r[key][s]:.3f}'
+                   (f"{r[key][s]:.3f} (PC{r[key]['pc_corr_which']})" if s == 'pc_corr' and not math.isnan(r[key][s])
+                    else f'{r[key][s]:.3f}'
                     for s in ONSET_STATISTICS))] for r in records]
     header = ['iteration', 'tokens seen', 'passes', 'train loss', 'val loss', *ONSET_STATISTICS.values()]
     reference_row = [] if reference is None else [['reference', '', '', '', '',
@@ -266,8 +267,8 @@ def onset_section(tables, seen, train_tokens, evals, reference, report_dir):
     axes[0].legend(fontsize=8)
     return out, ['## When W_pos takes shape\n',
                  f"W_pos at each of the run's snapshots, and its learned part W_pos - W_pos({iters[0]}): what training "
-                 "has added to the random start, whose independent rows give mean cosines near 0 and "
-                 "cos(delta_t, delta_t+1) near -0.5. max abs corr(PC, t) is the largest of PC1-PC3 (which one in "
+                 "has added to its start (independent random rows, the default start, give mean cosines near 0 and "
+                 "cos(delta_t, delta_t+1) near -0.5; an all-zero start gives 0 and nan). max abs corr(PC, t) is the largest of PC1-PC3 (which one in "
                  f"brackets); the onset is the first snapshot where it reaches {ONSET_THRESHOLD}. Passes: tokens seen "
                  f"over the {train_tokens:,} train tokens. Losses where an evaluation fell on the snapshot.\n",
                  f"Onset: W_pos {said(out['onset_iter'])}; its learned part {said(out['onset_iter_learned'])}.\n",
@@ -425,8 +426,9 @@ def contextual_markdown(out, names, report_dir):
             "occurrence of a token its row. Averages are over the "
             f"{out['types']} token types that occur at least {out['min_count']} times there and were seen in "
             "train.bin. Self-similarity and intra-context similarity are given minus the layer's anisotropy: "
-            "a static table scores 1 - anisotropy and a first-PC share of 1; a fresh vector per occurrence "
-            "scores about 0.\n",
+            "a static table's self-similarity is 1 - anisotropy and its first-PC share 1; with a fresh random "
+            f"vector per occurrence self-similarity is about 0 and intra-context similarity about "
+            f"1/sqrt({out['window']}) = {out['window'] ** -0.5:.3f}.\n",
             table(header, [[name, label, *values, *[''] * (n_layers - len(values))] for name, label, *values in rows]),
             (f"Noise floor: {' and '.join(' vs '.join(pair) for pair in out['seed_pairs'])}, the same model with "
              "another seed, differ by at most " + ', '.join(f'{spread[key]:.3f} in {key.replace("_", " ")}'
