@@ -410,8 +410,8 @@ while True:
               f"({stop_signal or 'another process was signalled'})", flush=True)
     if master and snapshot_interval and (iter_num % snapshot_interval == 0 or last) and not eval_only:
         write_snapshot(out_dir, iter_num, raw_model)
-    # at most one save a step: on a stop before the evaluation (torchrun kills 30 s after a signal),
-    # else after a finite evaluation; best.pt when its val loss is the lowest of the run's saved ones
+    # a save after a finite evaluation, best.pt too when its val loss is the lowest of the run's; on a
+    # stop, first a save before the evaluation (torchrun kills 30 s after a signal), then best.pt if it is
     val_loss = evaluate(rank_states) if master and evaluating and not stop else math.nan
     improved = iter_num > start_iter and val_loss < best_val_loss  # never a NaN, nor the starting point
     if improved:
@@ -419,7 +419,10 @@ while True:
     if master and iter_num > start_iter and (stop or improved or (always_save_checkpoint and math.isfinite(val_loss))):
         save_checkpoint(rank_states, best=improved)
     if master and evaluating and stop:
-        evaluate(rank_states)
+        val_loss = evaluate(rank_states)
+        if iter_num > start_iter and val_loss < best_val_loss:
+            best_iter, best_val_loss = iter_num, val_loss
+            save_checkpoint(rank_states, best=True)
     if last:
         break
 

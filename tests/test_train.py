@@ -231,6 +231,11 @@ def test_resume_is_bit_exact(small_data, tmp_path):
     assert out.index('saved') < out.index(f'step {stopped_at}:')  # saved first, then the final evaluation
     stopped = torch.load(split / 'ckpt.pt', weights_only=True)
     assert 5 <= stopped['iter_num'] < 40 and stopped['elapsed'] > 0
+    # best.pt: the lowest val loss of the run's evaluations after its start, the stop's own included
+    evals = [e for e in events(split, 'eval') if e['iter'] > 0]
+    best = torch.load(split / 'best.pt', weights_only=True)
+    assert evals[-1]['iter'] == stopped_at and best['best_iter'] == min(evals, key=lambda e: e['val_loss'])['iter']
+    assert stopped['best_val_loss'] == best['best_val_loss']
     resumed = run_in_process('train.py', *common, f'--out_dir={split}', '--init_from=resume')
     assert resumed.returncode == 0, resumed.stderr
     losses = lambda d: [(e['iter'], e['loss']) for e in events(d, 'train')]
