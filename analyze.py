@@ -229,7 +229,7 @@ def compare_report(names, loaded, evals_by_model, counts, val, data_dir, probe_i
 
 if __name__ == '__main__':
     configure(globals())
-    check(globals(), {'checkpoint': one_of('best', 'last'), 'eval_tokens': at_least(1), 'top_n': at_least(11),
+    check(globals(), {'checkpoint': one_of('best', 'last'), 'eval_tokens': at_least(1), 'top_n': at_least(12),
                       **{name: optional(a_path) for name in ('wpe_file', 'wte_file', 'data_dir', 'compare_out_dir',
                                                              'reference_wpe')}})
     t0, enc, notes = time.time(), get_tokenizer(), []
@@ -278,8 +278,8 @@ if __name__ == '__main__':
         if W_E is None:
             sys.exit("error: --compare_out_dir compares token tables; give a checkpoint or --wte_file as well")
         other = (compare_out_dir, *load_tables(compare_out_dir, 'compare_out_dir', checkpoint)[:2])
-    if (compare or other) and len(frequent_tokens(counts, top_n)) < 11:
-        sys.exit(f"error: fewer than 11 tokens occur {MIN_COUNT}+ times in {data_dir}/train.bin; too few to compare")
+    if (compare or other) and len(frequent_tokens(counts, top_n)) < 12:  # neighbour overlap @10 needs 12
+        sys.exit(f"error: fewer than 12 tokens occur {MIN_COUNT}+ times in {data_dir}/train.bin; too few to compare")
     if model is not None and init_from == 'resume':
         log_path = os.path.join(out_dir, 'log.jsonl')
         log = read_log(log_path) if os.path.exists(log_path) else None

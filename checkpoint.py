@@ -172,9 +172,11 @@ def check_resume(settings, checkpoint, path, world_size, data_fingerprint):
     if checkpoint['data'] != data_fingerprint:
         fail(f"{path} was trained on other data than {settings['data_dir']} holds now (its train.bin or val.bin "
              f"differ); resume with the data_dir it was trained on ({saved['data_dir']}), or train from scratch")
-    # the optimizer's state holds these: its parameter groups, their decay and betas, and W_pos's
-    # moments with one row per position (block_size); a resume would silently keep the saved ones
-    for name in ('wpe_weight_decay', 'embedding_lr', 'weight_decay', 'beta1', 'beta2', 'block_size'):
+    # the optimizer's state holds these: its parameter groups, their decay and betas, and a learned
+    # W_pos's moments, a row per position (block_size; an evaluation alone may crop the context)
+    held = ['wpe_weight_decay', 'embedding_lr', 'weight_decay', 'beta1', 'beta2']
+    held += ['block_size'] if saved.get('pos_emb', 'learned') == 'learned' and not settings['eval_only'] else []
+    for name in held:
         if settings[name] != saved.get(name):
             fail(f"{path} was trained with {name}={saved.get(name)!r}; resume with --{name}={saved.get(name)}")
     if settings['optimizer'] != saved['optimizer']:

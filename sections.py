@@ -268,7 +268,7 @@ def onset_section(tables, seen, train_tokens, evals, reference, report_dir):
     return out, ['## When W_pos takes shape\n',
                  f"W_pos at each of the run's snapshots, and its learned part W_pos - W_pos({iters[0]}): what training "
                  "has added to its start (independent random rows, the default start, give mean cosines near 0 and "
-                 "cos(delta_t, delta_t+1) near -0.5; an all-zero start gives 0 and nan). max abs corr(PC, t) is the largest of PC1-PC3 (which one in "
+                 "cos(delta_t, delta_t+1) near -0.5; an all-zero start gives 0 for both, and nan for PC1's share and corr(PC, t)). max abs corr(PC, t) is the largest of PC1-PC3 (which one in "
                  f"brackets); the onset is the first snapshot where it reaches {ONSET_THRESHOLD}. Passes: tokens seen "
                  f"over the {train_tokens:,} train tokens. Losses where an evaluation fell on the snapshot.\n",
                  f"Onset: W_pos {said(out['onset_iter'])}; its learned part {said(out['onset_iter_learned'])}.\n",
@@ -283,12 +283,13 @@ def stability_section(W_E, W_pos, other_name, other_W_E, other_W_pos, counts, to
     tokens = frequent_tokens(counts, top_n)
     out = {'compare_out_dir': other_name, 'tokens_compared': len(tokens),
            'W_E': similarity(W_E[tokens], other_W_E[tokens])}
-    if W_pos is not None and other_W_pos is not None:
-        n = min(len(W_pos), len(other_W_pos))
+    n = min(len(W_pos), len(other_W_pos)) if W_pos is not None and other_W_pos is not None else 0
+    if n >= MIN_POSITIONS:
         out['W_pos'] = similarity(W_pos[:n], other_W_pos[:n])
     names = [k for k in ('W_E', 'W_pos') if k in out]
     return out, [f'## Across seeds: this run vs {other_name}\n', f'W_E over the {len(tokens)} most frequent '
-                 f'tokens seen at least {MIN_COUNT} times; W_pos over the positions both have.\n',
+                 f'tokens seen at least {MIN_COUNT} times' + ('; W_pos over the positions both have' if n >= MIN_POSITIONS
+                                                            else '') + '.\n',
                  similarity_table(names, [out[k] for k in names])]
 
 

@@ -587,3 +587,6 @@ def test_eval_only_evaluates_the_run_and_changes_no_file(small_data, tmp_path):
     saved_eval = [e for e in events(tmp_path, 'eval') if e['iter'] == 6][0]
     assert added['event'] == 'eval' and added['iter'] == 6 and added['val_loss'] == saved_eval['val_loss']
     assert f"step 6: train loss {added['train_loss']:.4f}, val loss {added['val_loss']:.4f}" in result.stdout
+    # an evaluation alone may read the run at a shorter context (a resume that trains may not: test_cli_errors)
+    shorter = run_in_process('train.py', *args, '--max_iters=6', '--eval_only=True', '--block_size=8')
+    assert shorter.returncode == 0 and events(tmp_path, 'eval')[-1]['val_loss'] != added['val_loss'], shorter.stderr
