@@ -6,7 +6,8 @@ parsed with ast.literal_eval (a bare word stays a string) and must match the typ
 default (a setting that defaults to None or 'auto' takes any value, held to its rule by
 check()). A list setting also takes the words after it, up to the next --setting: `--compare a b`
 is `--compare="['a', 'b']"`. Then check() holds each setting to its rule: a set of values
-(one_of) or a range. Any mistake is one line on stderr and exit code 2.
+(one_of) or a range. Any mistake is one line on stderr and exit code 2. train.py's rules,
+the longest, are here too (train_rules), beside those of a model it resumes (check_model).
 
     $ python train.py config/gulliver_cpu.py --batch_size=32 --compile=False
 """
@@ -146,6 +147,40 @@ def check(settings, rules):
         expected = rule(*(settings[name] for name in names))
         if expected is not None:
             fail(f"{names[0]} must be {expected}, not {settings[names[0]]!r}")
+
+
+def train_rules(pretrained, pos_embs):
+    """train.py's settings and the values each may take, for check(): pretrained, the GPT-2 names
+    init_from takes besides 'scratch' and 'resume'; pos_embs, model.py's position schemes."""
+    return {
+        'init_from': one_of('scratch', 'resume', *pretrained), 'sampler': one_of('random', 'epoch'),
+        'objective': one_of('clm', 'mlm'), 'optimizer': one_of('adamw', 'muon'),
+        'pos_emb': one_of(*pos_embs), 'compile': one_of(None, True, False),
+        'dtype': one_of('auto', 'float32', 'bfloat16', 'float16'), 'backend': one_of('nccl', 'gloo'),
+        'dropout': below(0, 1), 'beta1': below(0, 1), 'beta2': below(0, 1),
+        'out_dir': lambda d: None if d else 'a folder',
+        **{name: at_least(1) for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval',
+                                          'eval_iters', 'log_interval', 'n_layer', 'n_head', 'n_embd', 'pad_vocab_to',
+                                          'max_skipped_steps')},
+        **{name: at_least(0) for name in ('learning_rate', 'min_lr', 'max_iters', 'weight_decay', 'warmup_iters',
+                                          'sample_tokens', 'seed')},
+        'cooldown': optional(lambda f: None if number(f) and 0 < f <= 1 else "in (0, 1]"),
+        'max_seconds': optional(greater_than(0)), 'grad_clip': optional(greater_than(0)), 'wpe_init_std': at_least(0),
+        'wpe_weight_decay': optional(at_least(0)), 'embedding_lr': optional(greater_than(0)),
+        'snapshot_interval': optional(integer_at_least(1)), 'peak_flops': auto_or(greater_than(0)),
+        ('learning_rate', 'embedding_lr'): lambda lr, embedding_lr: None if embedding_lr is None or lr > 0
+        else "> 0 with embedding_lr (the embeddings' schedule is a multiple of learning_rate's)",
+        ('n_embd', 'n_head'): lambda n_embd, n_head: None if n_embd % n_head == 0 else f"a multiple of n_head ({n_head})",
+        ('pos_emb', 'n_embd', 'n_head'): lambda pos_emb, n_embd, n_head:
+        None if pos_emb != 'rope' or n_embd // n_head % 2 == 0 else
+        f"another scheme than 'rope' (which rotates pairs) with an odd head size n_embd / n_head ({n_embd // n_head})",
+        ('init_from', 'pos_emb', 'bias', 'objective'): lambda init_from, *asked: next(
+            (f"'scratch' for {name}={value!r} (GPT-2 has {name}={gpt2!r}: drop --{name} to fine-tune it)"
+             for name, value, gpt2 in zip(('pos_emb', 'bias', 'objective'), asked, ('learned', True, 'clm'))
+             if init_from in pretrained and value != gpt2), None),
+        ('eval_only', 'init_from'): lambda eval_only, init_from: None if not eval_only or init_from not in pretrained
+        else f"False with init_from={init_from!r} (it evaluates the run in out_dir; drop --init_from)",
+    }
 
 
 def check_model(settings, chosen, model_config, source):

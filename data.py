@@ -51,8 +51,8 @@ def open_data(data_dir):
     missing = [key for key in (*counts, 'sha256') if key not in meta]
     if missing:
         raise ValueError(f"{meta_path} lacks {', '.join(missing)} (damaged, or written by an older prepare.py); {again}")
-    wrong = [key for key in counts if type(meta[key]) is not int] + [key for key in ('sha256',)
-                                                                  if not isinstance(meta[key], dict)]
+    wrong = [key for key in counts if type(meta[key]) is not int] + ([] if isinstance(meta['sha256'], dict)
+                                                                     else ['sha256'])
     if wrong:
         raise ValueError(f"{meta_path} has {', '.join(wrong)} of the wrong type (counts are integers, sha256 an "
                          f"object); {again}")

@@ -45,8 +45,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (check_resume, gather_rank_states, load_checkpoint, restore_training, training_state,
                         write_checkpoint)
-from configurator import (at_least, auto_or, below, check, check_model, configure, greater_than, integer_at_least,
-                          number, one_of, optional, resolve_device, resolve_dtype)
+from configurator import check, check_model, configure, resolve_device, resolve_dtype, train_rules
 from data import Sampler, batch_at, bits_per_byte, every_window, open_data, random_offsets, split_batch
 from download import DownloadError
 from machine import autocast, choose_cpu_dtype, keep_freed_memory, measure_matmul_flops, to_device
@@ -112,33 +111,7 @@ sync_debug = False      # CUDA: a host read of a device tensor in a training ste
 seed = 1337
 # -----------------------------------------------------------------------------
 chosen = configure(globals())  # the settings a config file or the command line set
-check(globals(), {
-    'init_from': one_of('scratch', 'resume', *PRETRAINED), 'sampler': one_of('random', 'epoch'),
-    'objective': one_of('clm', 'mlm'), 'optimizer': one_of('adamw', 'muon'),
-    'pos_emb': one_of(*POS_EMBS), 'compile': one_of(None, True, False),
-    'dtype': one_of('auto', 'float32', 'bfloat16', 'float16'), 'backend': one_of('nccl', 'gloo'),
-    'dropout': below(0, 1), 'beta1': below(0, 1), 'beta2': below(0, 1), 'out_dir': lambda d: None if d else 'a folder',
-    **{name: at_least(1) for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval',
-                                      'eval_iters', 'log_interval', 'n_layer', 'n_head', 'n_embd', 'pad_vocab_to',
-                                      'max_skipped_steps')},
-    **{name: at_least(0) for name in ('learning_rate', 'min_lr', 'max_iters', 'weight_decay', 'warmup_iters',
-                                      'sample_tokens', 'seed')},
-    'cooldown': optional(lambda f: None if number(f) and 0 < f <= 1 else "in (0, 1]"),
-    'max_seconds': optional(greater_than(0)), 'grad_clip': optional(greater_than(0)), 'wpe_init_std': at_least(0),
-    'wpe_weight_decay': optional(at_least(0)), 'embedding_lr': optional(greater_than(0)),
-    'snapshot_interval': optional(integer_at_least(1)), 'peak_flops': auto_or(greater_than(0)),
-    ('learning_rate', 'embedding_lr'): lambda lr, embedding_lr: None if embedding_lr is None or lr > 0
-    else "> 0 with embedding_lr (the embeddings' schedule is a multiple of learning_rate's)",
-    ('n_embd', 'n_head'): lambda n_embd, n_head: None if n_embd % n_head == 0 else f"a multiple of n_head ({n_head})",
-    ('pos_emb', 'n_embd', 'n_head'): lambda pos_emb, n_embd, n_head: None if pos_emb != 'rope' or n_embd // n_head % 2 == 0
-    else f"another scheme than 'rope' (which rotates pairs) with an odd head size n_embd / n_head ({n_embd // n_head})",
-    ('init_from', 'pos_emb', 'bias', 'objective'): lambda init_from, *asked: next(
-        (f"'scratch' for {name}={value!r} (GPT-2 has {name}={gpt2!r}: drop --{name} to fine-tune it)"
-         for name, value, gpt2 in zip(('pos_emb', 'bias', 'objective'), asked, ('learned', True, 'clm'))
-         if init_from in PRETRAINED and value != gpt2), None),
-    ('eval_only', 'init_from'): lambda eval_only, init_from: None if not eval_only or init_from not in PRETRAINED
-    else f"False with init_from={init_from!r} (it evaluates the run in out_dir; drop --init_from)",
-})
+check(globals(), train_rules(PRETRAINED, POS_EMBS))
 config = {k: v for k, v in globals().items() if k.islower() and not k.startswith('_')
           and isinstance(v, (int, float, bool, str, type(None)))}
 
@@ -411,18 +384,16 @@ while True:
     if master and snapshot_interval and (iter_num % snapshot_interval == 0 or last) and not eval_only:
         write_snapshot(out_dir, iter_num, raw_model)
     # a save after a finite evaluation, best.pt too when its val loss is the lowest of the run's; on a
-    # stop, first a save before the evaluation (torchrun kills 30 s after a signal), then best.pt if it is
-    val_loss = evaluate(rank_states) if master and evaluating and not stop else math.nan
+    # stop, a save first (torchrun kills 30 s after a signal), and after the evaluation only a best one
+    if master and stop and iter_num > start_iter:
+        save_checkpoint(rank_states)
+    val_loss = evaluate(rank_states) if master and evaluating else math.nan
     improved = iter_num > start_iter and val_loss < best_val_loss  # never a NaN, nor the starting point
     if improved:
         best_iter, best_val_loss = iter_num, val_loss
-    if master and iter_num > start_iter and (stop or improved or (always_save_checkpoint and math.isfinite(val_loss))):
+    if master and iter_num > start_iter and (improved or (always_save_checkpoint and math.isfinite(val_loss)
+                                                          and not stop)):
         save_checkpoint(rank_states, best=improved)
-    if master and evaluating and stop:
-        val_loss = evaluate(rank_states)
-        if iter_num > start_iter and val_loss < best_val_loss:
-            best_iter, best_val_loss = iter_num, val_loss
-            save_checkpoint(rank_states, best=True)
     if last:
         break
 
