@@ -1,8 +1,8 @@
 """
 A training run's record in its out_dir: log.jsonl, one JSON event per line, and loss.png drawn
 from it. The log is strict JSON (a non-finite number is written as null). A new run starts a
-fresh log and snapshots/ folder, and those of the run before are kept under a dated name, so
-that a plot or an analysis never mixes two runs; a resumed run appends to its own log.
+fresh log and snapshots/ folder, and the files of the run before are kept under a dated name, so
+that a plot, an analysis or a resume never mixes two runs; a resumed run appends to its own log.
 """
 import json
 import math
@@ -14,7 +14,8 @@ from atomic import remove_orphans, write_atomic
 
 def start_log(out_dir, new_run):
     """Create out_dir, clear the temporary files of a killed writer, set an earlier run's log,
-    snapshots and best.pt aside if this is a new run, and return log.jsonl open for appending
+    snapshots, ckpt.pt and best.pt aside if this is a new run (so that a new run stopped before its
+    first save leaves no other run's checkpoint to resume), and return log.jsonl open for appending
     (without the last line of a killed writer, if it left one cut short). OSError if out_dir
     cannot be written."""
     os.makedirs(out_dir, exist_ok=True)
@@ -22,7 +23,7 @@ def start_log(out_dir, new_run):
         remove_orphans(folder)
     if new_run:
         stamp = time.strftime('%Y%m%d-%H%M%S')
-        for name in ('log.jsonl', 'snapshots', 'best.pt'):
+        for name in ('log.jsonl', 'snapshots', 'ckpt.pt', 'best.pt'):
             if os.path.exists(os.path.join(out_dir, name)):
                 stem, ext = os.path.splitext(name)
                 os.replace(os.path.join(out_dir, name), os.path.join(out_dir, f'{stem}-{stamp}{ext}'))

@@ -173,8 +173,8 @@ data_fingerprint = {name: meta['sha256'][name] for name in ('train.bin', 'val.bi
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=meta['vocab_size'], dropout=dropout, pos_emb=pos_emb, causal=objective == 'clm',
                   pad_vocab_to=pad_vocab_to, wpe_init_std=wpe_init_std)
-# out_dir holds one run: a new run never replaces another's checkpoint unless told to, and
-# starts a log and snapshots of its own (the earlier ones are kept under a dated name, below)
+# out_dir holds one run: a new run never replaces another's checkpoint unless told to, and then
+# sets the earlier run's checkpoints, log and snapshots aside under a dated name (start_log, below)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from != 'resume' and os.path.exists(ckpt_path) and not overwrite:
     fail(f"{out_dir} holds another run's checkpoint; continue it with --init_from=resume, or pass another "

@@ -420,6 +420,8 @@ def test_runs_in_one_out_dir_and_a_diverged_run(small_data, tmp_path):
     assert refused.returncode == 1 and "holds another run's checkpoint" in refused.stderr
     assert run_in_process('train.py', *common, '--max_iters=6', '--overwrite=True').returncode == 0
     [old_log] = [name for name in os.listdir(tmp_path) if name.startswith('log-')]
+    [old_ckpt] = [name for name in os.listdir(tmp_path) if name.startswith('ckpt-')]  # set aside at the start
+    assert torch.load(tmp_path / old_ckpt, weights_only=True)['iter_num'] == 3
     assert len(events(tmp_path, 'start')) == 1 and len(events(tmp_path, 'train')) == 6
     assert [e['event'] for e in map(json.loads, open(tmp_path / old_log))].count('train') == 3
     # the learning rate sends the weights to infinity: the steps are skipped, then the run stops
