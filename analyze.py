@@ -17,6 +17,7 @@ report, and writes it.
 import glob
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -24,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from atomic import write_atomic
+from atomic import remove_orphans, write_atomic
 from checkpoint import load_model
 from circuits import position_table
 from configurator import a_path, at_least, check, configure, one_of, optional, resolve_device
@@ -86,6 +87,11 @@ def load_eval_model(init_from, out_dir, device, checkpoint):
         model, saved = load_model(init_from, out_dir, device, checkpoint)
     except (DownloadError, ValueError) as e:
         sys.exit(f"error: {e}")
+    bad = sum(int((~torch.isfinite(p)).sum()) for p in model.parameters())
+    if bad:
+        source = out_dir if init_from == 'resume' else init_from
+        sys.exit(f"error: {source}: the model holds {bad} NaN or infinite weights (a diverged run?); analyse a "
+                 f"checkpoint whose weights are finite (--checkpoint=best or last)")
     return model.eval(), saved.get('config', {})
 
 
@@ -128,7 +134,9 @@ def load_snapshots(folder, counts):
     """Per-token drift |W_E(t) - W_E(0)| by frequency, and the W_pos cosine-vs-distance curve, at each
     snapshot (np.savez files iter_*.npz with W_E and, for a learned table, W_pos); and the W_pos of
     each, {iteration: W_pos} (empty without a learned table). (None, {}) for fewer than two snapshots."""
-    paths = sorted(glob.glob(os.path.join(folder, 'iter_*.npz')))
+    iteration = lambda path: int(os.path.basename(path)[5:-4])
+    paths = sorted((path for path in glob.glob(os.path.join(folder, 'iter_*.npz'))
+                    if re.fullmatch(r'iter_\d+\.npz', os.path.basename(path))), key=iteration)  # 999999 < 1000000
     if len(paths) < 2:
         return None, {}
     out = {'iters': [], 'drift_median': {label: [] for *_, label in FREQUENCY_BINS}, 'pos_mean_cos_by_distance': []}
@@ -137,7 +145,7 @@ def load_snapshots(folder, counts):
         try:
             with np.load(path, allow_pickle=False) as z:
                 W, P = z['W_E'][:VOCAB_SIZE].astype(np.float32), z['W_pos'].astype(np.float32) if 'W_pos' in z else None
-            out['iters'].append(int(os.path.basename(path)[5:-4]))
+            out['iters'].append(iteration(path))
         except (OSError, ValueError, KeyError, EOFError):
             sys.exit(f"error: {path} is not a snapshot written by train.py (np.savez with W_E)")
         W0 = W if W0 is None else W0
@@ -220,7 +228,9 @@ def compare_report(names, loaded, evals_by_model, counts, val, data_dir, probe_i
     md += section
     if any(models):
         checkpoints = {name: m for name, m in zip(names, models) if m is not None}
-        contextual, section = contextual_section(names, tables, checkpoints, counts, val, enc, report_dir, notes)
+        checkpoint_settings = {name: s for name, s, m in zip(names, settings, models) if m is not None}
+        contextual, section = contextual_section(names, tables, checkpoints, checkpoint_settings, counts, val, enc,
+                                                 report_dir, notes)
         if contextual:
             report['contextual'] = contextual
         md += section
@@ -289,6 +299,7 @@ if __name__ == '__main__':
         reference = load_reference(reference_wpe, out_dir, device)
     try:
         os.makedirs(report_dir, exist_ok=True)
+        remove_orphans(report_dir)  # the temporary files of a killed writer
         with tempfile.TemporaryFile(dir=report_dir):
             pass
     except OSError as e:

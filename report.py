@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use('Agg')  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from atomic import write_atomic  # noqa: E402
+
 
 def image(name):
     """The markdown that shows the figure file name (in the same folder as report.md)."""
@@ -25,8 +27,8 @@ def figures_shown(md):
 
 
 def save(fig, report_dir, name):
-    """Write a figure into report_dir; return the markdown that shows it."""
-    fig.savefig(os.path.join(report_dir, name), dpi=110)
+    """Write a figure into report_dir (atomically); return the markdown that shows it."""
+    write_atomic({os.path.join(report_dir, name): lambda tmp: fig.savefig(tmp, format='png', dpi=110)})
     plt.close(fig)
     return image(name)
 

@@ -24,6 +24,12 @@ ANALOGIES = [(' man', ' king', ' woman', ' queen'), (' man', ' men', ' woman', '
 MIN_COUNT = 5  # tokens seen fewer times in train.bin are left out of the comparisons between tables
 SIMILARITIES = {'cka': 'linear CKA', 'rsa': 'RSA (Spearman of the cosines)', 'nn_overlap_10': 'neighbour overlap @10',
                 'procrustes_cos': 'mean cosine after Procrustes'}
+CHANCE = ("A row 'rows shuffled (chance)' scores the same tables with one's rows in random order: what tables "
+          "of these shapes score when their rows do not correspond. CKA and Procrustes are far above 0 there "
+          "unless the rows far outnumber the columns.")
+# train.py settings that do not change what a run learns
+RUN_BOOKKEEPING = {'out_dir', 'init_from', 'overwrite', 'eval_only', 'device', 'backend', 'compile', 'log_interval',
+                   'sample_tokens', 'snapshot_interval', 'sync_debug', 'peak_flops', 'max_skipped_steps'}
 CONTEXT_PROBES = [' king', ' sea', ' ship', ' little', ' great', ' said']
 CONTEXT_MEASURES = {'anisotropy': 'anisotropy (mean cos of two occurrences)',
                     'self_similarity': 'self-similarity - anisotropy',
@@ -48,7 +54,7 @@ def loss_section(train, evals, run_dir, report_dir):
     loss = {'last_iter': train[-1]['iter'], 'last_train_loss': train[-1]['loss'],
             'last_val_loss': evals[-1]['val_loss'] if evals else None,
             'last_val_bpb': evals[-1].get('val_bpb') if evals else None,
-            'best_val_loss': min(e['val_loss'] for e in evals) if evals else None}
+            'best_val_loss': min((e['val_loss'] for e in evals if e['val_loss'] is not None), default=None)}
     plot_losses(run_dir, os.path.join(report_dir, 'loss.png'))
     return loss, ['## Training\n', table(list(loss), [list(loss.values())]), image('loss.png')]
 
@@ -201,9 +207,10 @@ def dynamics_section(snapshots, report_dir):
                      [(iters, v, 'o-', f'count {label}') for label, v in snapshots['drift_median'].items()])]
     if snapshots['pos_mean_cos_by_distance']:
         fig, ax = plt.subplots(figsize=(6.5, 4), layout='constrained')
-        for curve, colour in zip(snapshots['pos_mean_cos_by_distance'], plt.cm.viridis(np.linspace(0, 1, len(iters)))):
+        scale = plt.Normalize(iters[0], iters[-1])  # a curve's colour is its iteration's, as on the colour bar
+        for curve, colour in zip(snapshots['pos_mean_cos_by_distance'], plt.cm.viridis(scale(np.array(iters)))):
             ax.plot(curve, color=colour, lw=1)
-        fig.colorbar(plt.cm.ScalarMappable(plt.Normalize(iters[0], iters[-1]), 'viridis'), ax=ax, label='iteration')
+        fig.colorbar(plt.cm.ScalarMappable(scale, 'viridis'), ax=ax, label='iteration')
         ax.set(title='W_pos: cosine vs distance during training', xlabel='distance k', ylabel='mean cos(p_t, p_t+k)')
         md.append(save(fig, report_dir, 'dynamics_positional.png'))
     return md
@@ -282,27 +289,39 @@ def stability_section(W_E, W_pos, other_name, other_W_E, other_W_pos, counts, to
     W_E over the most frequent tokens, W_pos over the positions both have: (json, markdown)."""
     tokens = frequent_tokens(counts, top_n)
     out = {'compare_out_dir': other_name, 'tokens_compared': len(tokens),
-           'W_E': similarity(W_E[tokens], other_W_E[tokens])}
+           'W_E': similarity_and_chance(W_E[tokens], other_W_E[tokens])}
     n = min(len(W_pos), len(other_W_pos)) if W_pos is not None and other_W_pos is not None else 0
     if n >= MIN_POSITIONS:
-        out['W_pos'] = similarity(W_pos[:n], other_W_pos[:n])
+        out['W_pos'] = similarity_and_chance(W_pos[:n], other_W_pos[:n])
     names = [k for k in ('W_E', 'W_pos') if k in out]
     return out, [f'## Across seeds: this run vs {other_name}\n', f'W_E over the {len(tokens)} most frequent '
                  f'tokens seen at least {MIN_COUNT} times' + ('; W_pos over the positions both have' if n >= MIN_POSITIONS
-                                                            else '') + '.\n',
+                                                            else '') + '. ' + CHANCE + '\n',
                  similarity_table(names, [out[k] for k in names])]
 
 
+def similarity_and_chance(A, B):
+    """geometry.similarity of A and B, and under 'chance' the same with B's rows shuffled: what two
+    tables of these shapes and spectra score when their rows do not correspond. CKA and Procrustes
+    stay far above 0 there unless the rows far outnumber the columns (two random 128 x 256
+    matrices: CKA 0.66, Procrustes 0.88)."""
+    shuffled = B[np.random.default_rng(0).permutation(len(B))]
+    return {**similarity(A, B), 'chance': similarity(A, shuffled)}
+
+
 def similarity_table(names, sims):
-    """One row of SIMILARITIES per name."""
-    return table(['', *SIMILARITIES.values()], [[name, *(s[key] for key in SIMILARITIES)] for name, s in zip(names, sims)])
+    """Two rows of SIMILARITIES per name: the tables compared, and by chance (similarity_and_chance)."""
+    rows = [row for name, s in zip(names, sims) for row in
+            ([name, *(s[key] for key in SIMILARITIES)], [f'{name}, rows shuffled (chance)',
+                                                         *(s['chance'][key] for key in SIMILARITIES)])]
+    return table(['', *SIMILARITIES.values()], rows)
 
 
 def compare_section(names, tables, counts, probe_ids, enc, top_n, report_dir):
     """Token studies of each W_E, and CKA, RSA, neighbour overlap, Procrustes between each pair: (json, markdown)."""
     tokens = frequent_tokens(counts, top_n)
     studies = {name: token_studies(W, counts, probe_ids, enc) for name, W in zip(names, tables)}
-    pairs = {(i, j): similarity(tables[i][tokens], tables[j][tokens])
+    pairs = {(i, j): similarity_and_chance(tables[i][tokens], tables[j][tokens])
              for i in range(len(names)) for j in range(i + 1, len(names))}
     fig, axes = plt.subplots(2, 2, figsize=(12, 10), layout='constrained')
     for ax, (key, title) in zip(axes.flat, SIMILARITIES.items()):
@@ -314,6 +333,7 @@ def compare_section(names, tables, counts, probe_ids, enc, top_n, report_dir):
     md = [f"# Token embeddings compared: {', '.join(names)}\n", '## Each table on its own\n',
           *token_markdown(studies),
           f'## Between tables, over the {len(tokens)} most frequent tokens seen at least {MIN_COUNT} times\n',
+          CHANCE + '\n',
           similarity_table([f'{names[i]} vs {names[j]}' for i, j in pairs], pairs.values()),
           save(fig, report_dir, 'compare.png')]
     return {'models': names, 'tokens_compared': len(tokens), 'token_studies': studies,
@@ -334,7 +354,8 @@ def training_section(names, settings, models, evals_by_model):
                      'sampler': config.get('sampler'), 'iterations': evals[-1]['iter'],
                      'init_val_loss': evals[0]['val_loss'] if evals[0]['iter'] == 0 else None,
                      'init_expected': expected, 'val_loss': evals[-1]['val_loss'],
-                     'perplexity': math.exp(evals[-1]['val_loss']), 'val_bpb': evals[-1].get('val_bpb'),
+                     'perplexity': None if evals[-1]['val_loss'] is None else math.exp(evals[-1]['val_loss']),
+                     'val_bpb': evals[-1].get('val_bpb'),
                      'coverage': evals[-1].get('coverage')}
     if not out:
         return out, []
@@ -346,10 +367,21 @@ def training_section(names, settings, models, evals_by_model):
                        [[name, *(('' if r[key] is None else r[key]) for key in list(r))] for name, r in out.items()])]
 
 
-def contextual_section(names, tables, models, counts, val, enc, report_dir, notes):
-    """Static vs contextual over the val text: for each transformer the measures of
-    geometry.contextual_geometry after every layer, for each static table the same with every
-    occurrence given its row, and the CKA of each layer's per-type means with every table: (json, markdown)."""
+def seed_replicas(settings):
+    """The pairs of runs, from {name: train.py's settings}, that differ in their seed and in nothing
+    else that changes what they learn (RUN_BOOKKEEPING aside): the same experiment repeated."""
+    learned = {name: {k: v for k, v in s.items() if k not in RUN_BOOKKEEPING and k != 'seed'}
+               for name, s in settings.items()}
+    names = list(settings)
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
+            if settings[a].get('seed') != settings[b].get('seed') and learned[a] == learned[b]]
+
+
+def contextual_section(names, tables, models, settings, counts, val, enc, report_dir, notes):
+    """Static vs contextual over the val text: for each transformer (models, with its train.py
+    settings) the measures of geometry.contextual_geometry after every layer, for each static table
+    the same with every occurrence given its row, and the CKA of each layer's per-type means with
+    every table: (json, markdown)."""
     T = min(len(val), *(m.config.block_size for m in models.values()))
     ids = val[:len(val) // T * T].astype(np.int64)
     types = np.flatnonzero((np.bincount(ids, minlength=VOCAB_SIZE) >= MIN_COUNT) & (counts > 0))
@@ -371,8 +403,8 @@ def contextual_section(names, tables, models, counts, val, enc, report_dir, note
             rows.append({**g, 'probes': {w: by_type.get(i) for w, i in probe_ids.items()},
                          'cka': {other: linear_cka(means, W_other[types]) for other, W_other in zip(names, tables)}})
         out['models'][name] = {'contextual': model is not None, 'layers': rows}
-    # two checkpoints of one shape and objective differ only by their seed: their gap is the noise floor
-    seeds = [(a, b) for i, a in enumerate(models) for b in list(models)[i + 1:] if models[a].config == models[b].config]
+    # two checkpoints of one shape trained alike but for their seed: their gap is the noise floor
+    seeds = [(a, b) for a, b in seed_replicas(settings) if models[a].config == models[b].config]
     out['seed_pairs'] = [list(pair) for pair in seeds]
     out['seed_spread'] = {key: max(abs(x[key] - y[key]) for a, b in seeds for x, y in
                                    zip(out['models'][a]['layers'], out['models'][b]['layers']))
@@ -431,10 +463,10 @@ def contextual_markdown(out, names, report_dir):
             f"vector per occurrence self-similarity is about 0 and intra-context similarity about "
             f"1/sqrt({out['window']}) = {out['window'] ** -0.5:.3f}.\n",
             table(header, [[name, label, *values, *[''] * (n_layers - len(values))] for name, label, *values in rows]),
-            (f"Noise floor: {' and '.join(' vs '.join(pair) for pair in out['seed_pairs'])}, the same model with "
-             "another seed, differ by at most " + ', '.join(f'{spread[key]:.3f} in {key.replace("_", " ")}'
+            (f"Noise floor: {' and '.join(' vs '.join(pair) for pair in out['seed_pairs'])}, the same model "
+             "trained alike with another seed, differ by at most " + ', '.join(f'{spread[key]:.3f} in {key.replace("_", " ")}'
                                                            for key in CONTEXT_MEASURES) + ' at any layer.\n')
-            if spread else 'Add a second seed of a model to --compare to see the noise floor.\n',
+            if spread else 'Add the same run with another --seed to --compare to see the noise floor.\n',
             figure, '## Self-similarity of probe words (minus anisotropy; count in the val text)\n',
             table(['model', 'word', *(f'layer {i}' for i in range(n_layers))], probe_rows),
             '## How much of each static table a layer still holds\n',

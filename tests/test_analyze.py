@@ -3,6 +3,8 @@ import json
 import os
 import shutil
 
+import matplotlib.pyplot as plt
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,8 @@ from geometry import (analogy, anisotropy, contextual_geometry, cosine_matrix, d
                       linear_cka, mean_cos_by_distance, nearest_neighbours, nn_overlap, occurrences_by_type,
                       positional_geometry, procrustes_cos, rankdata, rsa, similarity, spearman, type_means, unit_rows)
 from model import GPT, GPTConfig
-from sections import onset_section
+from report import save
+from sections import dynamics_section, loss_section, onset_section, seed_replicas, training_section
 from tokenizer import VOCAB_SIZE, get_tokenizer
 
 POSITIONAL_KEYS = {'norms', 'mean_cos_by_distance', 'exp_fit', 'pca_explained_variance', 'n_components_80',
@@ -266,9 +269,9 @@ def test_a_position_table_too_short_or_of_integers_is_one_line(tmp_path):
 
 # ---- analyze.py end to end -------------------------------------------------------------------
 
-def save_checkpoint(model, path, data_dir):
+def save_checkpoint(model, path, data_dir, seed=0):
     torch.save({'model': model.state_dict(), 'model_args': dataclasses.asdict(model.config),
-                'config': {'data_dir': str(data_dir), 'seed': 0, 'objective': 'clm'},
+                'config': {'data_dir': str(data_dir), 'seed': seed, 'objective': 'clm'},
                 'iter_num': 0, 'best_val_loss': 9.9}, path)
 
 
@@ -305,7 +308,7 @@ def run(tmp_path_factory):
     with torch.no_grad():
         other.transformer.wte.weight.copy_(model.transformer.wte.weight @ Q)
         other.transformer.wpe.weight.copy_(model.transformer.wpe.weight @ Q)
-    save_checkpoint(other, root / 'seed2' / 'ckpt.pt', data_dir)
+    save_checkpoint(other, root / 'seed2' / 'ckpt.pt', data_dir, seed=1)
     return root, model
 
 
@@ -340,6 +343,9 @@ def test_analyze_checkpoint_end_to_end(run):
         assert abs(report['stability'][table]['rsa'] - 1) < rsa_tol
         for key in ('procrustes_cos', 'cka', 'nn_overlap_10'):
             assert abs(report['stability'][table][key] - 1) < 1e-4, (table, key)
+        chance = report['stability'][table]['chance']  # the same rows in another order
+        assert abs(chance['rsa']) < 0.2 and chance['cka'] < 0.9 and chance['nn_overlap_10'] < 0.5, (table, chance)
+    assert 'W_E, rows shuffled (chance) |' in (report_dir / 'report.md').read_text()
     assert report['stability']['tokens_compared'] == (np.bincount(get_tokenizer().encode_ordinary(TEXT * 8)) >= 5).sum()
     for name in report['figures']:
         assert (report_dir / name).stat().st_size > 5000
@@ -446,6 +452,7 @@ def test_compare_a_checkpoint_with_a_rotated_w_e(run, tmp_path):
     assert report['models'] == names and len(report['pairs']) == 3
     pair = report['pairs'][0]
     assert abs(pair['cka'] - 1) < 1e-4 and pair['nn_overlap_10'] == 1 and abs(pair['procrustes_cos'] - 1) < 1e-4
+    assert pair['chance']['cka'] < 0.9 and pair['chance']['nn_overlap_10'] < 0.5
     a, b = (report['token_studies'][n] for n in names[:2])
     assert [t for t, _ in a['neighbours'][' king'][:3]] == [t for t, _ in b['neighbours'][' king'][:3]]
     assert np.allclose([c for _, c in a['neighbours'][' king']], [c for _, c in b['neighbours'][' king']], atol=1e-4)
@@ -532,3 +539,68 @@ def test_compare_reads_the_data_dir_from_embeddings_json(run, tmp_path):
     assert json.loads((tmp_path / 'r' / 'report.json').read_text())['compare']['pairs'][0]['nn_overlap_10'] == 1
     mixed = run_in_process(script, '--compare', 'a', 'c', '--report_dir=r2', cwd=tmp_path)
     assert mixed.returncode == 1 and mixed.stderr.count('\n') == 1 and 'trained on different data' in mixed.stderr
+
+
+def test_seed_replicas_differ_in_their_seed_alone():
+    base = {'seed': 1, 'learning_rate': 1e-3, 'max_iters': 100, 'out_dir': 'a', 'compile': False}
+    settings = {'a': base, 'b': {**base, 'seed': 2, 'out_dir': 'b', 'compile': True},  # bookkeeping apart
+                'c': {**base, 'seed': 3, 'out_dir': 'c', 'max_iters': 600},  # trained longer
+                'd': {**base, 'out_dir': 'd'}}  # a's seed: a rerun of a, a replica of b
+    assert seed_replicas(settings) == [('a', 'b'), ('b', 'd')]
+
+
+def test_a_non_finite_val_loss_in_the_log_is_left_out(tmp_path):
+    evals = [{'event': 'eval', 'iter': i, 'train_loss': loss, 'val_loss': loss}
+             for i, loss in ((0, 10.9), (5, 7.5), (10, None))]  # None: a NaN, as train.py writes it
+    train = [{'event': 'train', 'iter': i, 'loss': 11 - i / 2} for i in range(11)]
+    with open(tmp_path / 'log.jsonl', 'w') as f:
+        f.writelines(json.dumps(e) + '\n' for e in train + evals)
+    loss, _ = loss_section(train, evals, tmp_path, tmp_path)
+    assert loss['best_val_loss'] == 7.5 and loss['last_val_loss'] is None
+    out, md = training_section(['run'], [{'seed': 0}], [tiny_model()], [evals])
+    assert out['run']['perplexity'] is None and out['run']['init_val_loss'] == 10.9 
+    assert '| run | clm | 0 |  | 10 | 10.9 | 10.83 |  |  |  |  |' in ''.join(md)  # the final loss and perplexity blank
+
+
+def test_a_figure_is_written_whole_or_not_at_all(tmp_path):
+    (tmp_path / 'x.png').write_bytes(b'the good figure')
+    fig = plt.figure()
+
+    def disk_full(path, **kwargs):
+        open(path, 'wb').write(b'half a')
+        raise OSError(28, 'No space left on device')
+    fig.savefig = disk_full
+    with pytest.raises(OSError):
+        save(fig, tmp_path, 'x.png')
+    assert os.listdir(tmp_path) == ['x.png'] and (tmp_path / 'x.png').read_bytes() == b'the good figure'
+
+
+def test_the_dynamics_curves_take_the_colour_of_their_iteration(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr('sections.save', lambda fig, report_dir, name: figures.append(fig) or '')
+    iters = [0, 50, 100, 150, 153]
+    dynamics_section({'iters': iters, 'drift_spearman_log_count': 0.5, 'drift_median': {'1-9': [0.0] * 5},
+                      'pos_mean_cos_by_distance': [np.linspace(1, 0, 8)] * 5}, tmp_path)
+    [fig] = figures
+    colours = [line.get_color() for line in fig.axes[0].lines]
+    assert np.allclose(colours, plt.cm.viridis(np.array(iters) / 153))  # as the colour bar, 0 to 153, says
+
+
+def test_snapshots_in_the_order_of_their_iterations_and_non_finite_weights_are_one_line(run, tmp_path):
+    root, _ = run
+    shutil.copytree(root / 'out', tmp_path / 'out')
+    snapshots = tmp_path / 'out' / 'snapshots'  # past iteration 999,999 the names no longer sort as text does
+    os.rename(snapshots / 'iter_000000.npz', snapshots / 'iter_999999.npz')
+    os.rename(snapshots / 'iter_000100.npz', snapshots / 'iter_1000000.npz')
+    result = run_in_process('analyze.py', f'--out_dir={tmp_path / "out"}', f'--report_dir={tmp_path / "r"}',
+                            '--top_n=300', '--eval_tokens=64')
+    assert result.returncode == 0, result.stderr
+    dynamics = json.loads((tmp_path / 'r' / 'report.json').read_text())['dynamics']
+    assert dynamics['iters'] == [999999, 1000000] and dynamics['drift_median']['1-9'][0] == 0
+    checkpoint = torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=True)
+    checkpoint['model']['transformer.wpe.weight'][3, 5] = float('nan')
+    torch.save(checkpoint, tmp_path / 'out' / 'ckpt.pt')
+    result = run_in_process('analyze.py', f'--out_dir={tmp_path / "out"}', f'--report_dir={tmp_path / "r2"}')
+    assert result.returncode == 1 and result.stderr.count('\n') == 1
+    assert f'{tmp_path / "out"}: the model holds 1 NaN or infinite weights' in result.stderr
+    assert not os.path.exists(tmp_path / 'r2')
