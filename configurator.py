@@ -125,6 +125,10 @@ def below(low, high):
     return lambda value: None if number(value) and low <= value < high else f"in [{low}, {high})"
 
 
+def a_seed(value):
+    return None if type(value) is int and 0 <= value < 2 ** 63 else "an integer in [0, 2**63)"
+
+
 def a_path(value):
     return None if isinstance(value, str) and value else 'a path'
 
@@ -163,7 +167,8 @@ def train_rules(pretrained, pos_embs):
                                           'eval_iters', 'log_interval', 'n_layer', 'n_head', 'n_embd', 'pad_vocab_to',
                                           'max_skipped_steps')},
         **{name: at_least(0) for name in ('learning_rate', 'min_lr', 'max_iters', 'weight_decay', 'warmup_iters',
-                                          'sample_tokens', 'seed')},
+                                          'sample_tokens')},
+        'seed': a_seed,
         'cooldown': optional(lambda f: None if number(f) and 0 < f <= 1 else "in (0, 1]"),
         'max_seconds': optional(greater_than(0)), 'grad_clip': optional(greater_than(0)), 'wpe_init_std': at_least(0),
         'wpe_weight_decay': optional(at_least(0)), 'embedding_lr': optional(greater_than(0)),

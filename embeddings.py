@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from configurator import a_path, check, configure, greater_than, integer_at_least, one_of, optional
+from configurator import a_path, a_seed, check, configure, greater_than, integer_at_least, one_of, optional
 from data import read_split
 from atomic import write_atomic
 from tokenizer import VOCAB_SIZE
@@ -230,7 +230,7 @@ def train_glove(tokens, dim, window, x_max, alpha, epochs, batch_size, lr, seed)
 if __name__ == '__main__':
     configure(globals())
     check(globals(), {
-        'method': one_of(*METHOD_DEFAULTS), 'out_dir': optional(a_path),
+        'method': one_of(*METHOD_DEFAULTS), 'out_dir': optional(a_path), 'seed': a_seed,
         **{name: integer_at_least(1) for name in ('dim', 'window', 'negatives')},
         **{name: optional(integer_at_least(1)) for name in ('epochs', 'batch_size')},
         'lr': optional(greater_than(0)), **{name: greater_than(0) for name in ('subsample', 'x_max', 'alpha')},

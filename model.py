@@ -78,7 +78,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     k likeliest tokens; top_p keeps the smallest set whose probability reaches p (nucleus)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    # the largest logit first brought to 0, so that a tiny temperature makes the others -inf, not NaN
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float('-inf'))
@@ -230,18 +231,19 @@ class GPT(nn.Module):
             distance = distance.masked_fill(key > query, float('inf'))
         return -self.alibi_slopes.to(positions.device)[:, None, None] * distance.abs()
 
-    def new_cache(self, batch, dtype, device):
+    def new_cache(self, batch, dtype, device, static=False):
         """A static KV cache: for each layer, key and value buffers of (batch, n_head, block_size,
         d_head), allocated once and written in place, so that every decode step has the same
-        shapes (what torch.compile and a CUDA graph need). Their addresses are marked static: a
-        CUDA graph may write into them."""
+        shapes (what torch.compile and a CUDA graph need). static, for a compiled decode step:
+        their addresses are marked static, as a CUDA graph may write into them."""
         c = self.config
         shape = (batch, c.n_head, c.block_size, c.n_embd // c.n_head)
         cache = [{name: torch.zeros(shape, dtype=dtype, device=device) for name in ('k', 'v')}
                  for _ in self.transformer.h]
-        for buffers in cache:
-            for buffer in buffers.values():
-                torch._dynamo.mark_static_address(buffer)
+        if static:
+            for buffers in cache:
+                for buffer in buffers.values():
+                    torch._dynamo.mark_static_address(buffer)
         return cache
 
     def trunk(self, idx, cache=None, positions=None):
@@ -297,6 +299,7 @@ class GPT(nn.Module):
         per step through decode: decode_step, or compile_decode's compiled one. The cache holds
         cache_dtype (None: the dtype the keys are computed in). Past block_size the context is
         cropped and recomputed at every step (positions would shift in a cache)."""
+        static = decode is not None  # a compiled step's CUDA graph may write into the cache (new_cache)
         decode = decode or self.decode_step
         cache, position, next_token = None, None, None
         for _ in range(max_new_tokens):
@@ -306,7 +309,7 @@ class GPT(nn.Module):
                 device_type = idx.device.type
                 dtype = cache_dtype or (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
                                         else self.lm_head.weight.dtype)  # what the keys and values are computed in
-                cache = self.new_cache(idx.size(0), dtype, idx.device)
+                cache = self.new_cache(idx.size(0), dtype, idx.device, static)
                 positions = torch.arange(idx.size(1), device=idx.device)
                 logits = self.next_logits(idx, cache, positions)
                 position = positions[-1:] + 1

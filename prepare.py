@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from atomic import write_atomic
-from configurator import at_least, check, configure, one_of
+from configurator import a_seed, at_least, check, configure, number, one_of
 from download import DownloadError, download
 from tokenizer import EOT_TOKEN, RANKS_SHA256, VOCAB_SIZE, get_tokenizer
 
@@ -160,7 +160,9 @@ def main():
 if __name__ == '__main__':
     configure(globals())
     check(globals(), {
-        'split': one_of('tail', 'interleaved'), 'val_fraction': lambda f: None if 0 < f < 0.5 else "in (0, 0.5)",
+        'split': one_of('tail', 'interleaved'),
+        'val_fraction': lambda f: None if number(f) and 0 < f < 0.5 else "in (0, 0.5)",
+        'seed': a_seed,
         # split='interleaved' makes one chunk in every k val
         ('val_fraction', 'split'): lambda f, s: None if s == 'tail' or abs(1 / round(1 / f) - f) <= 1e-3
         else "1/k with split='interleaved' (0.1, 0.125, 0.2, 0.25, 0.333)",

@@ -26,7 +26,7 @@ import time
 import torch
 
 from checkpoint import checkpoint_to_read, load_model
-from configurator import at_least, check, configure, one_of, optional, resolve_device
+from configurator import a_seed, at_least, check, configure, number, one_of, optional, resolve_device
 from download import DownloadError
 from machine import choose_decode_dtype
 from model import TEMPERATURE, TOP_K, compile_decode
@@ -51,8 +51,9 @@ compile = False        # compile the decode step (model.compile_decode)
 configure(globals())
 check(globals(), {
     'checkpoint': one_of('best', 'last'), 'dtype': one_of('auto', 'float32', 'bfloat16', 'float16'),
-    'temperature': lambda t: None if t >= 0 else ">= 0 (0 is greedy)", 'top_k': optional(at_least(1)),
-    'top_p': lambda p: None if 0 < p <= 1 else "in (0, 1]", 'max_new_tokens': at_least(1), 'num_samples': at_least(1),
+    'temperature': lambda t: None if number(t) and t >= 0 else ">= 0 (0 is greedy)", 'top_k': optional(at_least(1)),
+    'top_p': lambda p: None if number(p) and 0 < p <= 1 else "in (0, 1] (1: off)", 'max_new_tokens': at_least(1),
+    'num_samples': at_least(1), 'seed': a_seed,
     'kv_cache': one_of(True, False), 'compile': one_of(True, False),
 })
 device = resolve_device(device)
@@ -69,6 +70,9 @@ if not model.config.causal:
              f"left to right; sample from a GPT checkpoint")
 
 enc = get_tokenizer()
+if model.config.vocab_size != enc.n_vocab:
+    sys.exit(f"error: the model has a vocabulary of {model.config.vocab_size} tokens, the GPT-2 tokenizer "
+             f"{enc.n_vocab}: sample.py reads and writes GPT-2 tokens")
 if start.startswith('FILE:'):
     try:
         with open(start[5:], encoding='utf-8') as f:

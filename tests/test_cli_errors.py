@@ -61,7 +61,11 @@ def make_files(tmp):
                         ('old_ranks', {**good, 'ranks': [{k: v for k, v in good['ranks'][0].items()
                                                           if k != 'targets_drawn'}]}),
                         ('mlm', {**good, 'model_args': {**good['model_args'], 'causal': False},
-                                 'config': {**good['config'], 'objective': 'mlm'}})):
+                                 'config': {**good['config'], 'objective': 'mlm'}}),
+                        ('small_vocab', {**good, 'model_args': {**good['model_args'], 'vocab_size': 1000,
+                                                                'pad_vocab_to': 1},
+                                         'model': {k: v[:1000] if k in ('transformer.wte.weight', 'lm_head.weight')
+                                                   else v for k, v in good['model'].items()}})):
         (tmp / name).mkdir()
         torch.save(state, tmp / name / 'ckpt.pt')
     (tmp / 'latin1.txt').write_bytes('Lilliput, naïve'.encode('latin-1'))
@@ -111,7 +115,8 @@ CASES = [
     ('train: negative weight decay', [*TRAIN, '--weight_decay=-0.1'], 'weight_decay must be >= 0'),
     ('train: n_embd not a multiple of n_head', [*TRAIN, '--n_head=3'], 'must be a multiple of n_head (3)'),
     ('train: pad_vocab_to 0', [*TRAIN, '--pad_vocab_to=0'], 'pad_vocab_to must be >= 1'),
-    ('train: negative seed', [*TRAIN, '--seed=-1'], 'seed must be >= 0'),
+    ('train: negative seed', [*TRAIN, '--seed=-1'], 'seed must be an integer in [0, 2**63), not -1'),
+    ('train: seed past 64 bits', [*TRAIN, '--seed=18446744073709551616'], 'seed must be an integer in [0, 2**63)'),
     ('train: empty out_dir', [*TRAIN, '--out_dir='], 'out_dir must be a folder'),
     ('train: out_dir under a file', [*TRAIN, '--out_dir={tmp}/page.html/out'], 'cannot write to out_dir'),
     ('train: device mps', [*TRAIN, '--device=mps'], "unknown device 'mps'; use auto, cpu, cuda or cuda:N"),
@@ -182,6 +187,16 @@ CASES = [
      'temperature must be >= 0 (0 is greedy), not -1.0'),
     ('sample: top_p above 1', ['sample.py', '--out_dir={tmp}/good', '--top_p=1.5'], 'top_p must be in (0, 1]'),
     ('sample: top_p zero', ['sample.py', '--out_dir={tmp}/good', '--top_p=0.0'], 'top_p must be in (0, 1]'),
+    ('sample: top_p None', ['sample.py', '--out_dir={tmp}/good', '--top_p=None'], 'top_p must be in (0, 1] (1: off), not None'),
+    ('sample: temperature None', ['sample.py', '--out_dir={tmp}/good', '--temperature=None'],
+     'temperature must be >= 0 (0 is greedy), not None'),
+    ('sample: seed past 64 bits', ['sample.py', '--out_dir={tmp}/good', '--seed=18446744073709551616'],
+     'seed must be an integer in [0, 2**63)'),
+    ('sample: not the GPT-2 vocabulary', ['sample.py', '--out_dir={tmp}/small_vocab'],
+     'the model has a vocabulary of 1000 tokens, the GPT-2 tokenizer 50257'),
+    ('prepare: val_fraction None', ['prepare.py', '--source={tmp}/book.txt', '--data_dir={tmp}/data2',
+                                    '--val_fraction=None'], 'val_fraction must be in (0, 0.5), not None'),
+    ('embeddings: negative seed', ['embeddings.py', '--seed=-2'], 'seed must be an integer in [0, 2**63)'),
     ('sample: truncated checkpoint', ['sample.py', '--out_dir={tmp}/bad'], 'the file is damaged: delete it, or train again'),
     ('sample: prompt file missing', ['sample.py', '--out_dir={tmp}/good', '--start=FILE:{tmp}/nope.txt'],
      'cannot read the prompt file'),

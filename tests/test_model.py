@@ -248,6 +248,18 @@ def test_top_k_and_top_p_filtering():
     assert draws(top_p=0.1) == {0}
     assert draws() == {0, 1, 2, 3}
     assert sample_next(logits, temperature=0).item() == 0
+    assert sample_next(logits.expand(100, 4), temperature=1e-39, generator=gen).eq(0).all()  # greedy in the limit, not NaN
+
+
+def test_only_a_compiled_step_has_its_cache_marked_static(monkeypatch):
+    marked = []
+    monkeypatch.setattr(torch._dynamo, 'mark_static_address', lambda tensor, *args, **kwargs: marked.append(tensor))
+    model, prompt = tiny(), torch.randint(0, 50257, (1, 4))
+    with torch.no_grad():
+        eager = model.generate(prompt, 3, temperature=0)
+        assert marked == []  # eager decoding does not import the compiler, nor pay for its import at the first token
+        given = model.generate(prompt, 3, temperature=0, decode=lambda *args: model.decode_step(*args))
+    assert len(marked) == 2 * model.config.n_layer and torch.equal(given, eager)
 
 
 def test_configure_optimizers_decays_only_matrices():
