@@ -1,10 +1,10 @@
 """
 Settings for every script, nanoGPT-style: a script defines its settings as module-level
 globals, then calls configure(globals()). Positional arguments are config files (plain
-Python, executed into those globals); `--key=value` arguments override them. Values are
-parsed with ast.literal_eval (a bare word stays a string) and must match the type of the
-default (a setting that defaults to None or 'auto' takes any value, held to its rule by
-check()). A list setting also takes the words after it, up to the next --setting: `--compare a b`
+Python, executed as a module and its settings copied into those globals); `--key=value`
+arguments override them. Values are parsed with ast.literal_eval (a bare word stays a string)
+and must match the type of the script's default (a setting that defaults to None or 'auto'
+takes any value, held to its rule by check(); None, "not set", sets any but a True/False one). A list setting also takes the words after it, up to the next --setting: `--compare a b`
 is `--compare="['a', 'b']"`. Then check() holds each setting to its rule: a set of values
 (one_of) or a range. Any mistake is one line on stderr and exit code 2. train.py's rules,
 the longest, are here too (train_rules), beside those of a model it resumes (check_model).
@@ -13,6 +13,7 @@ the longest, are here too (train_rules), beside those of a model it resumes (che
 """
 import ast
 import difflib
+import math
 import re
 import sys
 
@@ -33,7 +34,9 @@ def check_key(key, settings):
 
 
 def coerce(key, value, default):
-    """Return value converted to the type of default, or fail."""
+    """Return value converted to the type of default (the script's, not a config file's), or fail."""
+    if value is None and isinstance(default, bool):
+        fail(f"setting {key!r} expects True or False, got None")
     if default is None or value is None or type(value) is type(default) or default == 'auto':
         return value  # None: not set, any value may set it; 'auto': check() holds the value to its rule
     if isinstance(default, float) and type(value) is int:
@@ -50,6 +53,7 @@ def configure(settings, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     # settings are the lower-case globals of simple types; UPPER_CASE names are constants
     keys = [k for k, v in settings.items() if k.islower() and not k.startswith('_') and isinstance(v, SETTING_TYPES)]
+    defaults = {k: settings[k] for k in keys}  # a config file's 260 must not make --max_seconds=90.5 a type error
     chosen = set()
     argv = list(argv)
     while argv:
@@ -68,9 +72,9 @@ def configure(settings, argv=None):
                     source = f.read()
             except OSError as e:
                 fail(f"cannot read config file {arg!r} ({e.strerror}); pass an existing file (the configs are in config/)")
-            file_settings = {}
+            file_settings = {}  # one namespace, as a module's: a comprehension in the file sees its names
             try:
-                exec(compile(source, arg, 'exec'), {}, file_settings)
+                exec(compile(source, arg, 'exec'), file_settings)
             except Exception as e:
                 line = getattr(e, 'lineno', None)
                 fail(f"config file {arg} is not valid Python ({type(e).__name__}: {e}"
@@ -80,7 +84,7 @@ def configure(settings, argv=None):
                     fail(f"config file {arg} sets {key}; settings are lower-case: write {key.lower()}")
                 if key.islower() and not key.startswith('_') and isinstance(value, SETTING_TYPES):
                     check_key(key, keys)
-                    settings[key] = coerce(key, value, settings[key])
+                    settings[key] = coerce(key, value, defaults[key])
                     chosen.add(key)
         else:
             if '=' not in arg:
@@ -91,16 +95,17 @@ def configure(settings, argv=None):
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 value = text  # a bare word such as --device=cpu
-            if isinstance(settings[key], str) and settings[key] != 'auto' and not isinstance(value, str):
+            if isinstance(defaults[key], str) and defaults[key] != 'auto' and not isinstance(value, str):
                 value = text  # a string setting keeps what was typed, e.g. --start=123
-            settings[key] = coerce(key, value, settings[key])
+            settings[key] = coerce(key, value, defaults[key])
             chosen.add(key)
     return chosen
 
 
 # Rules for check(): each takes a value and returns None when it is allowed, else what it must be.
 def number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def one_of(*allowed):

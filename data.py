@@ -203,9 +203,12 @@ def windows(tokens, offsets, block_size):
 
 def mask_tokens(x, rng, vocab_size, rate=0.15):
     """BERT's corruption: choose `rate` of the positions as targets; of those, 80% become
-    MASK_TOKEN, 10% a random token, 10% stay. Returns (inputs, targets) with targets -1
-    (ignored by the loss) at the positions not chosen."""
+    MASK_TOKEN, 10% a random token, 10% stay. A row left with no target (likely in a short one:
+    0.85^8 = 27% of rows of 8) gets one at a random position, or its loss would be 0/0.
+    Returns (inputs, targets) with targets -1 (ignored by the loss) at the positions not chosen."""
     chosen = rng.random(x.shape) < rate
+    empty = np.flatnonzero(~chosen.any(axis=1))
+    chosen[empty, rng.integers(0, x.shape[1], len(empty))] = True
     action = rng.random(x.shape)
     inputs = np.where(chosen & (action < 0.8), MASK_TOKEN, x)
     inputs = np.where(chosen & (action >= 0.8) & (action < 0.9), rng.integers(0, vocab_size, x.shape), inputs)

@@ -48,8 +48,11 @@ def fetch_raw(source, data_dir, force, timeout):
     if not is_url(source):
         if not os.path.isfile(source):
             raise ValueError(f"no such file: {source}; pass --source=path/to/pg829.txt or a URL")
-        with open(source, 'rb') as f:
-            return f.read()
+        try:
+            with open(source, 'rb') as f:
+                return f.read()
+        except OSError as e:
+            raise ValueError(f"cannot read {source} ({e.strerror}); pass a --source you can read")
     raw_path = os.path.join(data_dir, 'raw', os.path.basename(urlparse(source).path) or 'book.txt')
     if os.path.exists(raw_path) and not force:
         print(f"using the cached download {raw_path} (--force=True downloads again)")

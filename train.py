@@ -309,8 +309,9 @@ def save_checkpoint(rank_states, best=False):
                            elapsed_before + time.time() - t_start, rank_states, train_sampler.covered, data_fingerprint)
     try:
         write_checkpoint(out_dir, state, best)
-    except OSError as e:  # a full disk, say: the temporary file is gone, the previous checkpoint untouched
-        fail(f"cannot write {ckpt_path} ({e.strerror or e}); the previous checkpoint is intact: make room and resume")
+    except (OSError, RuntimeError) as e:  # a full disk: torch.save says RuntimeError; the previous checkpoint is untouched
+        reason = getattr(e, 'strerror', None) or 'the write failed: a full disk, or a limit on file size?'
+        fail(f"cannot write {ckpt_path} ({reason}); the previous checkpoint is intact: make room and resume")
     print(f"saved {ckpt_path}" + (f" and {out_dir}/best.pt" if best else ""))
 
 
@@ -375,7 +376,8 @@ while True:
         skipped_since_read.zero_()
         longest_skipped_run.zero_()
         read_at = iter_num
-    evaluating = iter_num % eval_interval == 0 or last
+    # a resumed run starts where its checkpoint was saved, after that iteration's evaluation
+    evaluating = (iter_num % eval_interval == 0 and not (init_from == 'resume' and iter_num == start_iter)) or last
     if evaluating:
         rank_states = gather_rank_states(train_sampler, device_type == 'cuda')
     if stop:

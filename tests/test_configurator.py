@@ -1,6 +1,6 @@
 import pytest
 
-from configurator import configure
+from configurator import at_least, configure, number
 
 
 def settings():
@@ -79,3 +79,18 @@ def test_a_list_setting_takes_the_words_after_it(capsys):
     with pytest.raises(SystemExit):
         configure(s, ['--compare', '--top_n=5'])
     assert '--compare needs values after it' in capsys.readouterr().err
+
+
+def test_types_are_the_scripts_and_a_file_is_a_module(tmp_path, capsys):
+    # the file sets a float setting to an int and computes one from its own names, as a module may
+    cfg = tmp_path / 'c.py'
+    cfg.write_text('batch_size = 16\nlearning_rate = 1\ntop_k = max(batch_size * k for k in range(3))\n')
+    s = settings()
+    configure(s, [str(cfg), '--learning_rate=2.5e-4'])  # a float, where the file had left an int
+    assert s['learning_rate'] == 2.5e-4 and s['top_k'] == 32
+    expect_exit(capsys, ['--compile=None'], "setting 'compile' expects True or False, got None")
+
+
+def test_rules_take_finite_numbers_only():
+    assert number(1e308) and not number(float('inf')) and not number(float('nan')) and not number(True)
+    assert at_least(0)(float('inf')) == '>= 0'

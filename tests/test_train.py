@@ -1,9 +1,9 @@
 import ast
-import errno
 import json
 import math
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -158,6 +158,10 @@ def test_mask_tokens_follows_bert():
     assert np.array_equal(inputs[~chosen], x[~chosen])
     assert abs((inputs[chosen] == MASK_TOKEN).mean() - 0.8) < 0.01
     assert abs((inputs[chosen] == x[chosen]).mean() - 0.1) < 0.01
+    # rows of 4 tokens: 52% would have no target (0.85^4), a 0/0 loss; each gets one instead
+    short = x[:, :4]
+    _, targets = mask_tokens(short, np.random.default_rng(1), 50257)
+    assert (targets != -1).any(axis=1).all() and 1.05 < (targets != -1).sum(1).mean() < 1.25
 
 
 def test_loss_falls_on_the_book_and_writes_outputs(book_data, tmp_path):
@@ -240,6 +244,10 @@ def test_resume_is_bit_exact(small_data, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     losses = lambda d: [(e['iter'], e['loss']) for e in events(d, 'train')]
     assert losses(straight) == losses(split) and len(losses(split)) == 40
+    # each iteration evaluated once: the resume does not repeat the evaluation its checkpoint followed
+    val = lambda d: [(e['iter'], e['val_loss']) for e in events(d, 'eval')]
+    assert [i for i, _ in val(split)] == sorted({0, 20, 40, stopped_at})
+    assert [v for v in val(split) if v[0] != stopped_at or stopped_at in (20, 40)] == val(straight)
     a, b = torch.load(straight / 'ckpt.pt', weights_only=True), torch.load(split / 'ckpt.pt', weights_only=True)
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     assert b['elapsed'] > stopped['elapsed']  # the budget spent so far carries over
@@ -437,6 +445,8 @@ def test_runs_in_one_out_dir_and_a_diverged_run(small_data, tmp_path):
     assert (tmp_path / 'ckpt.pt').read_bytes() == good  # the NaN evaluation at step 9 saved nothing
     rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f'{c} in log.jsonl')) for line in
             open(tmp_path / 'log.jsonl')]
+    evaluated = [r['iter'] for r in rows if r['event'] == 'eval']  # the resume at 6 does not evaluate 6 again
+    assert evaluated[:3] == [0, 3, 6] and len(evaluated) == len(set(evaluated))
     skipped = [r for r in rows if r['event'] == 'skipped']
     assert len(skipped) == 3 and [r['iter'] for r in skipped] == list(range(skipped[0]['iter'], skipped[0]['iter'] + 3))
     assert all(r['loss'] is None for r in skipped)  # NaN, written as null
@@ -457,20 +467,20 @@ def test_embeddings_own_learning_rate_follows_the_schedule_and_binds_the_resume(
     assert 'was trained with embedding_lr=0.012; resume with --embedding_lr=0.012' in refused.stderr
 
 
-def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(small_data, tmp_path, monkeypatch):
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(small_data, tmp_path):
     common = [*TINY, f'--data_dir={small_data}', f'--out_dir={tmp_path}', '--sample_tokens=0', '--eval_interval=2']
     assert run_in_process('train.py', *common, '--max_iters=2').returncode == 0
     good = (tmp_path / 'ckpt.pt').read_bytes()
     (tmp_path / '.tmp-killed.pt').write_bytes(b'half a checkpoint')  # left by a writer that was killed
-
-    def full_disk(obj, f, *args, **kwargs):
-        with open(f, 'wb') as out:
-            out.write(b'some bytes')
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(torch, 'save', full_disk)
-    result = run_in_process('train.py', *common, '--max_iters=4', '--init_from=resume')
+    # no file may grow past half a checkpoint, as on a full disk (Python ignores SIGXFSZ: the write fails)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(good) // 2, hard))
+    try:
+        result = run_in_process('train.py', *common, '--max_iters=4', '--init_from=resume')
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert result.returncode == 1 and result.stderr.count('\n') == 1, result.stderr
-    assert 'cannot write' in result.stderr and 'No space left on device' in result.stderr
+    assert f'cannot write {tmp_path}/ckpt.pt (the write failed: a full disk' in result.stderr
     assert (tmp_path / 'ckpt.pt').read_bytes() == good
     assert not [name for name in os.listdir(tmp_path) if name.startswith('.tmp-')]
 
