@@ -70,8 +70,9 @@ if not model.config.causal:
              f"left to right; sample from a GPT checkpoint")
 
 enc = get_tokenizer()
-if model.config.vocab_size != enc.n_vocab:
-    sys.exit(f"error: the model has a vocabulary of {model.config.vocab_size} tokens, the GPT-2 tokenizer "
+vocab_size = model.config.vocab_size  # GPT-2's ids, or the first of them (a model of data with fewer kinds)
+if vocab_size > enc.n_vocab:
+    sys.exit(f"error: the model has a vocabulary of {vocab_size} tokens, more than the GPT-2 tokenizer's "
              f"{enc.n_vocab}: sample.py reads and writes GPT-2 tokens")
 if start.startswith('FILE:'):
     try:
@@ -82,6 +83,9 @@ if start.startswith('FILE:'):
     except UnicodeDecodeError:
         sys.exit(f"error: the prompt file {start[5:]!r} is not UTF-8 text; save it as UTF-8")
 start_ids = enc.encode_ordinary(start) or [enc.eot_token]
+if max(start_ids) >= vocab_size:
+    sys.exit(f"error: the prompt has GPT-2 tokens (ids up to {max(start_ids)}) past the model's vocabulary of "
+             f"{vocab_size}; give a prompt of the tokens it was trained on")
 block_size = model.config.block_size
 if len(start_ids) > block_size:
     print(f"note: the prompt has {len(start_ids)} tokens; keeping the last {block_size} (block_size)", file=sys.stderr)
