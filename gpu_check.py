@@ -13,7 +13,8 @@ it to one file, out_file (markdown):
    its evaluations, its best.pt and its wall time;
 3. numerics: numerics_steps steps of a small model from one seed on the same batches, in fp32
    on the CPU and under bf16 autocast on the device: every train loss within bf16_tolerance
-   (relative) of the fp32 one;
+   (relative) of the fp32 one (these runs and the first half of the next go at once, their
+   output in work_dir/fp32.txt, bf16.txt and resumed.txt);
 4. resume: the same bf16 run stopped halfway and resumed: every loss after the resume within
    resume_tolerance (relative) of the straight run's. CUDA's backward kernels are not
    bit-deterministic, so a GPU resume is close, not equal; on the CPU it is bit-exact
@@ -67,12 +68,36 @@ def run(script, *args):
         sys.exit(f"error: {script} {' '.join(args)} failed:\n{result.stderr[-3000:]}")
 
 
-def train(name, *args):
-    """A train.py run in work_dir/name (emptied first, unless the run resumes); returns its log events."""
+def out_dir(name, *args):
+    """work_dir/name, emptied first unless the run resumes."""
     out = os.path.join(work_dir, name)
     if '--init_from=resume' not in args:
         shutil.rmtree(out, ignore_errors=True)
+    return out
+
+
+def train(name, *args):
+    """A train.py run in work_dir/name, its output on the terminal; returns its log events."""
+    out = out_dir(name, *args)
     run('train.py', *args, f'--data_dir={data_dir}', f'--out_dir={out}')  # a config file in args comes first
+    return read_events(os.path.join(out, 'log.jsonl'))
+
+
+def start(name, *args):
+    """Start a train.py run in work_dir/name, its output into work_dir/name.txt; finish() waits for it."""
+    out = out_dir(name, *args)
+    with open(f'{out}.txt', 'a' if '--init_from=resume' in args else 'w') as output:
+        process = subprocess.Popen([sys.executable, 'train.py', *args, f'--data_dir={data_dir}', f'--out_dir={out}'],
+                                   stdout=output, stderr=subprocess.STDOUT)
+    return process, out
+
+
+def finish(started):
+    """Wait for a run of start(); return its log events, or exit with the end of its output."""
+    process, out = started
+    if process.wait():
+        with open(f'{out}.txt') as output:
+            sys.exit(f"error: the {os.path.basename(out)} run failed ({out}.txt):\n{output.read()[-3000:]}")
     return read_events(os.path.join(out, 'log.jsonl'))
 
 
@@ -106,8 +131,7 @@ for row in map(json.loads, open(bench_file)):
 
 # 2. the flagship run
 t0 = time.time()
-events = train('flagship', 'config/gulliver.py', '--sync_debug=True',
-               *shlex.split(flagship_args))
+events = train('flagship', 'config/gulliver.py', '--sync_debug=True', *shlex.split(flagship_args))
 wall = time.time() - t0
 say("\n## python train.py config/gulliver.py (sync_debug on)\n")
 say("| iteration | train loss | val loss | elapsed (s) |\n| --- | --- | --- | --- |")
@@ -118,17 +142,17 @@ speeds = [e['tokens_per_s'] for e in events if e['event'] == 'train']
 say(f"\nbest.pt: iteration {end['best_iter']}, val loss {end['best_val_loss']:.4f}; {wall:.0f} s wall in all, "
     f"{end['elapsed']:.0f} s of training" + (f", {speeds[-1]:,.0f} tokens/s at the last log" if speeds else ""))
 
-# 3. numerics and 4. resume, on the same batches from the same seed
+# 3. numerics and 4. resume, on the same batches from the same seed: small runs, three at once
 say("\n## Numerics\n")
 common = [*shlex.split(small_args), '--log_interval=1', f'--eval_interval={numerics_steps}', '--eval_iters=1',
           '--sample_tokens=0', '--decay_lr=False', '--dropout=0.0', '--compile=False', '--peak_flops=1e12']
-fp32 = losses(train('fp32', *common, f'--max_iters={numerics_steps}', '--device=cpu', '--dtype=float32'))
 on_device = [*common, f'--device={device}', '--dtype=bfloat16']
-bf16 = losses(train('bf16', *on_device, f'--max_iters={numerics_steps}'))
-compare(f"bf16 on {device} against fp32 on the CPU", fp32, bf16, bf16_tolerance)
 half = numerics_steps // 2
-train('resumed', *on_device, f'--max_iters={half}')
-resumed = losses(train('resumed', *on_device, f'--max_iters={numerics_steps}', '--init_from=resume'))
+runs = [start('fp32', *common, f'--max_iters={numerics_steps}', '--device=cpu', '--dtype=float32'),
+        start('bf16', *on_device, f'--max_iters={numerics_steps}'), start('resumed', *on_device, f'--max_iters={half}')]
+fp32, bf16, _ = (losses(finish(started)) for started in runs)
+compare(f"bf16 on {device} against fp32 on the CPU", fp32, bf16, bf16_tolerance)
+resumed = losses(finish(start('resumed', *on_device, f'--max_iters={numerics_steps}', '--init_from=resume')))
 compare(f"resumed after {half} steps against the straight run", bf16, {i: resumed[i] for i in resumed if i > half},
         resume_tolerance)
 
