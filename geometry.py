@@ -39,7 +39,10 @@ def rankdata(x):
 
 
 def spearman(x, y):
-    """Spearman rank correlation: the Pearson correlation of the ranks."""
+    """Spearman rank correlation: the Pearson correlation of the ranks; nan where either holds a
+    NaN (a NaN has no rank: sorted last, it would pass for the largest value)."""
+    if np.isnan(x).any() or np.isnan(y).any():
+        return float('nan')
     return pearson(rankdata(x), rankdata(y))
 
 
@@ -52,13 +55,17 @@ def mean_cos_by_distance(P):
 
 
 def exp_fit(curve):
-    """Least-squares fit of curve[k] ~ exp(-alpha k) by a fine search over alpha; {alpha, r2}."""
+    """Least-squares fit of curve[k] ~ exp(-alpha k) by a fine search over alpha; {alpha, r2,
+    at_edge}. at_edge: the best alpha is an end of the search (1e-5 or 10), so no decay rate is
+    resolved: a cosine that drops from 1 at k = 0 to a floor at once fits alpha = 10 with a high
+    R^2, all of it from the point at k = 0."""
     k = np.arange(len(curve))
     alphas = np.geomspace(1e-5, 10, 4000)  # steps of 0.35%
     sse = ((curve[None, :] - np.exp(-alphas[:, None] * k[None, :])) ** 2).sum(1)
     best = int(np.argmin(sse))
     total = ((curve - curve.mean()) ** 2).sum()
-    return {'alpha': float(alphas[best]), 'r2': float(1 - sse[best] / total) if total > 0 else float('nan')}
+    return {'alpha': float(alphas[best]), 'r2': float(1 - sse[best] / total) if total > 0 else float('nan'),
+            'at_edge': best in (0, len(alphas) - 1)}
 
 
 def pca(X):

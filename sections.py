@@ -67,7 +67,8 @@ def positional_section(P, report_dir):
     md = ['## Positional embeddings (W_pos, %d x %d)\n' % P.shape, table(['quantity', 'value'], [
         ['norm of p_t: min / mean / max', ' / '.join(f"{f(g['norms']):.3f}" for f in (np.min, np.mean, np.max))],
         ['mean cos at distance 1 / T/4 / T/2', ' / '.join(f"{g['mean_cos_by_distance'][j]:.3f}" for j in (1, T // 4, T // 2))],
-        ['fit cos ~ exp(-alpha k)', f'alpha = {alpha:.4g}, R^2 = {r2:.3f}'],
+        ['fit cos ~ exp(-alpha k)', f'alpha = {alpha:.4g}, R^2 = {r2:.3f}' + (
+            ' (the end of the search: no decay rate resolved)' if g['exp_fit']['at_edge'] else '')],
         ['variance of PC1, PC2, PC3', ', '.join(f'{r:.1%}' for r in ratios[:3])],
         ['components for 80% / 90% of the variance', f"{g['n_components_80']} / {g['n_components_90']}"],
         ['abs corr(PC score, t) for PC1, PC2, PC3', ', '.join(f'{c:.3f}' for c in g['pc_abs_corr_with_position'][:3])],

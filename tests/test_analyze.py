@@ -154,7 +154,10 @@ def test_intra_context_is_one_when_a_window_shares_one_vector():
 def test_exp_fit_recovers_the_decay_rate():
     curve = np.exp(-0.05 * np.arange(200))
     fit = exp_fit(curve)
-    assert abs(fit['alpha'] - 0.05) < 0.0005 and fit['r2'] > 0.9999
+    assert abs(fit['alpha'] - 0.05) < 0.0005 and fit['r2'] > 0.9999 and not fit['at_edge']
+    # a W_pos whose mean cosine is 1 at k = 0 and just below 0 after: all the R^2 is the point at k = 0
+    floor = exp_fit(np.r_[1.0, np.full(127, -0.01)])
+    assert floor['alpha'] == 10 and floor['r2'] > 0.95 and floor['at_edge']
     assert exp_fit(np.cos(0.1 * np.arange(200)))['r2'] < 0.5  # an oscillation is no exponential
 
 
@@ -163,6 +166,7 @@ def test_ranks_with_ties_and_spearman():
     x = np.random.default_rng(3).standard_normal(100)
     assert np.isclose(spearman(x, np.exp(x)), 1) and np.isclose(spearman(x, -x ** 3), -1)
     assert np.isclose(spearman([1, 2, 3, 4], [1, 3, 2, 4]), 0.8)
+    assert np.isnan(spearman([1, 2, 3, np.nan], [4, 3, 2, 1]))  # not -1: a NaN is no largest value
 
 
 @pytest.mark.parametrize('d_out', [16, 24])
