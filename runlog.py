@@ -4,6 +4,7 @@ from it. The log is strict JSON (a non-finite number is written as null). A new 
 fresh log and snapshots/ folder, and the files of the run before are kept under a dated name, so
 that a plot, an analysis or a resume never mixes two runs; a resumed run appends to its own log.
 """
+import itertools
 import json
 import math
 import os
@@ -22,11 +23,8 @@ def start_log(out_dir, new_run):
     for folder in (out_dir, os.path.join(out_dir, 'snapshots')):
         remove_orphans(folder)
     if new_run:
-        stamp = time.strftime('%Y%m%d-%H%M%S')
-        for name in ('log.jsonl', 'snapshots', 'ckpt.pt', 'best.pt'):
-            if os.path.exists(os.path.join(out_dir, name)):
-                stem, ext = os.path.splitext(name)
-                os.replace(os.path.join(out_dir, name), os.path.join(out_dir, f'{stem}-{stamp}{ext}'))
+        set_aside(out_dir, [name for name in ('log.jsonl', 'snapshots', 'ckpt.pt', 'best.pt')
+                            if os.path.exists(os.path.join(out_dir, name))])
     path = os.path.join(out_dir, 'log.jsonl')
     if os.path.exists(path):  # a killed writer's last line, cut short: dropped, or the next event would join it
         with open(path, 'rb+') as f:
@@ -34,6 +32,17 @@ def start_log(out_dir, new_run):
             if not text.endswith(b'\n'):
                 f.truncate(text.rfind(b'\n') + 1)
     return open(path, 'a')
+
+
+def set_aside(out_dir, names):
+    """Rename the files (or folders) names in out_dir to NAME-STAMP.EXT, all with one STAMP: the
+    time to the second, with a count added where a run was set aside in that second already."""
+    dated = lambda name, stamp: os.path.join(out_dir, f'{os.path.splitext(name)[0]}-{stamp}{os.path.splitext(name)[1]}')
+    now = time.strftime('%Y%m%d-%H%M%S')
+    stamps = itertools.chain([now], (f'{now}-{n}' for n in itertools.count(1)))
+    stamp = next(stamp for stamp in stamps if not any(os.path.exists(dated(name, stamp)) for name in names))
+    for name in names:
+        os.replace(os.path.join(out_dir, name), dated(name, stamp))
 
 
 def write_event(log_file, event, **fields):

@@ -18,6 +18,7 @@ from configurator import configure
 from checkpoint import load_checkpoint, rank_state, restore_rank_state
 from data import (MASK_TOKEN, Sampler, epoch_offsets, every_window, mask_tokens, random_offsets, split_batch,
                   target_positions, windows)
+from runlog import start_log
 from schedule import learning_rate_at
 from tokenizer import get_tokenizer
 
@@ -602,3 +603,15 @@ def test_eval_only_evaluates_the_run_and_changes_no_file(small_data, tmp_path):
     # an evaluation alone may read the run at a shorter context (a resume that trains may not: test_cli_errors)
     shorter = run_in_process('train.py', *args, '--max_iters=6', '--eval_only=True', '--block_size=8')
     assert shorter.returncode == 0 and events(tmp_path, 'eval')[-1]['val_loss'] != added['val_loss'], shorter.stderr
+
+
+def test_new_runs_in_one_second_keep_every_earlier_run(tmp_path, monkeypatch):
+    monkeypatch.setattr('runlog.time.strftime', lambda format: '20261128-004500')
+    for run in ('first', 'second', 'third'):
+        with start_log(tmp_path, new_run=True) as log:
+            log.write(f'{run}\n')
+        (tmp_path / 'ckpt.pt').write_text(run)
+    assert {name: (tmp_path / name).read_text() for name in os.listdir(tmp_path)} == {
+        'log-20261128-004500.jsonl': 'first\n', 'ckpt-20261128-004500.pt': 'first',
+        'log-20261128-004500-1.jsonl': 'second\n', 'ckpt-20261128-004500-1.pt': 'second',
+        'log.jsonl': 'third\n', 'ckpt.pt': 'third'}
