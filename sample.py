@@ -13,7 +13,9 @@ and each is printed whole when all are done, separated by a line of dashes. The 
 once (prefill) into a static KV cache; then each token is one decode step, which
 --compile=True compiles (on CUDA as a CUDA graph; the first call compiles, for tens of seconds
 on a CPU). dtype 'auto' keeps the weights and the cache in the dtypes that decode fastest
-here, measured (a step reads every weight and the whole cache once per token). The speed goes
+here, measured (a step reads every weight and the whole cache once per token); two timings
+that come out close may choose differently from one run to the next, so for the same text from
+the same --seed, pin --dtype as well. The speed goes
 to stderr at the end, in two parts: the time to the first token (prefill, which also pays for
 a cold start: a fresh CUDA context, a first kernel launch, a compilation) and the steady rate
 of the tokens after it.
