@@ -4,8 +4,9 @@ globals, then calls configure(globals()). Positional arguments are config files 
 Python, executed as a module and its settings copied into those globals); `--key=value`
 arguments override them. Values are parsed with ast.literal_eval (a bare word stays a string)
 and must match the type of the script's default (a setting that defaults to None or 'auto'
-takes any value, held to its rule by check(); None, "not set", sets any but a True/False one). A list setting also takes the words after it, up to the next --setting: `--compare a b`
-is `--compare="['a', 'b']"`. Then check() holds each setting to its rule: a set of values
+takes any value, held to its rule by check(); None, "not set", sets any but a True/False one).
+A list setting also takes the words after it, up to the next --setting: `--compare a b` is
+`--compare="['a', 'b']"`. Then check() holds each setting to its rule: a set of values
 (one_of) or a range. Any mistake is one line on stderr and exit code 2. train.py's rules,
 the longest, are here too (train_rules), beside those of a model it resumes (check_model).
 

@@ -176,6 +176,19 @@ def batch_at(tokens, offsets, block_size, objective, rng, vocab_size):
     return mask_tokens(x, rng, vocab_size) if objective == 'mlm' else (x, y)
 
 
+def eval_batches(tokens, whole, n_windows, batch_size, block_size, objective, rng, vocab_size):
+    """An evaluation's batches (x, y) of at most batch_size windows: with whole, every window of
+    the split once (every_window; the targets that the window before already predicted are -1),
+    else n_windows at random offsets drawn with rng."""
+    offsets, overlap = (every_window(len(tokens), block_size) if whole else
+                        (random_offsets(rng, len(tokens), block_size, n_windows), 0))
+    for start in range(0, len(offsets), batch_size):
+        x, y = batch_at(tokens, offsets[start:start + batch_size], block_size, objective, rng, vocab_size)
+        if start + batch_size >= len(offsets):
+            y[-1, :overlap] = -1  # predicted already by the window before
+        yield x, y
+
+
 def split_batch(batch_size, gradient_accumulation_steps, world_size):
     """The global batch of one optimizer step is batch_size * gradient_accumulation_steps
     sequences, whatever the number of processes. Each of world_size processes takes an equal

@@ -465,8 +465,8 @@ def contextual_markdown(out, names, report_dir):
             f"1/sqrt({out['window']}) = {out['window'] ** -0.5:.3f}.\n",
             table(header, [[name, label, *values, *[''] * (n_layers - len(values))] for name, label, *values in rows]),
             (f"Noise floor: {' and '.join(' vs '.join(pair) for pair in out['seed_pairs'])}, the same model "
-             "trained alike with another seed, differ by at most " + ', '.join(f'{spread[key]:.3f} in {key.replace("_", " ")}'
-                                                           for key in CONTEXT_MEASURES) + ' at any layer.\n')
+             "trained alike with another seed, differ by at most "
+             + ', '.join(f'{spread[key]:.3f} in {key.replace("_", " ")}' for key in CONTEXT_MEASURES) + ' at any layer.\n')
             if spread else 'Add the same run with another --seed to --compare to see the noise floor.\n',
             figure, '## Self-similarity of probe words (minus anisotropy; count in the val text)\n',
             table(['model', 'word', *(f'layer {i}' for i in range(n_layers))], probe_rows),

@@ -46,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import (check_resume, gather_rank_states, load_checkpoint, restore_training, training_state,
                         write_checkpoint)
 from configurator import check, check_model, configure, resolve_device, resolve_dtype, train_rules
-from data import Sampler, batch_at, bits_per_byte, every_window, open_data, random_offsets, split_batch
+from data import Sampler, bits_per_byte, eval_batches, open_data, split_batch
 from download import DownloadError
 from machine import autocast, choose_cpu_dtype, keep_freed_memory, measure_matmul_flops, to_device
 from model import GPT, GPTConfig, POS_EMBS, TEMPERATURE, TOP_K, step_unless
@@ -253,16 +253,9 @@ def evaluate(rank_states):
     eval_model.eval()
     for split in ('train', 'val'):
         rng = np.random.default_rng(seed + 1_000_003)  # the masked LM's masks, and train's offsets
-        if split == 'val' and whole_val:
-            offsets, overlap = every_window(len(data['val']), block_size)
-        else:
-            offsets, overlap = random_offsets(rng, len(data[split]), block_size, eval_iters * batch_size), 0
         total, targets = 0.0, 0
-        for start in range(0, len(offsets), batch_size):
-            x, y = batch_at(data[split], offsets[start:start + batch_size], block_size, objective, rng,
-                            meta['vocab_size'])
-            if start + batch_size >= len(offsets):
-                y[-1, :overlap] = -1  # predicted already by the window before
+        for x, y in eval_batches(data[split], split == 'val' and whole_val, eval_iters * batch_size, batch_size,
+                                 block_size, objective, rng, meta['vocab_size']):
             count = int((y >= 0).sum())
             if count:
                 X, Y = to_device(x, y, device)
