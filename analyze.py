@@ -10,7 +10,7 @@ stable they are across seeds. Writes report.md (tables, figures inline), report.
     $ python analyze.py --compare out-gulliver out-mlm out-sgns out-glove
 
 The studies themselves are plain functions of arrays in geometry.py, and of the model in
-circuits.py; sections.py turns them into the report's sections, with report.py's tables and
+gulliver/circuits.py; gulliver/sections.py turns them into the report's sections, with gulliver/report.py's tables and
 figures. This script loads and checks its input, then runs the sections in the order of the
 report, and writes it.
 """
@@ -25,20 +25,20 @@ import time
 import numpy as np
 import torch
 
-from atomic import remove_orphans, write_atomic
-from checkpoint import load_model
-from circuits import position_table
-from configurator import a_path, at_least, check, configure, one_of, optional, resolve_device
-from data import read_split
-from download import DownloadError
+from gulliver.atomic import remove_orphans, write_atomic
+from gulliver.checkpoint import load_model
+from gulliver.circuits import position_table
+from gulliver.configurator import a_path, at_least, check, configure, one_of, optional, resolve_device
+from gulliver.data import read_split
+from gulliver.download import DownloadError
 from geometry import drift_vs_frequency, mean_cos_by_distance
-from pretrained import PRETRAINED
-from report import figures_shown, plain
-from runlog import read_events, tokens_seen
-from sections import (FREQUENCY_BINS, MIN_COUNT, MIN_POSITIONS, PROBE_WORDS, attention_section, compare_section,
+from gulliver.pretrained import PRETRAINED
+from gulliver.report import figures_shown, plain
+from gulliver.runlog import read_events, tokens_seen
+from gulliver.sections import (FREQUENCY_BINS, MIN_COUNT, MIN_POSITIONS, PROBE_WORDS, attention_section, compare_section,
                       contextual_section, dynamics_section, frequent_tokens, logit_lens_section, loss_section,
                       onset_section, positional_section, stability_section, token_section, training_section)
-from tokenizer import VOCAB_SIZE, get_tokenizer
+from gulliver.tokenizer import VOCAB_SIZE, get_tokenizer
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'      # 'resume' (the run in out_dir), 'gpt2'..'gpt2-xl', or a Hugging Face directory

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configurator import at_least, check, configure, integer_at_least, one_of, optional, resolve_device
-from data import random_offsets, windows
-from machine import (autocast, choose_cpu_dtype, choose_decode_dtype, keep_freed_memory, measure_matmul_flops,
+from gulliver.configurator import at_least, check, configure, integer_at_least, one_of, optional, resolve_device
+from gulliver.data import random_offsets, windows
+from gulliver.machine import (autocast, choose_cpu_dtype, choose_decode_dtype, keep_freed_memory, measure_matmul_flops,
                      synchronize)
 from model import GPT, GPTConfig, compile_decode
 

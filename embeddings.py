@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from configurator import a_path, a_seed, check, configure, greater_than, integer_at_least, one_of, optional
-from data import read_split
-from atomic import write_atomic
-from tokenizer import VOCAB_SIZE
+from gulliver.configurator import a_path, a_seed, check, configure, greater_than, integer_at_least, one_of, optional
+from gulliver.data import read_split
+from gulliver.atomic import write_atomic
+from gulliver.tokenizer import VOCAB_SIZE
 
 # -----------------------------------------------------------------------------
 method = 'sgns'          # 'sgns' or 'glove'

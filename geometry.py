@@ -1,7 +1,7 @@
 """
 The geometry of an embedding matrix, as plain numpy functions: each takes arrays (rows are
 vectors: W_E is (V, d), W_pos is (T, d)) and returns numbers, lists or dicts, so any of them
-can be pasted into a notebook. sections.py runs them on models for analyze.py's report.
+can be pasted into a notebook. gulliver/sections.py runs them on models for analyze.py's report.
 """
 import numpy as np
 

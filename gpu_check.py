@@ -32,9 +32,9 @@ import subprocess
 import sys
 import time
 
-from atomic import write_atomic
-from configurator import at_least, check, configure, resolve_device
-from runlog import read_events
+from gulliver.atomic import write_atomic
+from gulliver.configurator import at_least, check, configure, resolve_device
+from gulliver.runlog import read_events
 
 # -----------------------------------------------------------------------------
 device = 'auto'

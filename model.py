@@ -20,8 +20,6 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from muon import Muon
-from pretrained import HF_CACHE_DIR, HF_HUB_URL, copy_pretrained, read_pretrained, write_pretrained
 
 POS_EMBS = ('learned', 'sinusoidal', 'rope', 'alibi', 'none')
 
@@ -330,7 +328,7 @@ class GPT(nn.Module):
                              wpe_weight_decay=None, embedding_lr=None, ns_dtype=torch.bfloat16):
         """Return a list of optimizers. Weight decay applies to 2-D weights only (matrices and
         embeddings), never to biases and LayerNorm gains. AdamW is fused on CUDA and the CPU.
-        'muon' trains the 2-D matrices of the blocks with Muon (muon.py: orthogonalised momentum,
+        'muon' trains the 2-D matrices of the blocks with Muon (gulliver/optim.py: orthogonalised momentum,
         its Newton-Schulz products in ns_dtype) and everything else with AdamW. wpe_weight_decay
         (None: weight_decay) and embedding_lr (None: learning_rate) give W_pos, and W_E and W_pos,
         groups of their own; a group's 'lr_scale' is its learning rate over learning_rate, which
@@ -354,6 +352,7 @@ class GPT(nn.Module):
         if optimizer == 'adamw':
             return [torch.optim.AdamW(adamw_groups(params), lr=learning_rate, betas=betas, fused=fused)]
         if optimizer == 'muon':
+            from gulliver.optim import Muon  # the package's: an AdamW run needs torch alone
             hidden = [p for n, p in self.named_parameters() if n.startswith('transformer.h.') and p.dim() == 2]
             hidden_ids = {id(p) for p in hidden}
             rest = [p for p in params if id(p) not in hidden_ids]
@@ -374,10 +373,12 @@ class GPT(nn.Module):
     # ---- Hugging Face format: config.json + model.safetensors --------------------------------
 
     @classmethod
-    def from_pretrained(cls, name_or_dir, hub_url=HF_HUB_URL, cache_dir=HF_CACHE_DIR, **overrides):
+    def from_pretrained(cls, name_or_dir, hub_url=None, cache_dir=None, **overrides):
         """GPT-2 weights from a local save_pretrained directory or the hub ('gpt2', 'gpt2-medium',
-        'gpt2-large', 'gpt2-xl'), downloaded once into cache_dir (pretrained.py). overrides: e.g.
-        dropout=0.1."""
+        'gpt2-large', 'gpt2-xl'), downloaded once into cache_dir (None: gulliver/pretrained.py's
+        HF_CACHE_DIR) from hub_url (None: HF_HUB_URL). overrides: e.g. dropout=0.1. The conversion
+        lives in the package and is imported here, so that this file needs torch alone."""
+        from gulliver.pretrained import copy_pretrained, read_pretrained
         shape, tensors, source = read_pretrained(name_or_dir, hub_url, cache_dir)
         model = cls(GPTConfig(**shape, **overrides))
         copy_pretrained(tensors, model.state_dict(), source)
@@ -385,6 +386,7 @@ class GPT(nn.Module):
 
     def save_pretrained(self, folder):
         """Write config.json and model.safetensors as transformers' GPT2LMHeadModel expects them."""
+        from gulliver.pretrained import write_pretrained
         c = self.config
         if (c.pos_emb, c.bias, c.causal) != ('learned', True, True):
             raise ValueError("save_pretrained needs the GPT-2 architecture: pos_emb='learned', bias=True, causal=True")
@@ -398,30 +400,3 @@ def compile_decode(model):
     The first call compiles (tens of seconds on a CPU); the cache's static shapes keep it the only one."""
     cuda = next(model.parameters()).is_cuda
     return torch.compile(model.decode_step, fullgraph=True, dynamic=False, mode='reduce-overhead' if cuda else None)
-
-
-def step_unless(optimizers, skip):
-    """Step every optimizer, except where skip (a 0-d float32 tensor on the parameters' device,
-    1.0 or 0.0) is 1: then the parameters and the optimizer state stay exactly as they were.
-    Decided on the device: skip is never read on the host, so the CPU does not wait here for
-    the backward pass to finish. Fused AdamW takes skip as its found_inf flag and leaves
-    everything untouched (its step count included); another optimizer (Muon) has no such
-    flag, so its parameters and state tensors are copied before the step and put back with
-    torch.where (a momentum buffer that the step created is put back as zeros, how Muon starts it)."""
-    for opt in optimizers:
-        if opt.defaults.get('fused'):
-            opt.grad_scale, opt.found_inf = None, skip
-            opt.step()
-            del opt.grad_scale, opt.found_inf
-            continue
-        params = [p for group in opt.param_groups for p in group['params'] if p.grad is not None]
-        before = {p: [p.detach().clone()] + [v.clone() for v in opt.state[p].values() if torch.is_tensor(v)]
-                  for p in params}
-        opt.step()
-        keep = skip.bool()
-        for p, (old_param, *old_state) in before.items():
-            p.detach().copy_(torch.where(keep, old_param, p.detach()))
-            new_state = [v for v in opt.state[p].values() if torch.is_tensor(v)]
-            old_state = old_state or [torch.zeros_like(v) for v in new_state]
-            for old, new in zip(old_state, new_state):
-                new.copy_(torch.where(keep, old, new))

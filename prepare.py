@@ -16,10 +16,10 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from atomic import write_atomic
-from configurator import a_seed, at_least, check, configure, number, one_of
-from download import DownloadError, download
-from tokenizer import EOT_TOKEN, RANKS_SHA256, VOCAB_SIZE, get_tokenizer
+from gulliver.atomic import write_atomic
+from gulliver.configurator import a_seed, at_least, check, configure, number, one_of
+from gulliver.download import DownloadError, download
+from gulliver.tokenizer import EOT_TOKEN, RANKS_SHA256, VOCAB_SIZE, get_tokenizer
 
 # -----------------------------------------------------------------------------
 source = 'https://www.gutenberg.org/cache/epub/829/pg829.txt'  # URL or local path

@@ -27,12 +27,12 @@ import time
 
 import torch
 
-from checkpoint import checkpoint_to_read, load_model
-from configurator import a_seed, at_least, check, configure, number, one_of, optional, resolve_device
-from download import DownloadError
-from machine import choose_decode_dtype
+from gulliver.checkpoint import checkpoint_to_read, load_model
+from gulliver.configurator import a_seed, at_least, check, configure, number, one_of, optional, resolve_device
+from gulliver.download import DownloadError
+from gulliver.machine import choose_decode_dtype
 from model import TEMPERATURE, TOP_K, compile_decode
-from tokenizer import get_tokenizer
+from gulliver.tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 init_from = 'resume'   # 'resume' (the run in out_dir), 'scratch' (untrained), 'gpt2'..'gpt2-xl', or a HF directory

@@ -14,10 +14,10 @@ finishes the step, saves, and stops; under DDP the ranks agree on the step to st
 An optimizer step sees batch_size * gradient_accumulation_steps sequences of block_size tokens,
 the global batch, whatever the number of processes: each process takes an equal share of it,
 in micro-batches of at most batch_size sequences (data.split_batch), and reads other windows
-than the rest (data.py). The checkpoint holds every rank's RNG and sampler state.
+than the rest (gulliver/data.py). The checkpoint holds every rank's RNG and sampler state.
 
 A run ends after max_iters iterations or max_seconds of wall time, whichever comes first, and
-the learning-rate schedule runs on that progress (schedule.py), so a budgeted run finishes its
+the learning-rate schedule runs on that progress (gulliver/schedule.py), so a budgeted run finishes its
 decay on a slow machine and a fast one alike. The budget counts the training loop, evaluations
 and checkpoints included, but not the start-up before it (loading data, building and compiling
 the model, the machine probes) nor the final evaluation, checkpoint and sample after it.
@@ -25,7 +25,7 @@ Losses are in nats per token; val_bpb is the val loss in bits per byte (data.bit
 
 A training step reads no device tensor on the host, so on a GPU the CPU queues the next step
 while this one runs. A step with a non-finite loss or gradient changes no weight and no
-optimizer state (model.step_unless decides on the device); the skipped steps are counted on
+optimizer state (gulliver.optim.step_unless decides on the device); the skipped steps are counted on
 the device and read at the next log, eval or stop iteration, which is where a run that stays
 non-finite for max_skipped_steps steps in a row is stopped.
 """
@@ -43,17 +43,18 @@ import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (check_resume, gather_rank_states, load_checkpoint, restore_training, training_state,
+from gulliver.checkpoint import (check_resume, gather_rank_states, load_checkpoint, restore_training, training_state,
                         write_checkpoint)
-from configurator import check, check_model, configure, resolve_device, resolve_dtype, train_rules
-from data import Sampler, bits_per_byte, eval_batches, open_data, split_batch
-from download import DownloadError
-from machine import autocast, choose_cpu_dtype, keep_freed_memory, measure_matmul_flops, to_device
-from model import GPT, GPTConfig, POS_EMBS, TEMPERATURE, TOP_K, step_unless
-from pretrained import PRETRAINED
-from runlog import plot_losses, start_log, write_event, write_snapshot
-from schedule import learning_rate_at, training_progress
-from tokenizer import get_tokenizer
+from gulliver.configurator import check, check_model, configure, resolve_device, resolve_dtype, train_rules
+from gulliver.data import Sampler, bits_per_byte, eval_batches, open_data, split_batch
+from gulliver.download import DownloadError
+from gulliver.machine import autocast, choose_cpu_dtype, keep_freed_memory, measure_matmul_flops, to_device
+from gulliver.optim import step_unless
+from model import GPT, GPTConfig, POS_EMBS, TEMPERATURE, TOP_K
+from gulliver.pretrained import PRETRAINED
+from gulliver.runlog import plot_losses, start_log, write_event, write_snapshot
+from gulliver.schedule import learning_rate_at, training_progress
+from gulliver.tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -96,7 +97,7 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0         # None: no clipping
 max_skipped_steps = 10  # stop after this many steps in a row with a non-finite loss or gradient (seen at a log)
-# learning-rate schedule: linear warm-up (iterations), then a decay to min_lr at the end of the run (schedule.py)
+# learning-rate schedule: linear warm-up (iterations), then a decay to min_lr at the end of the run (gulliver/schedule.py)
 decay_lr = True
 warmup_iters = 100
 min_lr = 6e-5
@@ -297,7 +298,7 @@ def sample_text():
 
 
 def save_checkpoint(rank_states, best=False):
-    """ckpt.pt, and best.pt too when this evaluation is the best so far (checkpoint.py)."""
+    """ckpt.pt, and best.pt too when this evaluation is the best so far (gulliver/checkpoint.py)."""
     state = training_state(raw_model, model_args, config, optimizers, scaler, iter_num, best_iter, best_val_loss,
                            elapsed_before + time.time() - t_start, rank_states, train_sampler.covered, data_fingerprint)
     try:

@@ -18,7 +18,7 @@ batch_size = 8
 dropout = 0.0      # dropout costs ~20% of the step here; the budget buys more steps instead
 dtype = 'auto'
 
-optimizer = 'muon'  # the blocks' matrices; W_E, W_pos, biases and gains stay with AdamW (muon.py)
+optimizer = 'muon'  # the blocks' matrices; W_E, W_pos, biases and gains stay with AdamW (gulliver/optim.py)
 learning_rate = 1.5e-3
 beta2 = 0.99       # a small batch: a longer memory for the second moment
 max_seconds = 260  # + 10-30 s of start-up and final evaluation, by the CPU (4 min 45-53 s in all on the slowest met)

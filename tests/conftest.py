@@ -82,7 +82,7 @@ def write_token_data(folder, train, val, vocab_size=50257):
 
     import numpy as np
 
-    from tokenizer import get_tokenizer
+    from gulliver.tokenizer import get_tokenizer
     os.makedirs(folder, exist_ok=True)
     meta = {'vocab_size': vocab_size, 'sha256': {}}
     for split, tokens in (('train', train), ('val', val)):

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from circuits import logit_lens, qk_decomposition, residual_stream
+from gulliver.circuits import logit_lens, qk_decomposition, residual_stream
 from conftest import ROOT, run_in_process
 from geometry import (analogy, anisotropy, contextual_geometry, cosine_matrix, drift_vs_frequency, exp_fit,
                       linear_cka, mean_cos_by_distance, nearest_neighbours, nn_overlap, occurrences_by_type,
                       positional_geometry, procrustes_cos, rankdata, rsa, similarity, spearman, type_means, unit_rows)
 from model import GPT, GPTConfig
-from report import save
-from sections import dynamics_section, loss_section, onset_section, seed_replicas, training_section
-from tokenizer import VOCAB_SIZE, get_tokenizer
+from gulliver.report import save
+from gulliver.sections import dynamics_section, loss_section, onset_section, seed_replicas, training_section
+from gulliver.tokenizer import VOCAB_SIZE, get_tokenizer
 
 POSITIONAL_KEYS = {'norms', 'mean_cos_by_distance', 'exp_fit', 'pca_explained_variance', 'n_components_80',
                    'n_components_90', 'pc_abs_corr_with_position', 'delta_consecutive_cos_mean', 'linear_fit_r2'}
@@ -581,7 +581,7 @@ def test_a_figure_is_written_whole_or_not_at_all(tmp_path):
 
 def test_the_dynamics_curves_take_the_colour_of_their_iteration(tmp_path, monkeypatch):
     figures = []
-    monkeypatch.setattr('sections.save', lambda fig, report_dir, name: figures.append(fig) or '')
+    monkeypatch.setattr('gulliver.sections.save', lambda fig, report_dir, name: figures.append(fig) or '')
     iters = [0, 50, 100, 150, 153]
     dynamics_section({'iters': iters, 'drift_spearman_log_count': 0.5, 'drift_median': {'1-9': [0.0] * 5},
                       'pos_mean_cos_by_distance': [np.linspace(1, 0, 8)] * 5}, tmp_path)

@@ -291,7 +291,7 @@ def test_any_failure_to_unpickle_a_checkpoint_is_one_line_in_every_reader(worksp
 
 
 def test_random_and_truncated_bytes_are_a_damaged_checkpoint(workspace, tmp_path):
-    from checkpoint import load_checkpoint
+    from gulliver.checkpoint import load_checkpoint
     good = (workspace / 'good' / 'ckpt.pt').read_bytes()
     rng = np.random.default_rng(0)
     contents = [rng.bytes(5000) for _ in range(40)] + [good[:n] for n in rng.integers(0, len(good), 40)]

@@ -1,6 +1,6 @@
 import pytest
 
-from configurator import at_least, configure, number
+from gulliver.configurator import at_least, configure, number
 
 
 def settings():

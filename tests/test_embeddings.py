@@ -10,7 +10,7 @@ from conftest import run_in_process
 from embeddings import (cooccurrence, glove_loss, glove_weight, keep_probability, noise_distribution, sgns_loss,
                         skipgram_pairs, train_glove, train_sgns, METHOD_DEFAULTS)
 from model import GPT, GPTConfig
-from tokenizer import VOCAB_SIZE
+from gulliver.tokenizer import VOCAB_SIZE
 
 # --- the gradients the objectives rest on, through the project's own code --------
 

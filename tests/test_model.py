@@ -1,6 +1,9 @@
 import copy
 import math
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,10 +11,10 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from conftest import require, run_in_process, send
-from download import DownloadError
+from conftest import ROOT, require, run_in_process, send
+from gulliver.download import DownloadError
+from gulliver.optim import Muon, orthogonalize
 from model import GPT, GPTConfig, alibi_slopes, compile_decode, rotate, sample_next
-from muon import Muon, orthogonalize
 
 TINY = dict(block_size=32, vocab_size=50257, n_layer=2, n_head=4, n_embd=32)
 
@@ -356,7 +359,7 @@ def copy_dir(src, dst):
 def test_sample_py_greedy_text_matches_transformers_generate(tmp_path):
     # the reference: Hugging Face's GPT-2 with the same weights, its own greedy decoding
     transformers = require('transformers')
-    from tokenizer import get_tokenizer
+    from gulliver.tokenizer import get_tokenizer
     from test_sample import tiny_checkpoint
     model = tiny_checkpoint(tmp_path / 'out').eval()
     model.save_pretrained(tmp_path / 'hf')
@@ -445,3 +448,39 @@ def test_wpe_init_std_and_the_embeddings_own_optimizer_groups():
     assert by_tensor[id(default.transformer.h[0].attn.c_attn.weight)]['weight_decay'] == 0.1
     [_, muon_adamw] = default.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', 'muon', wpe_weight_decay=0.0)
     assert [g['weight_decay'] for g in muon_adamw.param_groups if any(p is default.W_pos for p in g['params'])] == [0.0]
+
+
+# model.py and geometry.py are the files people paste into a notebook: each must work alone
+STANDALONE = {
+    'model.py': """
+import sys, torch
+from model import GPT, GPTConfig
+torch.manual_seed(0)
+model = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=1, n_head=2, n_embd=16))
+idx = torch.randint(0, 100, (2, 8))
+logits, loss = model(idx, idx)
+out = model.generate(idx, 4, temperature=0)
+[adamw] = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+loss.backward()
+adamw.step()
+assert logits.shape == (2, 8, 100) and out.shape == (2, 12) and torch.equal(out[:, :8], idx)
+print(sorted(m.split('.')[0] for m in sys.modules if m.split('.')[0] in ('gulliver', 'requests', 'safetensors')))
+""",
+    'geometry.py': """
+import sys, numpy as np
+from geometry import mean_cos_by_distance, positional_geometry
+P = np.random.default_rng(0).normal(size=(32, 8))
+assert len(mean_cos_by_distance(P)) == 32 and positional_geometry(P)['norms'].shape == (32,)
+print(sorted({m.split('.')[0] for m in sys.modules} & {'gulliver', 'torch', 'matplotlib'}))
+""",
+}
+
+
+@pytest.mark.parametrize('name', STANDALONE)
+def test_the_copied_file_works_alone_in_an_empty_folder(name, tmp_path):
+    shutil.copy(os.path.join(ROOT, name), tmp_path)
+    # -E -s: no PYTHONPATH, no user site: the working folder (tmp_path) is the only path to the project's code
+    result = subprocess.run([sys.executable, '-E', '-s', '-c', STANDALONE[name]], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == '[]', f"{name} pulled in {result.stdout}"

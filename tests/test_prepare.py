@@ -8,7 +8,7 @@ import pytest
 
 from conftest import run_script, send
 from prepare import split_tokens, strip_gutenberg
-from tokenizer import get_tokenizer
+from gulliver.tokenizer import get_tokenizer
 
 
 def sha(path):

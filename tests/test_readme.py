@@ -71,7 +71,7 @@ def tiny_command(command):
 def scratch(tmp_path_factory):
     folder = tmp_path_factory.mktemp('readme')
     for name in os.listdir(ROOT):
-        if name.endswith('.py') or name in ('config', 'assets'):
+        if name.endswith('.py') or name in ('config', 'assets', 'gulliver'):
             os.symlink(os.path.join(ROOT, name), folder / name)
     np.save(folder / 'W_pos.npy', np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32))
     (folder / 'tiny_cpu.py').write_text('n_layer = 1\nn_head = 1\nn_embd = 16\nblock_size = 16\nbatch_size = 2\n')
@@ -98,19 +98,29 @@ def test_readme_commands_run(scratch, book_path):
     assert ran >= 8
 
 
-SCRIPTS = {'prepare', 'train', 'sample', 'analyze', 'bench', 'gpu_check'}
+SCRIPTS = {'prepare', 'train', 'sample', 'analyze', 'embeddings', 'bench', 'gpu_check'}
+COPIED = {'model', 'geometry'}  # pasted into notebooks: each imports nothing of the project
 
 
 def project_imports():
-    """{module: the project modules it imports}, for every .py file at the top level."""
-    modules = {name[:-3] for name in os.listdir(ROOT) if name.endswith('.py')}
+    """{module: the project modules it imports}, for the files at the top level ('train') and in the
+    package ('gulliver.data'); a module named as `from gulliver import data` counts as gulliver.data."""
+    paths = {name[:-3]: name for name in os.listdir(ROOT) if name.endswith('.py')}
+    paths.update({f'gulliver.{name[:-3]}': os.path.join('gulliver', name)
+                  for name in os.listdir(os.path.join(ROOT, 'gulliver')) if name.endswith('.py')})
     imports = {}
-    for module in modules:
-        tree = ast.parse(open(os.path.join(ROOT, module + '.py')).read())
+    for module, path in paths.items():
+        tree = ast.parse(open(os.path.join(ROOT, path)).read())
         names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-        names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-        imports[module] = {name.split('.')[0] for name in names} & modules
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names |= {node.module} | {f'{node.module}.{alias.name}' for alias in node.names}
+        imports[module] = names & set(paths) - {module}
     return imports
+
+
+def test_the_root_holds_only_scripts_and_the_copied_files():
+    assert {name[:-3] for name in os.listdir(ROOT) if name.endswith('.py')} == SCRIPTS | COPIED
 
 
 def test_no_module_imports_a_script_and_imports_have_no_cycle():
@@ -134,5 +144,6 @@ def test_no_module_imports_a_script_and_imports_have_no_cycle():
 
 def test_the_layout_table_names_every_module():
     table = open(os.path.join(ROOT, 'README.md')).read().split('## Layout', 1)[1]
-    missing = [module for module in project_imports() if f"| `{module}.py` |" not in table]
+    missing = [module for module in project_imports()
+               if f"| `{module.replace('.', '/')}.py` |" not in table and module != 'gulliver.__init__']
     assert not missing, f"README's layout table lacks {missing}"

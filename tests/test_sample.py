@@ -17,8 +17,11 @@ def tiny_checkpoint(folder):
 
 
 def test_same_seed_same_text(tmp_path):
+    # --dtype pinned, as sample.py's docstring asks: 'auto' times fp32 against bf16, and two timings that
+    # come out close choose differently from one run to the next (other weights, other text)
     tiny_checkpoint(tmp_path / 'out')
-    args = ['sample.py', f'--out_dir={tmp_path / "out"}', '--max_new_tokens=12', '--start=Hello', '--num_samples=2']
+    args = ['sample.py', f'--out_dir={tmp_path / "out"}', '--max_new_tokens=12', '--start=Hello', '--num_samples=2',
+            '--dtype=float32']
     first, second = run_in_process(*args, '--seed=7'), run_in_process(*args, '--seed=7')
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout and first.stdout.startswith('Hello') and '---------------' in first.stdout

@@ -1,12 +1,12 @@
-"""The wall-clock budget and its learning-rate schedule (schedule.py), the CPU dtype probe and
-the matmul peak (machine.py), with fake clocks and fake timings."""
+"""The wall-clock budget and its learning-rate schedule (gulliver/schedule.py), the CPU dtype probe and
+the matmul peak (gulliver/machine.py), with fake clocks and fake timings."""
 import math
 
 import pytest
 import torch
 
-import machine
-from schedule import learning_rate_at, training_progress
+from gulliver import machine
+from gulliver.schedule import learning_rate_at, training_progress
 
 LR, MIN_LR, WARMUP = 2e-3, 1e-4, 10
 

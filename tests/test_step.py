@@ -9,7 +9,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import run_in_process, write_token_data
-from model import GPT, GPTConfig, step_unless
+from gulliver.optim import step_unless
+from model import GPT, GPTConfig
 
 # .item(), float(), int(), bool() and an `if` on a tensor all reach the host through
 # _local_scalar_dense; nonzero and masked_select have a size that depends on the values

@@ -14,13 +14,13 @@ import torch
 from torch.nn import functional as F
 
 from conftest import ROOT, run_in_process, write_token_data
-from configurator import configure
-from checkpoint import load_checkpoint, rank_state, restore_rank_state
-from data import (MASK_TOKEN, Sampler, epoch_offsets, every_window, mask_tokens, random_offsets, split_batch,
+from gulliver.configurator import configure
+from gulliver.checkpoint import load_checkpoint, rank_state, restore_rank_state
+from gulliver.data import (MASK_TOKEN, Sampler, epoch_offsets, every_window, mask_tokens, random_offsets, split_batch,
                   target_positions, windows)
-from runlog import start_log
-from schedule import learning_rate_at
-from tokenizer import get_tokenizer
+from gulliver.runlog import start_log
+from gulliver.schedule import learning_rate_at
+from gulliver.tokenizer import get_tokenizer
 
 # fp32 so that every CPU runs the same arithmetic; the budget test leaves dtype at 'auto'
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8', '--eval_iters=2',
@@ -606,7 +606,7 @@ def test_eval_only_evaluates_the_run_and_changes_no_file(small_data, tmp_path):
 
 
 def test_new_runs_in_one_second_keep_every_earlier_run(tmp_path, monkeypatch):
-    monkeypatch.setattr('runlog.time.strftime', lambda format: '20261128-004500')
+    monkeypatch.setattr('gulliver.runlog.time.strftime', lambda format: '20261128-004500')
     for run in ('first', 'second', 'third'):
         with start_log(tmp_path, new_run=True) as log:
             log.write(f'{run}\n')

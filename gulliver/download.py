@@ -1,5 +1,5 @@
 """
-One careful HTTP download, shared by prepare.py (the book) and pretrained.py (GPT-2 weights).
+One careful HTTP download, shared by prepare.py (the book) and gulliver/pretrained.py (GPT-2 weights).
 
 A timeout on every request; retries with exponential backoff on connection errors and on
 5xx answers, done by urllib3's Retry on the session's adapter; the body is streamed to a
@@ -13,7 +13,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from atomic import move_into_place
+from gulliver.atomic import move_into_place
 
 
 class DownloadError(Exception):

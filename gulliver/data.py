@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from tokenizer import EOT_TOKEN, VOCAB_SIZE
+from gulliver.tokenizer import EOT_TOKEN, VOCAB_SIZE
 
 MASK_TOKEN = EOT_TOKEN  # the masked LM's [MASK]: <|endoftext|> never occurs inside the book
 

@@ -1,4 +1,7 @@
 """
+The optimizers' side of a training step: Muon for the blocks' matrices, and step_unless, the
+step that a non-finite loss or gradient skips on the device.
+
 Muon: momentum, orthogonalised, for the 2-D weight matrices of the blocks.
 
 For a weight W (m x n) with gradient G, one step is
@@ -66,3 +69,30 @@ class Muon(torch.optim.Optimizer):
                 update = orthogonalize(p.grad.lerp(buffer, mu), group['ns_steps'], self.ns_dtype)
                 p.mul_(1 - group['lr'] * group['weight_decay'])
                 p.add_(update.to(p.dtype), alpha=-group['lr'] * 0.2 * math.sqrt(max(p.shape)))
+
+
+def step_unless(optimizers, skip):
+    """Step every optimizer, except where skip (a 0-d float32 tensor on the parameters' device,
+    1.0 or 0.0) is 1: then the parameters and the optimizer state stay exactly as they were.
+    Decided on the device: skip is never read on the host, so the CPU does not wait here for
+    the backward pass to finish. Fused AdamW takes skip as its found_inf flag and leaves
+    everything untouched (its step count included); another optimizer (Muon) has no such
+    flag, so its parameters and state tensors are copied before the step and put back with
+    torch.where (a momentum buffer that the step created is put back as zeros, how Muon starts it)."""
+    for opt in optimizers:
+        if opt.defaults.get('fused'):
+            opt.grad_scale, opt.found_inf = None, skip
+            opt.step()
+            del opt.grad_scale, opt.found_inf
+            continue
+        params = [p for group in opt.param_groups for p in group['params'] if p.grad is not None]
+        before = {p: [p.detach().clone()] + [v.clone() for v in opt.state[p].values() if torch.is_tensor(v)]
+                  for p in params}
+        opt.step()
+        keep = skip.bool()
+        for p, (old_param, *old_state) in before.items():
+            p.detach().copy_(torch.where(keep, old_param, p.detach()))
+            new_state = [v for v in opt.state[p].values() if torch.is_tensor(v)]
+            old_state = old_state or [torch.zeros_like(v) for v in new_state]
+            for old, new in zip(old_state, new_state):
+                new.copy_(torch.where(keep, old, new))

@@ -14,7 +14,8 @@ from functools import lru_cache
 
 import tiktoken
 
-RANKS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets', 'gpt2.tiktoken')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, beside this package
+RANKS_FILE = os.path.join(ROOT, 'assets', 'gpt2.tiktoken')
 RANKS_SHA256 = '306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930'
 # The pre-tokenizer regex of the original GPT-2 release: contractions, letters, digits,
 # other symbols (each optionally led by one space), then runs of whitespace.

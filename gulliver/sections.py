@@ -1,6 +1,6 @@
 """
 The sections of analyze.py's report, in the order they appear in it. Each section runs its studies
-(plain functions of arrays in geometry.py, and of the model in circuits.py) on what analyze.py
+(plain functions of arrays in geometry.py, and of the model in gulliver/circuits.py) on what analyze.py
 loaded and checked, writes its figures into report_dir and returns its markdown, most of them
 with the section's report.json entry: (json, markdown).
 """
@@ -10,12 +10,12 @@ import os
 import numpy as np
 import torch
 
-from circuits import TERMS, logit_lens, qk_decomposition, residual_stream
+from gulliver.circuits import TERMS, logit_lens, qk_decomposition, residual_stream
 from geometry import (analogy, anisotropy, contextual_geometry, cosine_matrix, linear_cka, nearest_neighbours,
                       norm_vs_frequency, onset, pca, position_statistics, positional_geometry, similarity, type_means)
-from report import heatmap, image, plot_lines, plt, save, show, table
-from runlog import plot_losses
-from tokenizer import VOCAB_SIZE
+from gulliver.report import heatmap, image, plot_lines, plt, save, show, table
+from gulliver.runlog import plot_losses
+from gulliver.tokenizer import VOCAB_SIZE
 
 PROBE_WORDS = [' king', ' queen', ' man', ' woman', ' ship', ' sea', ' horse', ' giant', ' small']
 ANALOGIES = [(' man', ' king', ' woman', ' queen'), (' man', ' men', ' woman', ' women'),  # a : b :: c : d

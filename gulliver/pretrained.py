@@ -13,8 +13,8 @@ embedding (whose padding rows, model.py's pad_vocab_to, are not stored either).
 import json
 import os
 
-from atomic import write_atomic
-from download import download
+from gulliver.atomic import write_atomic
+from gulliver.download import download
 
 HF_HUB_URL = 'https://huggingface.co'
 HF_CACHE_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'gulliver-gpt')
@@ -56,9 +56,11 @@ def read_hf_file(path, cached):
         raise ValueError(f"{path} is damaged ({e}); {advice}") from None
 
 
-def read_pretrained(name_or_dir, hub_url=HF_HUB_URL, cache_dir=HF_CACHE_DIR):
+def read_pretrained(name_or_dir, hub_url=None, cache_dir=None):
     """(GPTConfig's shape fields, {file's tensor name: tensor}, the safetensors path) of a local
-    save_pretrained directory or of a hub model, downloaded into cache_dir the first time."""
+    save_pretrained directory or of a hub model, downloaded from hub_url (None: HF_HUB_URL) into
+    cache_dir (None: HF_CACHE_DIR) the first time."""
+    hub_url, cache_dir = hub_url or HF_HUB_URL, cache_dir or HF_CACHE_DIR
     if os.path.isdir(name_or_dir):
         folder, cached = name_or_dir, False
     elif name_or_dir in PRETRAINED:

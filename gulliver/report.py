@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use('Agg')  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from atomic import write_atomic  # noqa: E402
+from gulliver.atomic import write_atomic  # noqa: E402
 
 
 def image(name):

@@ -10,7 +10,7 @@ import math
 import os
 import time
 
-from atomic import remove_orphans, write_atomic
+from gulliver.atomic import remove_orphans, write_atomic
 
 
 def start_log(out_dir, new_run):

@@ -11,7 +11,7 @@ train.py builds ckpt.pt's dict with training_state; resuming reads ckpt.pt (resu
 would rewind the run's RNG and clock), holds it to the rules of check_resume and puts the
 optimizers, each rank's streams (restore_rank_state, the inverse of rank_state) and the coverage
 back with restore_training; sample.py and analyze.py read best.pt where train.py kept one. Both
-files are written to temporary files and renamed together (atomic.py), so a crash never
+files are written to temporary files and renamed together (gulliver/atomic.py), so a crash never
 leaves half of either. load_checkpoint builds the model a checkpoint holds; load_model, what
 sample.py and analyze.py are pointed at: a run, an untrained model, or GPT-2's weights.
 """
@@ -22,10 +22,10 @@ import warnings
 import numpy as np
 import torch
 
-from atomic import write_atomic
-from configurator import fail
+from gulliver.atomic import write_atomic
+from gulliver.configurator import fail
 from model import GPT, GPTConfig
-from pretrained import PRETRAINED
+from gulliver.pretrained import PRETRAINED
 
 CHECKPOINT_KEYS = ('model', 'model_args', 'config', 'optimizers', 'scaler', 'iter_num', 'best_val_loss', 'elapsed',
                    'ranks', 'coverage', 'data')  # and 'best_iter', absent from a checkpoint older than best.pt
