@@ -30,17 +30,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gulliver.configurator import at_least, check, configure, integer_at_least, one_of, optional, resolve_device
+from gulliver.configurator import (at_least, check, configure, integer_at_least, one_of, optional,
+                                   resolve_device)
 from gulliver.data import random_offsets, windows
-from gulliver.machine import (autocast, choose_cpu_dtype, choose_decode_dtype, keep_freed_memory, measure_matmul_flops,
-                     synchronize)
+from gulliver.machine import (autocast, choose_cpu_dtype, choose_decode_dtype, keep_freed_memory,
+                              measure_matmul_flops, synchronize)
 from model import GPT, GPTConfig, compile_decode
 
 # -----------------------------------------------------------------------------
 device = 'auto'
 n_layer, n_head, n_embd = 12, 12, 768     # the "GPT-2 small" rows
 batch_size = None         # None: 4 on CPU, 16 on CUDA
-large_batches = [24, 32, 48, 64]          # CUDA: GPT-2 small compiled, up to the first micro-batch that does not fit
+large_batches = [24, 32, 48, 64]          # CUDA: GPT-2 small compiled, up to the first micro-batch
+                                          # that does not fit
 block_size = None         # None: 256 on CPU, 1024 on CUDA
 cpu_config = 'config/gulliver_cpu.py'     # the small-model rows have this config's shape
 data_dir = 'data/gulliver'                # for the get_batch rows (random tokens if absent)
@@ -178,8 +180,8 @@ if cuda and compile:  # larger micro-batches fill the GPU better, until memory r
             torch.cuda.empty_cache()
             row(f"GPT-2 small: compiled bfloat16, B={B} T={block_size}", fits=False)
             break
-        row(f"GPT-2 small: compiled bfloat16, B={B} T={block_size}", tokens_per_s=speed, ms_per_step=seconds * 1000,
-            mfu=model.estimate_mfu(speed, peak['bfloat16'], block_size),
+        row(f"GPT-2 small: compiled bfloat16, B={B} T={block_size}", tokens_per_s=speed,
+            ms_per_step=seconds * 1000, mfu=model.estimate_mfu(speed, peak['bfloat16'], block_size),
             peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9)
 
 # --- data: get_batch on the memmap opened once, against reopening the file for every batch
@@ -201,8 +203,10 @@ for _ in range(200):
 reopening = (time.perf_counter() - t0) / 200
 if not cuda:
     step_seconds = B * T / max(r['tokens_per_s'] for r in rows if r['name'].startswith('CPU config:'))
-    row('get_batch (memmap opened once)', us_per_batch=opened_once * 1e6, fraction_of_step=opened_once / step_seconds)
-row('get_batch (memmap reopened per batch)', us_per_batch=reopening * 1e6, vs_opened_once=reopening / opened_once)
+    row('get_batch (memmap opened once)', us_per_batch=opened_once * 1e6,
+        fraction_of_step=opened_once / step_seconds)
+row('get_batch (memmap reopened per batch)', us_per_batch=reopening * 1e6,
+    vs_opened_once=reopening / opened_once)
 
 # --- generation: prefill into the static KV cache, then one decode step per token, eager and
 # compiled, at batch 1 and 8, beside the limit that reading the weights and the cache once per
@@ -218,7 +222,8 @@ def decode_speed(model, batch, n_tokens, prompt_tokens, cache_dtype=None, kv_cac
     timed from the second token on (the first pays for the prefill); after a warm-up that also
     compiles decode."""
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_tokens), device=device)
-    greedy = lambda n: model.stream(prompt, n, temperature=0, kv_cache=kv_cache, decode=decode, cache_dtype=cache_dtype)
+    greedy = lambda n: model.stream(prompt, n, temperature=0, kv_cache=kv_cache, decode=decode,
+                                    cache_dtype=cache_dtype)
     for _ in greedy(3):
         pass
     tokens = greedy(n_tokens + 1)
@@ -239,7 +244,8 @@ def transformers_speed(config, dtype, n_tokens, prompt_tokens):
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
-        print("transformers is not installed: no reference row (pip install -r requirements-dev.txt)", file=sys.stderr)
+        print("transformers is not installed: no reference row (pip install -r requirements-dev.txt)",
+              file=sys.stderr)
         return None
     torch.manual_seed(0)
     hf_config = GPT2Config(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
@@ -262,14 +268,18 @@ for shape_name, config in (('GPT-2 small', GPTConfig(n_layer=n_layer, n_head=n_h
     model = GPT(config).to(device).eval()
     prompt_tokens = min(16, config.block_size // 2)
     n_tokens = min(new_tokens, config.block_size - prompt_tokens)  # within the cache
-    if shape_name == 'GPT-2 small':  # in fp32: recomputing multiplies matrices, where emulated bf16 is slowest
+    # in fp32: recomputing multiplies matrices, where emulated bf16 is slowest
+    if shape_name == 'GPT-2 small':
         recompute = decode_speed(model, 1, n_tokens, prompt_tokens, kv_cache=False)
-        row(f'{shape_name}: generate {n_tokens} tokens, no cache, B=1', dtype='float32', tokens_per_s=recompute)
+        row(f'{shape_name}: generate {n_tokens} tokens, no cache, B=1', dtype='float32',
+            tokens_per_s=recompute)
     for B in (1, 8):
         (dtype, cache_dtype), _ = choose_decode_dtype(model, device, B)  # the fastest pair at this batch
         decoder = copy.deepcopy(model).to(getattr(torch, dtype))
-        weight_bytes = sum(p.numel() * p.element_size() for p in decoder.parameters())  # each read once per step
-        cache_bytes = 2 * config.n_layer * B * config.block_size * config.n_embd * getattr(torch, cache_dtype).itemsize
+        # each read once per step
+        weight_bytes = sum(p.numel() * p.element_size() for p in decoder.parameters())
+        cache_bytes = (2 * config.n_layer * B * config.block_size * config.n_embd
+                       * getattr(torch, cache_dtype).itemsize)
         limit = B * read_bandwidth / (weight_bytes + cache_bytes)  # tokens/s when a step is its reads
         reference_speed = None
         if reference and shape_name == 'GPT-2 small' and B == 1:
@@ -281,9 +291,11 @@ for shape_name, config in (('GPT-2 small', GPTConfig(n_layer=n_layer, n_head=n_h
             speed = decode_speed(decoder, B, n_tokens, prompt_tokens, getattr(torch, cache_dtype),
                                  decode=compile_decode(decoder) if mode == 'compiled' else None)
             if cuda and mode == 'compiled' and torch._dynamo.utils.counters['inductor']['cudagraph_skips']:
-                sys.exit("error: the compiled decode step ran without a CUDA graph (TORCH_LOGS=cudagraphs says why)")
+                sys.exit("error: the compiled decode step ran without a CUDA graph "
+                         "(TORCH_LOGS=cudagraphs says why)")
             extra = {'vs_no_cache': speed / recompute} if shape_name == 'GPT-2 small' and B == 1 else {}
             if reference_speed:
                 extra['vs_transformers'] = speed / reference_speed
-            row(f'{shape_name}: decode {n_tokens} tokens, {mode}, B={B}', dtype=dtype, cache_dtype=cache_dtype,
-                tokens_per_s=speed, read_limit_tokens_per_s=limit, of_limit=speed / limit, **extra)
+            row(f'{shape_name}: decode {n_tokens} tokens, {mode}, B={B}', dtype=dtype,
+                cache_dtype=cache_dtype, tokens_per_s=speed, read_limit_tokens_per_s=limit,
+                of_limit=speed / limit, **extra)

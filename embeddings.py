@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from gulliver.configurator import a_path, a_seed, check, configure, greater_than, integer_at_least, one_of, optional
+from gulliver.configurator import (a_path, a_seed, check, configure, greater_than, integer_at_least, one_of,
+                                   optional)
 from gulliver.data import read_split
 from gulliver.atomic import write_atomic
 from gulliver.tokenizer import VOCAB_SIZE
@@ -171,7 +172,8 @@ def train_sgns(tokens, dim, window, negatives, epochs, batch_size, lr, subsample
         u_rows = torch.cat([contexts, noise.flatten()])
         v_scale = MAX_STEPS / torch.bincount(words, minlength=len(vocab)).clamp(min=MAX_STEPS)
         u_scale = MAX_STEPS / torch.bincount(u_rows, minlength=len(vocab)).clamp(min=MAX_STEPS)
-        for looked_up, scale in ((v_word, v_scale[words]), (u_context, u_scale[contexts]), (u_noise, u_scale[noise])):
+        for looked_up, scale in ((v_word, v_scale[words]), (u_context, u_scale[contexts]),
+                                 (u_noise, u_scale[noise])):
             looked_up.register_hook(lambda grad, scale=scale: grad * scale[..., None].float())
         return sgns_loss(v_word, u_context, u_noise)
 
@@ -215,7 +217,8 @@ def train_glove(tokens, dim, window, x_max, alpha, epochs, batch_size, lr, seed)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     # word vectors w, context vectors w~ and their biases, all ~ U(-0.5, 0.5) / dim as in the GloVe code
-    w, w_ctx, b, b_ctx = (sparse_embedding(len(vocab), size, 0.5 / dim, generator) for size in (dim, dim, 1, 1))
+    w, w_ctx, b, b_ctx = (sparse_embedding(len(vocab), size, 0.5 / dim, generator)
+                          for size in (dim, dim, 1, 1))
 
     def batch_loss(i, j, f_ij, log_x_ij):
         return glove_loss(w(i), w_ctx(j), b(i)[:, 0], b_ctx(j)[:, 0], log_x_ij, f_ij)
@@ -233,7 +236,8 @@ if __name__ == '__main__':
         'method': one_of(*METHOD_DEFAULTS), 'out_dir': optional(a_path), 'seed': a_seed,
         **{name: integer_at_least(1) for name in ('dim', 'window', 'negatives')},
         **{name: optional(integer_at_least(1)) for name in ('epochs', 'batch_size')},
-        'lr': optional(greater_than(0)), **{name: greater_than(0) for name in ('subsample', 'x_max', 'alpha')},
+        'lr': optional(greater_than(0)),
+        **{name: greater_than(0) for name in ('subsample', 'x_max', 'alpha')},
     })
     epochs, batch_size, lr = (METHOD_DEFAULTS[method][name] if value is None else value
                               for name, value in (('epochs', epochs), ('batch_size', batch_size), ('lr', lr)))
@@ -258,7 +262,8 @@ if __name__ == '__main__':
         sys.exit("interrupted; nothing was written")
     wall_time = time.time() - start
     if not np.isfinite(losses[-1]) or losses[-1] > losses[0]:
-        sys.exit(f"error: the loss diverged ({losses[0]:.4g} -> {losses[-1]:.4g}); lower --lr or --batch_size")
+        sys.exit(f"error: the loss diverged ({losses[0]:.4g} -> {losses[-1]:.4g}); "
+                 f"lower --lr or --batch_size")
 
     method_settings = (dict(negatives=negatives, subsample=subsample) if method == 'sgns'
                        else dict(x_max=x_max, alpha=alpha))

@@ -45,11 +45,13 @@ flagship_args = ''             # more overrides for the flagship run (the test m
 bench_args = ''                # overrides for bench.py
 small_args = '--n_layer=4 --n_head=4 --n_embd=256 --block_size=128 --batch_size=8'  # the numerics model
 numerics_steps = 20
-bf16_tolerance = 0.02          # bf16 keeps 8 bits of mantissa: 2^-8 = 0.4% per rounding, compounded over steps
+bf16_tolerance = 0.02          # bf16 keeps 8 bits of mantissa: 2^-8 = 0.4% per rounding,
+                               # compounded over steps
 resume_tolerance = 1e-3
 # -----------------------------------------------------------------------------
 configure(globals())
-check(globals(), {'numerics_steps': at_least(2), 'bf16_tolerance': at_least(0), 'resume_tolerance': at_least(0)})
+check(globals(), {'numerics_steps': at_least(2), 'bf16_tolerance': at_least(0),
+                  'resume_tolerance': at_least(0)})
 device = resolve_device(device)
 if not os.path.exists(os.path.join(data_dir, 'train.bin')):
     sys.exit(f"error: no {data_dir}/train.bin; run make data (or copy a prepared data/gulliver/ here) first")
@@ -87,8 +89,8 @@ def start(name, *args):
     """Start a train.py run in work_dir/name, its output into work_dir/name.txt; finish() waits for it."""
     out = out_dir(name, *args)
     with open(f'{out}.txt', 'a' if '--init_from=resume' in args else 'w') as output:
-        process = subprocess.Popen([sys.executable, 'train.py', *args, f'--data_dir={data_dir}', f'--out_dir={out}'],
-                                   stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, 'train.py', *args, f'--data_dir={data_dir}',
+                                    f'--out_dir={out}'], stdout=output, stderr=subprocess.STDOUT)
     return process, out
 
 
@@ -109,8 +111,8 @@ def compare(name, reference, other, tolerance):
     """The largest relative difference of other's losses from reference's, at the iterations of other."""
     worst = max(abs(other[i] - reference[i]) / abs(reference[i]) for i in other)
     passed = worst <= tolerance
-    say(f"- {name}: largest relative difference {worst:.2e} over {len(other)} losses, tolerance {tolerance:g}: "
-        f"{'pass' if passed else 'FAIL'}")
+    say(f"- {name}: largest relative difference {worst:.2e} over {len(other)} losses, "
+        f"tolerance {tolerance:g}: {'pass' if passed else 'FAIL'}")
     if not passed:
         failed.append(name)
 
@@ -123,7 +125,8 @@ bench_file = os.path.join(work_dir, 'bench.jsonl')
 os.makedirs(work_dir, exist_ok=True)
 if os.path.exists(bench_file):
     os.remove(bench_file)
-run('bench.py', f'--device={device}', f'--out_file={bench_file}', f'--data_dir={data_dir}', *shlex.split(bench_args))
+run('bench.py', f'--device={device}', f'--out_file={bench_file}', f'--data_dir={data_dir}',
+    *shlex.split(bench_args))
 say("\n## Speed (bench.py)\n")
 for row in map(json.loads, open(bench_file)):
     say(f"- {row.pop('name')}: " + ', '.join(f"{k} {v:,.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -139,8 +142,9 @@ for e in (e for e in events if e['event'] == 'eval'):
     say(f"| {e['iter']} | {e['train_loss']:.4f} | {e['val_loss']:.4f} | {e['elapsed']:.0f} |")
 [end] = [e for e in events if e['event'] == 'end']
 speeds = [e['tokens_per_s'] for e in events if e['event'] == 'train']
-say(f"\nbest.pt: iteration {end['best_iter']}, val loss {end['best_val_loss']:.4f}; {wall:.0f} s wall in all, "
-    f"{end['elapsed']:.0f} s of training" + (f", {speeds[-1]:,.0f} tokens/s at the last log" if speeds else ""))
+say(f"\nbest.pt: iteration {end['best_iter']}, val loss {end['best_val_loss']:.4f}; "
+    f"{wall:.0f} s wall in all, {end['elapsed']:.0f} s of training"
+    + (f", {speeds[-1]:,.0f} tokens/s at the last log" if speeds else ""))
 
 # 3. numerics and 4. resume, on the same batches from the same seed: small runs, three at once
 say("\n## Numerics\n")
@@ -149,12 +153,13 @@ common = [*shlex.split(small_args), '--log_interval=1', f'--eval_interval={numer
 on_device = [*common, f'--device={device}', '--dtype=bfloat16']
 half = numerics_steps // 2
 runs = [start('fp32', *common, f'--max_iters={numerics_steps}', '--device=cpu', '--dtype=float32'),
-        start('bf16', *on_device, f'--max_iters={numerics_steps}'), start('resumed', *on_device, f'--max_iters={half}')]
+        start('bf16', *on_device, f'--max_iters={numerics_steps}'),
+        start('resumed', *on_device, f'--max_iters={half}')]
 fp32, bf16, _ = (losses(finish(started)) for started in runs)
 compare(f"bf16 on {device} against fp32 on the CPU", fp32, bf16, bf16_tolerance)
 resumed = losses(finish(start('resumed', *on_device, f'--max_iters={numerics_steps}', '--init_from=resume')))
-compare(f"resumed after {half} steps against the straight run", bf16, {i: resumed[i] for i in resumed if i > half},
-        resume_tolerance)
+compare(f"resumed after {half} steps against the straight run", bf16,
+        {i: resumed[i] for i in resumed if i > half}, resume_tolerance)
 
 say(f"\n{'all checks passed' if not failed else 'FAILED: ' + ', '.join(failed)}")
 write_atomic({out_file: ('\n'.join(lines) + '\n').encode()})

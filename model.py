@@ -36,7 +36,8 @@ class GPTConfig:
     pos_emb: str = 'learned'     # 'learned' | 'sinusoidal' | 'rope' | 'alibi' | 'none'
     causal: bool = True          # False: bidirectional attention (a BERT-style masked LM)
     pad_vocab_to: int = 1        # e.g. 64: pad the embedding rows for faster matmuls
-    wpe_init_std: float = 0.02   # a learned W_pos starts ~ N(0, wpe_init_std^2) (0: all zeros), as GPT-2's at 0.02
+    wpe_init_std: float = 0.02   # a learned W_pos starts ~ N(0, wpe_init_std^2) (0: all zeros),
+                                 # as GPT-2's at 0.02
 
     @property
     def padded_vocab_size(self):
@@ -116,7 +117,8 @@ class CausalSelfAttention(nn.Module):
             cache['k'].index_copy_(2, positions, k.to(cache['k'].dtype))
             cache['v'].index_copy_(2, positions, v.to(cache['v'].dtype))
             q, k, v, is_causal = q.to(cache['k'].dtype), cache['k'], cache['v'], False
-            # key j is seen by the query at position i when j <= i: the rest is empty or future (ALiBi's bias has it)
+            # key j is seen by the query at position i when j <= i: the rest is empty or future
+            # (ALiBi's bias has it)
             mask = (torch.arange(k.size(2), device=x.device) <= positions[:, None] if alibi is None
                     else alibi.to(q.dtype))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
@@ -166,10 +168,12 @@ class GPT(nn.Module):
         if config.pos_emb == 'learned':
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         if config.pos_emb == 'sinusoidal':
-            self.register_buffer('pos_table', sinusoidal_table(config.block_size, config.n_embd), persistent=False)
+            self.register_buffer('pos_table', sinusoidal_table(config.block_size, config.n_embd),
+                                 persistent=False)
         if config.pos_emb == 'rope':
             head_dim = config.n_embd // config.n_head
-            angle = torch.arange(config.block_size)[:, None] / 10000 ** (torch.arange(0, head_dim, 2) / head_dim)
+            angle = (torch.arange(config.block_size)[:, None]
+                     / 10000 ** (torch.arange(0, head_dim, 2) / head_dim))
             self.register_buffer('rope_cos', angle.cos(), persistent=False)
             self.register_buffer('rope_sin', angle.sin(), persistent=False)
         if config.pos_emb == 'alibi':
@@ -215,7 +219,8 @@ class GPT(nn.Module):
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
         if self.config.pos_emb == 'learned':
-            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size].detach().clone())
+            self.transformer.wpe.weight = nn.Parameter(
+                self.transformer.wpe.weight[:block_size].detach().clone())
         for name in ('pos_table', 'rope_cos', 'rope_sin'):
             if hasattr(self, name):
                 setattr(self, name, getattr(self, name)[:block_size])
@@ -290,8 +295,8 @@ class GPT(nn.Module):
         return self.next_logits(token, cache, position)
 
     @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True, generator=None,
-               decode=None, cache_dtype=None):
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True,
+               generator=None, decode=None, cache_dtype=None):
         """Yield max_new_tokens next tokens, each (B, 1), continuing idx (B, T); see sample_next.
         With kv_cache the prompt runs once, eagerly, into a static cache (prefill), then one token
         per step through decode: decode_step, or compile_decode's compiled one. The cache holds
@@ -305,8 +310,10 @@ class GPT(nn.Module):
                 logits = self.next_logits(idx[:, -self.config.block_size:])
             elif cache is None:
                 device_type = idx.device.type
-                dtype = cache_dtype or (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                                        else self.lm_head.weight.dtype)  # what the keys and values are computed in
+                # what the keys and values are computed in
+                dtype = cache_dtype or (torch.get_autocast_dtype(device_type)
+                                        if torch.is_autocast_enabled(device_type)
+                                        else self.lm_head.weight.dtype)
                 cache = self.new_cache(idx.size(0), dtype, idx.device, static)
                 positions = torch.arange(idx.size(1), device=idx.device)
                 logits = self.next_logits(idx, cache, positions)
@@ -318,10 +325,11 @@ class GPT(nn.Module):
             idx = torch.cat((idx, next_token), dim=1)
             yield next_token
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True, generator=None,
-                 decode=None, cache_dtype=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True,
+                 generator=None, decode=None, cache_dtype=None):
         """Return idx (B, T) extended by max_new_tokens sampled tokens; see stream()."""
-        new = self.stream(idx, max_new_tokens, temperature, top_k, top_p, kv_cache, generator, decode, cache_dtype)
+        new = self.stream(idx, max_new_tokens, temperature, top_k, top_p, kv_cache, generator, decode,
+                          cache_dtype)
         return torch.cat([idx] + list(new), dim=1)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw',
@@ -353,7 +361,8 @@ class GPT(nn.Module):
             return [torch.optim.AdamW(adamw_groups(params), lr=learning_rate, betas=betas, fused=fused)]
         if optimizer == 'muon':
             from gulliver.optim import Muon  # the package's: an AdamW run needs torch alone
-            hidden = [p for n, p in self.named_parameters() if n.startswith('transformer.h.') and p.dim() == 2]
+            hidden = [p for n, p in self.named_parameters()
+                      if n.startswith('transformer.h.') and p.dim() == 2]
             hidden_ids = {id(p) for p in hidden}
             rest = [p for p in params if id(p) not in hidden_ids]
             return [Muon(hidden, lr=learning_rate, weight_decay=weight_decay, ns_dtype=ns_dtype),
@@ -389,7 +398,8 @@ class GPT(nn.Module):
         from gulliver.pretrained import write_pretrained
         c = self.config
         if (c.pos_emb, c.bias, c.causal) != ('learned', True, True):
-            raise ValueError("save_pretrained needs the GPT-2 architecture: pos_emb='learned', bias=True, causal=True")
+            raise ValueError("save_pretrained needs the GPT-2 architecture: "
+                             "pos_emb='learned', bias=True, causal=True")
         write_pretrained(folder, self.state_dict(), c)
 
 
@@ -399,4 +409,5 @@ def compile_decode(model):
     a CUDA graph (mode 'reduce-overhead'): one launch per token instead of hundreds from Python.
     The first call compiles (tens of seconds on a CPU); the cache's static shapes keep it the only one."""
     cuda = next(model.parameters()).is_cuda
-    return torch.compile(model.decode_step, fullgraph=True, dynamic=False, mode='reduce-overhead' if cuda else None)
+    return torch.compile(model.decode_step, fullgraph=True, dynamic=False,
+                         mode='reduce-overhead' if cuda else None)

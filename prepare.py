@@ -130,8 +130,8 @@ def main():
     text = strip_gutenberg(whole)
     ids = np.array(get_tokenizer().encode_ordinary(text), dtype=np.uint16)
     if split == 'interleaved' and len(ids) < 2 * chunk_tokens * round(1 / val_fraction):
-        raise ValueError(f"the text has {len(ids):,} tokens: too few for chunks of {chunk_tokens} with one in every "
-                         f"{round(1 / val_fraction)} val; lower --chunk_tokens")
+        raise ValueError(f"the text has {len(ids):,} tokens: too few for chunks of {chunk_tokens} with one "
+                         f"in every {round(1 / val_fraction)} val; lower --chunk_tokens")
     train_ids, val_ids = split_tokens(ids, split, val_fraction, chunk_tokens, seed)
     if len(val_ids) < 2 or len(train_ids) < 2:
         raise ValueError(f"{source} has only {len(ids)} tokens, too few to split; pass a longer text")
@@ -140,22 +140,23 @@ def main():
     meta = {
         'vocab_size': VOCAB_SIZE, 'eot_token': EOT_TOKEN, 'dtype': 'uint16',
         'train_tokens': len(train_ids), 'val_tokens': len(val_ids), 'total_tokens': len(ids),
-        'raw_tokens': len(encoding.encode_ordinary(whole)),  # the file as given, Gutenberg header and licence too
+        # the file as given, Gutenberg header and licence too
+        'raw_tokens': len(encoding.encode_ordinary(whole)),
         # UTF-8 bytes of text per split, for losses in bits per byte (data.bits_per_byte)
         'train_bytes': len(encoding.decode_bytes(train_ids.tolist())),
         'val_bytes': len(encoding.decode_bytes(val_ids.tolist())),
         'split': split, 'val_fraction': val_fraction,
         'chunk_tokens': chunk_tokens if split == 'interleaved' else None,
         'seed': seed if split == 'interleaved' else None, 'source': source,
-        'sha256': {'raw': sha256(raw), 'cleaned_text': sha256(text.encode()), 'train.bin': sha256(train_bytes),
-                   'val.bin': sha256(val_bytes), 'tokenizer': RANKS_SHA256},
+        'sha256': {'raw': sha256(raw), 'cleaned_text': sha256(text.encode()),
+                   'train.bin': sha256(train_bytes), 'val.bin': sha256(val_bytes), 'tokenizer': RANKS_SHA256},
     }
     os.makedirs(data_dir, exist_ok=True)
     write_atomic({os.path.join(data_dir, 'train.bin'): train_bytes,
                   os.path.join(data_dir, 'val.bin'): val_bytes,
                   os.path.join(data_dir, 'meta.json'): (json.dumps(meta, indent=2) + '\n').encode()})
-    print(f"{len(whole):,} characters, {meta['raw_tokens']:,} tokens as given; without the Gutenberg header and "
-          f"licence {len(text):,} characters -> {len(ids):,} tokens: train {len(train_ids):,}, "
+    print(f"{len(whole):,} characters, {meta['raw_tokens']:,} tokens as given; without the Gutenberg "
+          f"header and licence {len(text):,} characters -> {len(ids):,} tokens: train {len(train_ids):,}, "
           f"val {len(val_ids):,} ({len(val_ids) / len(ids):.1%}, split={split})")
     print(f"wrote {data_dir}/train.bin, val.bin, meta.json")
 
@@ -181,4 +182,5 @@ if __name__ == '__main__':
         if isinstance(e, KeyboardInterrupt):
             sys.exit("interrupted; nothing was written")
         sys.exit(f"error: {e}" if isinstance(e, ValueError) else
-                 f"error: cannot write to data_dir {data_dir!r} ({e.strerror}); pass a --data_dir you can write to")
+                 f"error: cannot write to data_dir {data_dir!r} ({e.strerror}); "
+                 f"pass a --data_dir you can write to")

@@ -35,7 +35,8 @@ from model import TEMPERATURE, TOP_K, compile_decode
 from gulliver.tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
-init_from = 'resume'   # 'resume' (the run in out_dir), 'scratch' (untrained), 'gpt2'..'gpt2-xl', or a HF directory
+init_from = 'resume'   # 'resume' (the run in out_dir), 'scratch' (untrained), 'gpt2'..'gpt2-xl',
+                       # or a HF directory
 out_dir = 'out-gulliver'
 checkpoint = 'best'    # 'best': out_dir/best.pt where train.py kept one, else ckpt.pt; 'last': ckpt.pt
 start = '\n'           # the prompt, or FILE:path to read it from a file
@@ -47,15 +48,17 @@ top_p = 1.0            # nucleus sampling; 1.0: off
 kv_cache = True
 seed = 1337
 device = 'auto'        # 'auto', 'cpu', 'cuda', 'cuda:1', ...
-dtype = 'auto'         # weights and KV cache: 'auto' (the fastest, measured), 'float32', 'bfloat16', 'float16'
+dtype = 'auto'         # weights and KV cache: 'auto' (the fastest, measured), 'float32', 'bfloat16',
+                       # 'float16'
 compile = False        # compile the decode step (model.compile_decode)
 # -----------------------------------------------------------------------------
 configure(globals())
 check(globals(), {
     'checkpoint': one_of('best', 'last'), 'dtype': one_of('auto', 'float32', 'bfloat16', 'float16'),
-    'temperature': lambda t: None if number(t) and t >= 0 else ">= 0 (0 is greedy)", 'top_k': optional(at_least(1)),
-    'top_p': lambda p: None if number(p) and 0 < p <= 1 else "in (0, 1] (1: off)", 'max_new_tokens': at_least(1),
-    'num_samples': at_least(1), 'seed': a_seed,
+    'temperature': lambda t: None if number(t) and t >= 0 else ">= 0 (0 is greedy)",
+    'top_k': optional(at_least(1)),
+    'top_p': lambda p: None if number(p) and 0 < p <= 1 else "in (0, 1] (1: off)",
+    'max_new_tokens': at_least(1), 'num_samples': at_least(1), 'seed': a_seed,
     'kv_cache': one_of(True, False), 'compile': one_of(True, False),
 })
 device = resolve_device(device)
@@ -68,8 +71,8 @@ except (DownloadError, ValueError) as e:
 path = checkpoint_to_read(out_dir, checkpoint)
 source = f"{path}, iteration {saved['iter_num']}: " if init_from == 'resume' else ''
 if not model.config.causal:
-    sys.exit(f"error: {path} is a masked LM (objective='mlm'): it fills in masked tokens and cannot generate text "
-             f"left to right; sample from a GPT checkpoint")
+    sys.exit(f"error: {path} is a masked LM (objective='mlm'): it fills in masked tokens and cannot "
+             f"generate text left to right; sample from a GPT checkpoint")
 
 enc = get_tokenizer()
 vocab_size = model.config.vocab_size  # GPT-2's ids, or the first of them (a model of data with fewer kinds)
@@ -86,11 +89,12 @@ if start.startswith('FILE:'):
         sys.exit(f"error: the prompt file {start[5:]!r} is not UTF-8 text; save it as UTF-8")
 start_ids = enc.encode_ordinary(start) or [enc.eot_token]
 if max(start_ids) >= vocab_size:
-    sys.exit(f"error: the prompt has GPT-2 tokens (ids up to {max(start_ids)}) past the model's vocabulary of "
-             f"{vocab_size}; give a prompt of the tokens it was trained on")
+    sys.exit(f"error: the prompt has GPT-2 tokens (ids up to {max(start_ids)}) past the model's "
+             f"vocabulary of {vocab_size}; give a prompt of the tokens it was trained on")
 block_size = model.config.block_size
 if len(start_ids) > block_size:
-    print(f"note: the prompt has {len(start_ids)} tokens; keeping the last {block_size} (block_size)", file=sys.stderr)
+    print(f"note: the prompt has {len(start_ids)} tokens; keeping the last {block_size} (block_size)",
+          file=sys.stderr)
     start_ids = start_ids[-block_size:]
 
 model.eval().to(device)
@@ -98,13 +102,14 @@ cache_dtype = dtype
 if dtype == 'auto':
     (dtype, cache_dtype), step_seconds = choose_decode_dtype(model, device, num_samples)
     print(f"dtype auto: {dtype} weights, {cache_dtype} KV cache (a decode step: " + ", ".join(
-        f"{seconds * 1000:.1f} ms with {weights}/{cache}" for (weights, cache), seconds in step_seconds.items())
-        + ")", file=sys.stderr)
+        f"{seconds * 1000:.1f} ms with {weights}/{cache}"
+        for (weights, cache), seconds in step_seconds.items()) + ")", file=sys.stderr)
 model.to(getattr(torch, dtype))
 cache_dtype = getattr(torch, cache_dtype)
 x = torch.tensor([start_ids] * num_samples, dtype=torch.long, device=device)
 decode = None
-if compile and kv_cache:  # compiled on its first call, here: a prefill and one decode step at the shapes that follow
+# compiled on its first call, here: a prefill and one decode step at the shapes that follow
+if compile and kv_cache:
     t0 = time.time()
     decode = compile_decode(model)
     model.generate(x, 2, temperature=0, decode=decode, cache_dtype=cache_dtype)
@@ -116,11 +121,13 @@ made, first_token_seconds, t0 = [], 0.0, time.time()
 try:
     if num_samples == 1:
         sys.stdout.write(start)
-    for i, token in enumerate(model.stream(x, max_new_tokens, temperature, top_k, top_p if top_p < 1 else None,
-                                           kv_cache, generator, decode, cache_dtype)):
+    for i, token in enumerate(model.stream(x, max_new_tokens, temperature, top_k,
+                                           top_p if top_p < 1 else None, kv_cache, generator,
+                                           decode, cache_dtype)):
         made.append(token)
         if num_samples == 1:
-            sys.stdout.write(utf8.decode(enc.decode_single_token_bytes(token.item())))  # item() waits for the token
+            # item() waits for the token
+            sys.stdout.write(utf8.decode(enc.decode_single_token_bytes(token.item())))
             sys.stdout.flush()
         if i == 0:
             token.cpu()  # wait for the first token
@@ -129,14 +136,17 @@ try:
     if num_samples == 1:
         sys.stdout.write(utf8.decode(b'', final=True) + '\n')
     for k, sample in enumerate(samples if num_samples > 1 else []):
-        sys.stdout.write(start + enc.decode(sample) + '\n' + ('---------------\n' if k < num_samples - 1 else ''))
+        sys.stdout.write(start + enc.decode(sample) + '\n'
+                         + ('---------------\n' if k < num_samples - 1 else ''))
 except BrokenPipeError:  # the reader has gone (python sample.py | head): stop quietly, as other tools do
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+    # no second error when Python flushes at exit
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(0)
 except KeyboardInterrupt:
     sys.exit("\ninterrupted")
 elapsed = time.time() - t0
 steady = (len(made) - 1) * num_samples  # the tokens after each sample's first
-print(f"{source}{len(made) * num_samples} tokens ({num_samples} x {len(made)}) in {elapsed:.2f} s: prefill of "
-      f"{len(start_ids)} prompt tokens and the first token {first_token_seconds * 1000:.1f} ms"
-      + (f", then {steady / (elapsed - first_token_seconds):.1f} tokens/s" if steady else ""), file=sys.stderr)
+print(f"{source}{len(made) * num_samples} tokens ({num_samples} x {len(made)}) in {elapsed:.2f} s: "
+      f"prefill of {len(start_ids)} prompt tokens and the first token {first_token_seconds * 1000:.1f} ms"
+      + (f", then {steady / (elapsed - first_token_seconds):.1f} tokens/s" if steady else ""),
+      file=sys.stderr)

@@ -21,7 +21,8 @@ def fsync_path(path):
 
 def remove_orphans(folder):
     """Delete the temporary files that a killed writer left in folder."""
-    orphans = [name for name in os.listdir(folder) if name.startswith(PREFIX)] if os.path.isdir(folder) else []
+    orphans = ([name for name in os.listdir(folder) if name.startswith(PREFIX)]
+               if os.path.isdir(folder) else [])
     for name in orphans:
         os.remove(os.path.join(folder, name))
 

@@ -27,9 +27,11 @@ from gulliver.configurator import fail
 from model import GPT, GPTConfig
 from gulliver.pretrained import PRETRAINED
 
-CHECKPOINT_KEYS = ('model', 'model_args', 'config', 'optimizers', 'scaler', 'iter_num', 'best_val_loss', 'elapsed',
-                   'ranks', 'coverage', 'data')  # and 'best_iter', absent from a checkpoint older than best.pt
-RANK_STATE_KEYS = ('python', 'torch', 'cuda', 'sampler', 'epoch_rng', 'epoch_order', 'epoch_pos', 'targets_drawn')
+# ckpt.pt's keys; and 'best_iter', absent from a checkpoint older than best.pt
+CHECKPOINT_KEYS = ('model', 'model_args', 'config', 'optimizers', 'scaler', 'iter_num', 'best_val_loss',
+                   'elapsed', 'ranks', 'coverage', 'data')
+RANK_STATE_KEYS = ('python', 'torch', 'cuda', 'sampler', 'epoch_rng', 'epoch_order', 'epoch_pos',
+                   'targets_drawn')
 BEST_KEYS = ('model', 'model_args', 'config', 'iter_num', 'best_iter', 'best_val_loss', 'data')
 
 
@@ -38,12 +40,14 @@ def read_checkpoint(path, device='cpu'):
     bytes of a damaged file make torch.load fail in many ways (EOFError, RuntimeError, an
     IndexError or struct.error from the weights-only unpickler, MemoryError, ...)."""
     damaged = "the file is damaged: delete it, or train again"
-    with warnings.catch_warnings(record=True) as caught:  # what the unpickler says of bad bytes, kept until it succeeds
+    # what the unpickler says of bad bytes, kept until it succeeds
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         try:
             checkpoint = torch.load(path, map_location=device, weights_only=True)
         except OSError as e:
-            raise ValueError(f"cannot read {path} ({e.strerror or e}); check the path and its permissions") from None
+            raise ValueError(f"cannot read {path} ({e.strerror or e}); "
+                             f"check the path and its permissions") from None
         except Exception as e:
             raise ValueError(f"cannot load {path} ({type(e).__name__}); {damaged}") from None
     for w in caught:
@@ -58,7 +62,8 @@ def write_checkpoint(out_dir, state, best):
     both atomically and together."""
     files = {os.path.join(out_dir, 'ckpt.pt'): lambda tmp: torch.save(state, tmp)}
     if best:
-        files[os.path.join(out_dir, 'best.pt')] = lambda tmp: torch.save({k: state[k] for k in BEST_KEYS}, tmp)
+        files[os.path.join(out_dir, 'best.pt')] = (
+            lambda tmp: torch.save({k: state[k] for k in BEST_KEYS}, tmp))
     write_atomic(files)
 
 
@@ -68,7 +73,8 @@ def training_state(model, model_args, config, optimizers, scaler, iter_num, best
     return {'model': model.state_dict(), 'model_args': model_args, 'config': config,
             'optimizers': [opt.state_dict() for opt in optimizers], 'scaler': scaler.state_dict(),
             'iter_num': iter_num, 'best_iter': best_iter, 'best_val_loss': best_val_loss, 'elapsed': elapsed,
-            'ranks': rank_states, 'coverage': {'covered': torch.from_numpy(covered)}, 'data': data_fingerprint}
+            'ranks': rank_states, 'coverage': {'covered': torch.from_numpy(covered)},
+            'data': data_fingerprint}
 
 
 def restore_training(checkpoint, optimizers, scaler, sampler, rank, cuda):
@@ -98,9 +104,11 @@ def load_model(init_from, out_dir, device='cpu', which='best'):
     if init_from in PRETRAINED or (init_from not in ('resume', 'scratch') and os.path.isdir(init_from)):
         return GPT.from_pretrained(init_from).to(device), {}
     if init_from not in ('resume', 'scratch'):
-        raise ValueError(f"unknown model {init_from!r}; use resume, scratch, {', '.join(PRETRAINED)} or a directory")
+        raise ValueError(f"unknown model {init_from!r}; use resume, scratch, {', '.join(PRETRAINED)} "
+                         f"or a directory")
     if init_from == 'resume' and not os.path.exists(path):
-        raise ValueError(f"no checkpoint at {path}; run python train.py first, or pass --out_dir or --init_from=gpt2")
+        raise ValueError(f"no checkpoint at {path}; run python train.py first, "
+                         f"or pass --out_dir or --init_from=gpt2")
     if init_from == 'resume':
         return load_checkpoint(path, device)
     model_args = read_checkpoint(path)['model_args'] if os.path.exists(path) else {}
@@ -117,7 +125,8 @@ def load_checkpoint(path, device='cpu', **overrides):
         model.load_state_dict(checkpoint['model'])
     except (TypeError, KeyError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0]
-        raise ValueError(f"{path} holds no model that its model_args describe ({reason}); train again") from None
+        raise ValueError(f"{path} holds no model that its model_args describe "
+                         f"({reason}); train again") from None
     return model.to(device), checkpoint
 
 
@@ -164,28 +173,34 @@ def check_resume(settings, checkpoint, path, world_size, data_fingerprint):
     if 'ranks' in checkpoint:
         missing += [f'ranks[0].{key}' for key in RANK_STATE_KEYS if key not in checkpoint['ranks'][0]]
     if missing:
-        fail(f"{path} lacks {', '.join(missing)} (an older train.py wrote it, or it is damaged); train from scratch")
+        fail(f"{path} lacks {', '.join(missing)} (an older train.py wrote it, or it is damaged); "
+             f"train from scratch")
     saved = checkpoint['config']
     if len(checkpoint['ranks']) != world_size:
         fail(f"{path} holds the sampler states of {len(checkpoint['ranks'])} processes; resume it with as "
              f"many (torchrun --nproc_per_node={len(checkpoint['ranks'])}, or python train.py for 1)")
     if checkpoint['data'] != data_fingerprint:
-        fail(f"{path} was trained on other data than {settings['data_dir']} holds now (its train.bin or val.bin "
-             f"differ); resume with the data_dir it was trained on ({saved['data_dir']}), or train from scratch")
+        fail(f"{path} was trained on other data than {settings['data_dir']} holds now (its train.bin or "
+             f"val.bin differ); resume with the data_dir it was trained on ({saved['data_dir']}), "
+             f"or train from scratch")
     # the optimizer's state holds these: its parameter groups, their decay and betas, and a learned
     # W_pos's moments, a row per position (block_size; an evaluation alone may crop the context)
     held = ['wpe_weight_decay', 'embedding_lr', 'weight_decay', 'beta1', 'beta2']
-    held += ['block_size'] if saved.get('pos_emb', 'learned') == 'learned' and not settings['eval_only'] else []
+    held += (['block_size'] if saved.get('pos_emb', 'learned') == 'learned' and not settings['eval_only']
+             else [])
     for name in held:
         if settings[name] != saved.get(name):
-            fail(f"{path} was trained with {name}={saved.get(name)!r}; resume with --{name}={saved.get(name)}")
+            fail(f"{path} was trained with {name}={saved.get(name)!r}; "
+                 f"resume with --{name}={saved.get(name)}")
     if settings['optimizer'] != saved['optimizer']:
-        fail(f"{path} holds the state of optimizer={saved['optimizer']!r}; resume with --optimizer={saved['optimizer']}")
+        fail(f"{path} holds the state of optimizer={saved['optimizer']!r}; "
+             f"resume with --optimizer={saved['optimizer']}")
     scaler = bool(checkpoint['scaler'])  # the fp16 gradient scaler's state; empty without one
     if (settings['dtype'] == 'float16') != scaler:
         fail(f"{path} was trained {'with' if scaler else 'without'} the float16 gradient scaler; resume with "
              + ("--dtype=float16" if scaler else "another dtype than float16"))
-    for name in ('max_iters', 'max_seconds', 'warmup_iters', 'learning_rate', 'min_lr', 'decay_lr', 'cooldown',
-                 'grad_clip', 'batch_size', 'gradient_accumulation_steps', 'sampler', 'eval_iters', 'whole_val'):
+    for name in ('max_iters', 'max_seconds', 'warmup_iters', 'learning_rate', 'min_lr', 'decay_lr',
+                 'cooldown', 'grad_clip', 'batch_size', 'gradient_accumulation_steps', 'sampler',
+                 'eval_iters', 'whole_val'):
         if settings[name] != saved.get(name):
             print(f"note: {name} changed on resume: {saved.get(name)} -> {settings[name]}")

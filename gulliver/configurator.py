@@ -53,8 +53,10 @@ def configure(settings, argv=None):
     names they set (whatever their values), so that a script can tell a choice from a default."""
     argv = sys.argv[1:] if argv is None else argv
     # settings are the lower-case globals of simple types; UPPER_CASE names are constants
-    keys = [k for k, v in settings.items() if k.islower() and not k.startswith('_') and isinstance(v, SETTING_TYPES)]
-    defaults = {k: settings[k] for k in keys}  # a config file's 260 must not make --max_seconds=90.5 a type error
+    keys = [k for k, v in settings.items()
+            if k.islower() and not k.startswith('_') and isinstance(v, SETTING_TYPES)]
+    # a config file's 260 must not make --max_seconds=90.5 a type error
+    defaults = {k: settings[k] for k in keys}
     chosen = set()
     argv = list(argv)
     while argv:
@@ -72,7 +74,8 @@ def configure(settings, argv=None):
                 with open(arg) as f:
                     source = f.read()
             except OSError as e:
-                fail(f"cannot read config file {arg!r} ({e.strerror}); pass an existing file (the configs are in config/)")
+                fail(f"cannot read config file {arg!r} ({e.strerror}); "
+                     f"pass an existing file (the configs are in config/)")
             file_settings = {}  # one namespace, as a module's: a comprehension in the file sees its names
             try:
                 exec(compile(source, arg, 'exec'), file_settings)
@@ -169,27 +172,31 @@ def train_rules(pretrained, pos_embs):
         'dtype': one_of('auto', 'float32', 'bfloat16', 'float16'), 'backend': one_of('nccl', 'gloo'),
         'dropout': below(0, 1), 'beta1': below(0, 1), 'beta2': below(0, 1),
         'out_dir': lambda d: None if d else 'a folder',
-        **{name: at_least(1) for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval',
-                                          'eval_iters', 'log_interval', 'n_layer', 'n_head', 'n_embd', 'pad_vocab_to',
-                                          'max_skipped_steps')},
-        **{name: at_least(0) for name in ('learning_rate', 'min_lr', 'max_iters', 'weight_decay', 'warmup_iters',
-                                          'sample_tokens')},
+        **{name: at_least(1) for name in ('batch_size', 'block_size', 'gradient_accumulation_steps',
+                                          'eval_interval', 'eval_iters', 'log_interval', 'n_layer',
+                                          'n_head', 'n_embd', 'pad_vocab_to', 'max_skipped_steps')},
+        **{name: at_least(0) for name in ('learning_rate', 'min_lr', 'max_iters', 'weight_decay',
+                                          'warmup_iters', 'sample_tokens')},
         'seed': a_seed,
         'cooldown': optional(lambda f: None if number(f) and 0 < f <= 1 else "in (0, 1]"),
-        'max_seconds': optional(greater_than(0)), 'grad_clip': optional(greater_than(0)), 'wpe_init_std': at_least(0),
+        'max_seconds': optional(greater_than(0)), 'grad_clip': optional(greater_than(0)),
+        'wpe_init_std': at_least(0),
         'wpe_weight_decay': optional(at_least(0)), 'embedding_lr': optional(greater_than(0)),
         'snapshot_interval': optional(integer_at_least(1)), 'peak_flops': auto_or(greater_than(0)),
         ('learning_rate', 'embedding_lr'): lambda lr, embedding_lr: None if embedding_lr is None or lr > 0
         else "> 0 with embedding_lr (the embeddings' schedule is a multiple of learning_rate's)",
-        ('n_embd', 'n_head'): lambda n_embd, n_head: None if n_embd % n_head == 0 else f"a multiple of n_head ({n_head})",
+        ('n_embd', 'n_head'): lambda n_embd, n_head: None if n_embd % n_head == 0
+        else f"a multiple of n_head ({n_head})",
         ('pos_emb', 'n_embd', 'n_head'): lambda pos_emb, n_embd, n_head:
         None if pos_emb != 'rope' or n_embd // n_head % 2 == 0 else
-        f"another scheme than 'rope' (which rotates pairs) with an odd head size n_embd / n_head ({n_embd // n_head})",
+        f"another scheme than 'rope' (which rotates pairs) with an odd head size "
+        f"n_embd / n_head ({n_embd // n_head})",
         ('init_from', 'pos_emb', 'bias', 'objective'): lambda init_from, *asked: next(
             (f"'scratch' for {name}={value!r} (GPT-2 has {name}={gpt2!r}: drop --{name} to fine-tune it)"
              for name, value, gpt2 in zip(('pos_emb', 'bias', 'objective'), asked, ('learned', True, 'clm'))
              if init_from in pretrained and value != gpt2), None),
-        ('eval_only', 'init_from'): lambda eval_only, init_from: None if not eval_only or init_from not in pretrained
+        ('eval_only', 'init_from'): lambda eval_only, init_from:
+        None if not eval_only or init_from not in pretrained
         else f"False with init_from={init_from!r} (it evaluates the run in out_dir; drop --init_from)",
     }
 
@@ -197,12 +204,14 @@ def train_rules(pretrained, pos_embs):
 def check_model(settings, chosen, model_config, source):
     """A resumed or pretrained model has its own shape: a setting chosen to be otherwise fails.
     The objective must always match, chosen or not: it decides what the loss is."""
-    built = {**{name: getattr(model_config, name) for name in ('n_layer', 'n_head', 'n_embd', 'bias', 'pos_emb')},
+    built = {**{name: getattr(model_config, name)
+                for name in ('n_layer', 'n_head', 'n_embd', 'bias', 'pos_emb')},
              'objective': 'clm' if model_config.causal else 'mlm'}
     for name, value in built.items():
         if settings[name] != value and (name in chosen or name == 'objective'):
             fail(f"{source} has {name}={value!r}, but {name}={settings[name]!r} was asked for; "
-                 + (f"resume with --{name}={value}" if name == 'objective' else f"drop --{name}, or train from scratch"))
+                 + (f"resume with --{name}={value}" if name == 'objective'
+                    else f"drop --{name}, or train from scratch"))
 
 
 def resolve_device(device):
@@ -213,7 +222,8 @@ def resolve_device(device):
     if device != 'cpu' and not re.fullmatch(r'cuda(:\d+)?', str(device)):
         fail(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
     if device.startswith('cuda') and not torch.cuda.is_available():
-        fail(f"device {device!r} asked for, but CUDA is not available here; use --device=cpu or --device=auto")
+        fail(f"device {device!r} asked for, but CUDA is not available here; "
+             f"use --device=cpu or --device=auto")
     if device.startswith('cuda:') and int(device[5:]) >= torch.cuda.device_count():
         fail(f"no {device} here: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
              f"cuda:{torch.cuda.device_count() - 1}")

@@ -50,12 +50,13 @@ def open_data(data_dir):
         raise ValueError(f"{meta_path} holds no JSON object (damaged); {again}")
     missing = [key for key in (*counts, 'sha256') if key not in meta]
     if missing:
-        raise ValueError(f"{meta_path} lacks {', '.join(missing)} (damaged, or written by an older prepare.py); {again}")
+        raise ValueError(f"{meta_path} lacks {', '.join(missing)} (damaged, or written by an older "
+                         f"prepare.py); {again}")
     wrong = [key for key in counts if type(meta[key]) is not int] + ([] if isinstance(meta['sha256'], dict)
                                                                      else ['sha256'])
     if wrong:
-        raise ValueError(f"{meta_path} has {', '.join(wrong)} of the wrong type (counts are integers, sha256 an "
-                         f"object); {again}")
+        raise ValueError(f"{meta_path} has {', '.join(wrong)} of the wrong type (counts are integers, "
+                         f"sha256 an object); {again}")
     data = {}
     for split in ('train', 'val'):
         path = os.path.join(data_dir, f'{split}.bin')
@@ -69,8 +70,8 @@ def open_data(data_dir):
                              f"({meta[f'{split}_tokens']:,} tokens, another sha256); {again}")
         data[split] = open_split(data_dir, split)
         if data[split].max() >= meta['vocab_size']:
-            raise ValueError(f"{path} holds token id {data[split].max()}, not below vocab_size {meta['vocab_size']}; "
-                             f"{again}")
+            raise ValueError(f"{path} holds token id {data[split].max()}, not below vocab_size "
+                             f"{meta['vocab_size']}; {again}")
     return meta, data
 
 
@@ -131,15 +132,18 @@ class Sampler:
     state() and restore() are each other's inverse: what a resumed rank needs to continue the
     very same stream (checkpoint.rank_state keeps it with the rank's other RNGs)."""
 
-    def __init__(self, tokens, block_size, micro_batch, sampler, objective, vocab_size, seed, rank=0, world_size=1):
+    def __init__(self, tokens, block_size, micro_batch, sampler, objective, vocab_size, seed, rank=0,
+                 world_size=1):
         windows_per_epoch = (len(tokens) - 1) // block_size
         if sampler == 'epoch' and windows_per_epoch < micro_batch * world_size:
-            raise ValueError(f"sampler='epoch' needs at least {micro_batch * world_size} windows of {block_size} "
-                             f"train tokens (a micro-batch for each process); lower --batch_size or --block_size")
+            raise ValueError(f"sampler='epoch' needs at least {micro_batch * world_size} windows of "
+                             f"{block_size} train tokens (a micro-batch for each process); "
+                             f"lower --batch_size or --block_size")
         self.tokens, self.block_size, self.micro_batch = tokens, block_size, micro_batch
         self.sampler, self.objective, self.vocab_size = sampler, objective, vocab_size
         self.rank, self.world_size = rank, world_size
-        self.rng = np.random.default_rng(seed + rank)  # random offsets and masking: each rank a stream of its own
+        # random offsets and masking: each rank a stream of its own
+        self.rng = np.random.default_rng(seed + rank)
         self.epoch_rng = np.random.default_rng(seed)   # one shuffle, the same on every rank
         self.epoch = {'order': np.zeros(0, dtype=np.int64), 'pos': 0}
         self.covered = np.zeros(len(tokens), dtype=bool)
@@ -149,8 +153,8 @@ class Sampler:
         """The next micro-batch (x, y), int64 arrays (micro_batch, block_size); marks its targets
         covered: every next token for the GPT, the masked positions only for the masked LM."""
         if self.sampler == 'epoch':
-            offsets = epoch_offsets(self.epoch, self.epoch_rng, len(self.tokens), self.block_size, self.micro_batch,
-                                    self.rank, self.world_size)
+            offsets = epoch_offsets(self.epoch, self.epoch_rng, len(self.tokens), self.block_size,
+                                    self.micro_batch, self.rank, self.world_size)
         else:
             offsets = random_offsets(self.rng, len(self.tokens), self.block_size, self.micro_batch)
         x, y = batch_at(self.tokens, offsets, self.block_size, self.objective, self.rng, self.vocab_size)
@@ -165,7 +169,8 @@ class Sampler:
                 'targets_drawn': self.targets_drawn}
 
     def restore(self, state):
-        self.rng.bit_generator.state, self.epoch_rng.bit_generator.state = state['sampler'], state['epoch_rng']
+        self.rng.bit_generator.state, self.epoch_rng.bit_generator.state = (
+            state['sampler'], state['epoch_rng'])
         self.epoch = {'order': np.asarray(state['epoch_order']), 'pos': state['epoch_pos']}
         self.targets_drawn = state['targets_drawn']
 

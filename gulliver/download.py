@@ -56,7 +56,8 @@ def download(url, path, timeout=30, retries=3, backoff=0.5, chunk_bytes=1 << 20,
                     raise DownloadError(f"{url} did not answer within {timeout} s")
                 raise DownloadError(f"cannot reach {url} ({type(e).__name__})")
             expected = response.headers.get('Content-Length')
-            if expected is not None and 'Content-Encoding' not in response.headers and received < int(expected):
+            if (expected is not None and 'Content-Encoding' not in response.headers
+                    and received < int(expected)):
                 raise DownloadError(f"{url}: got {received} of {expected} bytes (truncated)")
         if check is not None:
             try:

@@ -48,7 +48,8 @@ def read_hf_file(path, cached):
     """One file of a Hugging Face GPT-2 directory, read by READERS; ValueError (one line) naming
     the file when it is missing or damaged, and for a cached download, what to do about it."""
     if not os.path.exists(path):
-        raise ValueError(f"no {path}: pass a directory written by save_pretrained (config.json, model.safetensors)")
+        raise ValueError(f"no {path}: pass a directory written by save_pretrained "
+                         f"(config.json, model.safetensors)")
     try:
         return READERS[os.path.basename(path)](path)
     except (OSError, ValueError) as e:
@@ -73,7 +74,8 @@ def read_pretrained(name_or_dir, hub_url=None, cache_dir=None):
     else:
         raise ValueError(f"unknown model {name_or_dir!r}: use one of {', '.join(PRETRAINED)} or a directory "
                          f"with config.json and model.safetensors")
-    hf, tensors = (read_hf_file(os.path.join(folder, file), cached) for file in ('config.json', 'model.safetensors'))
+    hf, tensors = (read_hf_file(os.path.join(folder, file), cached)
+                   for file in ('config.json', 'model.safetensors'))
     shape = dict(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
                  n_head=hf['n_head'], n_embd=hf['n_embd'])
     return shape, tensors, os.path.join(folder, 'model.safetensors')
@@ -95,7 +97,8 @@ def copy_pretrained(tensors, state, source):
             tensor = tensor.t()
         target = ours[key][:tensor.size(0)] if key == 'transformer.wte.weight' else ours[key]
         if target.shape != tensor.shape:
-            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(target.shape)}")
         target.copy_(tensor)
         loaded.add(key)
     missing = sorted(set(ours) - loaded)
@@ -122,5 +125,6 @@ def write_pretrained(folder, state, config):
                  'resid_pdrop': c.dropout, 'embd_pdrop': c.dropout, 'attn_pdrop': c.dropout,
                  'layer_norm_epsilon': 1e-5, 'initializer_range': 0.02, 'bos_token_id': 50256,
                  'eos_token_id': 50256, 'tie_word_embeddings': True}
-    write_atomic({os.path.join(folder, 'model.safetensors'): lambda tmp: save_file(tensors, tmp, metadata={'format': 'pt'}),
+    write_atomic({os.path.join(folder, 'model.safetensors'):
+                      lambda tmp: save_file(tensors, tmp, metadata={'format': 'pt'}),
                   os.path.join(folder, 'config.json'): json.dumps(hf_config, indent=2).encode()})

@@ -26,7 +26,8 @@ def start_log(out_dir, new_run):
         set_aside(out_dir, [name for name in ('log.jsonl', 'snapshots', 'ckpt.pt', 'best.pt')
                             if os.path.exists(os.path.join(out_dir, name))])
     path = os.path.join(out_dir, 'log.jsonl')
-    if os.path.exists(path):  # a killed writer's last line, cut short: dropped, or the next event would join it
+    # a killed writer's last line, cut short: dropped, or the next event would join it
+    if os.path.exists(path):
         with open(path, 'rb+') as f:
             text = f.read()
             if not text.endswith(b'\n'):
@@ -37,7 +38,8 @@ def start_log(out_dir, new_run):
 def set_aside(out_dir, names):
     """Rename the files (or folders) names in out_dir to NAME-STAMP.EXT, all with one STAMP: the
     time to the second, with a count added where a run was set aside in that second already."""
-    dated = lambda name, stamp: os.path.join(out_dir, f'{os.path.splitext(name)[0]}-{stamp}{os.path.splitext(name)[1]}')
+    dated = lambda name, stamp: os.path.join(out_dir, f'{os.path.splitext(name)[0]}-{stamp}'
+                                                      f'{os.path.splitext(name)[1]}')
     now = time.strftime('%Y%m%d-%H%M%S')
     stamps = itertools.chain([now], (f'{now}-{n}' for n in itertools.count(1)))
     stamp = next(stamp for stamp in stamps if not any(os.path.exists(dated(name, stamp)) for name in names))
@@ -59,7 +61,8 @@ def read_events(path):
         try:
             return [json.loads(line) for line in f if line.endswith('\n')]
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} has a line that is not JSON ({e.msg}); is it a log.jsonl written by train.py?")
+            raise ValueError(f"{path} has a line that is not JSON ({e.msg}); "
+                             f"is it a log.jsonl written by train.py?")
 
 
 def tokens_seen(starts, iteration):
@@ -99,8 +102,10 @@ def plot_losses(out_dir, path=None):
     if train:
         ax.plot(*zip(*train), lw=0.8, alpha=0.6, label='train (batch)')
     for split in ('train', 'val'):
-        ax.plot([e['iter'] for e in evals], [number(e[f'{split}_loss']) for e in evals], 'o-', label=f'{split} (eval)')
+        ax.plot([e['iter'] for e in evals], [number(e[f'{split}_loss']) for e in evals], 'o-',
+                label=f'{split} (eval)')
     ax.set(xlabel='iteration', ylabel='cross-entropy (nats)', title=f'{out_dir}: loss')
     ax.legend()
     fig.tight_layout()
-    write_atomic({path or os.path.join(out_dir, 'loss.png'): lambda tmp: fig.savefig(tmp, format='png', dpi=120)})
+    write_atomic({path or os.path.join(out_dir, 'loss.png'):
+                      lambda tmp: fig.savefig(tmp, format='png', dpi=120)})
