@@ -11,6 +11,7 @@ Nothing here is run directly, and nothing here imports a script.
     machine       what this machine does fastest, measured: matmul peak, CPU dtype, decode dtype
     optim         Muon, and the optimizer step that a non-finite gradient skips on the device
     pretrained    GPT-2 in the Hugging Face format, read and written
+    processes     torchrun's ranks, the clock and stop they agree on, the signals that stop a run
     report        figures, tables and plain values for analyze.py's report
     runlog        log.jsonl, loss.png and the W_E / W_pos snapshots of a run
     schedule      training progress and the learning rate that goes with it

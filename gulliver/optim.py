@@ -96,3 +96,29 @@ def step_unless(optimizers, skip):
             old_state = old_state or [torch.zeros_like(v) for v in new_state]
             for old, new in zip(old_state, new_state):
                 new.copy_(torch.where(keep, old, new))
+
+
+class SkippedSteps:
+    """The steps that step_unless skipped, counted on the device: update(skip) after every step
+    queues three tiny kernels and reads nothing, so the host never waits for the step there;
+    read() brings the counts to the host, at a log, eval or stop iteration."""
+
+    def __init__(self, device, iter_num):
+        self.in_a_row, self.longest, self.since_read = (torch.zeros((), device=device) for _ in range(3))
+        self.read_at = iter_num  # the iteration of the last read
+
+    def update(self, skip):
+        """skip: the step's 0-d flag, 1.0 where it was skipped."""
+        self.in_a_row = (self.in_a_row + 1) * skip
+        self.longest = torch.maximum(self.longest, self.in_a_row)
+        self.since_read += skip
+
+    def read(self, iter_num):
+        """(steps skipped since the last read, the longest run of them in a row, the steps since the last
+        read); a run of skips that goes on across a read counts whole at the next."""
+        skipped, longest, steps = (int(self.since_read.item()), int(self.longest.item()),
+                                   iter_num - self.read_at)
+        self.since_read.zero_()
+        self.longest.zero_()
+        self.read_at = iter_num
+        return skipped, longest, steps
