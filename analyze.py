@@ -3,16 +3,18 @@ What a trained GPT-2 put in its embeddings: the geometry of the position table W
 token table W_E, how layer-0 attention uses them, how they formed during training and how
 stable they are across seeds. Writes report.md (tables, figures inline), report.json and PNGs.
 
-    $ python analyze.py --out_dir=out-gulliver              # a run of train.py: its best.pt, else ckpt.pt
-    $ python analyze.py --init_from=gpt2                    # the pretrained GPT-2 weights
-    $ python analyze.py --wpe_file=W_pos.npy                # any position table (T, d), T >= 8
+    $ python analyze.py --out_dir=out-gulliver      # a run of train.py: its best.pt, else ckpt.pt
+    $ python analyze.py --init_from=gpt2            # the pretrained GPT-2 weights
+    $ python analyze.py --wpe_file=W_pos.npy        # any position table (T, d), T >= 8
     $ python analyze.py --out_dir=out-gulliver --compare_out_dir=out-gulliver-seed2
     $ python analyze.py --compare out-gulliver out-mlm out-sgns out-glove
 
-The studies themselves are plain functions of arrays in geometry.py, and of the model in
-gulliver/circuits.py; gulliver/sections.py turns them into the report's sections, with gulliver/report.py's tables and
-figures. This script loads and checks its input, then runs the sections in the order of the
-report, and writes it.
+The studies are plain functions of arrays in geometry.py, and of the model in gulliver/circuits.py;
+gulliver/sections.py gives each section of the report a study that computes its numbers and a writer
+that turns them into markdown and figures, with gulliver/report.py's tables and figures. This script
+loads and checks everything first, into one Inputs, so that bad input leaves no partial report
+behind; then model_report (or compare_report, for --compare) runs the sections in the order of the
+report, each study's numbers under its key in report.json and its markdown in report.md.
 """
 import glob
 import json
@@ -21,23 +23,27 @@ import re
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from geometry import positional_geometry
 from gulliver.atomic import remove_orphans, write_atomic
 from gulliver.checkpoint import load_model
-from gulliver.circuits import position_table
+from gulliver.circuits import position_table, qk_decomposition
 from gulliver.configurator import a_path, at_least, check, configure, one_of, optional, resolve_device
 from gulliver.data import read_split
 from gulliver.download import DownloadError
-from geometry import drift_vs_frequency, mean_cos_by_distance
 from gulliver.pretrained import PRETRAINED
 from gulliver.report import figures_shown, plain
-from gulliver.runlog import read_events, tokens_seen
-from gulliver.sections import (FREQUENCY_BINS, MIN_COUNT, MIN_POSITIONS, PROBE_WORDS, attention_section, compare_section,
-                      contextual_section, dynamics_section, frequent_tokens, logit_lens_section, loss_section,
-                      onset_section, positional_section, stability_section, token_section, training_section)
+from gulliver.runlog import read_events
+from gulliver.sections import (MIN_COUNT, MIN_POSITIONS, PROBE_WORDS, attention_markdown, compare_markdown,
+                               compare_study, contextual_markdown, contextual_study, dynamics_markdown,
+                               dynamics_study, frequent_tokens, logit_lens_markdown, logit_lens_study,
+                               loss_markdown, loss_study, onset_markdown, onset_study, positional_markdown,
+                               stability_markdown, stability_study, token_markdown, token_study,
+                               training_markdown, training_study)
 from gulliver.tokenizer import VOCAB_SIZE, get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -48,14 +54,38 @@ wpe_file = None           # a .npy position table (T, d) to analyse instead of a
 wte_file = None           # a .npy token table (50257, d) to analyse instead of a model (None: the model's)
 data_dir = None           # train.bin and val.bin; None: the checkpoint's data_dir, else data/gulliver
 report_dir = 'report'     # where report.md, report.json and the figures go
-reference_wpe = None      # the W_pos onset study's reference row: a .npy position table, or 'gpt2' (its rows 0..T-1)
-compare_out_dir = None    # the same model trained with another seed: how stable is the geometry? (None: no such run)
+reference_wpe = None      # the onset study's reference: a .npy position table, or 'gpt2' (its rows 0..T-1)
+compare_out_dir = None    # the same model trained with another seed: how stable is the geometry? (None: none)
 compare = []              # `--compare DIR DIR ...`: directories with ckpt.pt or W_E.npy, W_E side by side
-probes = []               # `--probes Lilliput hat`: more probe words, each looked up as ' word' (as in running text)
+probes = []               # `--probes Lilliput hat`: more probe words, each looked up as ' word' (as in text)
 eval_tokens = 2048        # val tokens for the logit lens and the layer-0 attention decomposition
 top_n = 3000              # at most this many of the most frequent tokens in RSA, CKA and neighbour overlap
 device = 'auto'           # 'auto', 'cpu', 'cuda', ...
 # -----------------------------------------------------------------------------
+
+
+@dataclass
+class Inputs:
+    """What a report is made from, loaded and checked; None (or empty) where there is none."""
+    source: str = None            # what the report is on: a run's out_dir, a model's name, a .npy file
+    settings: dict = field(default_factory=dict)  # train.py's settings of the model ({} for none), or
+                                                  # for --compare the data_dir the tables were trained on
+    data_dir: str = None          # where train.bin and val.bin are
+    model: torch.nn.Module = None  # the GPT, in eval mode
+    W_E: np.ndarray = None        # (V, d) token table
+    W_pos: np.ndarray = None      # (T, d) position table, T >= MIN_POSITIONS
+    counts: np.ndarray = None     # (V,) each token's count in train.bin
+    val: np.ndarray = None        # the val token ids
+    batch: tuple = None           # (x, y): consecutive val chunks (B, T) for the model, and their next tokens
+    log: tuple = None             # (train, eval, start) events of the run's log.jsonl
+    dynamics: dict = None         # sections.dynamics_study of the run's snapshots
+    position_tables: dict = field(default_factory=dict)  # {iteration: W_pos} of the snapshots
+    reference: np.ndarray = None  # the onset study's reference position table
+    other: tuple = None           # (compare_out_dir, its W_E, its W_pos or None)
+    compared: list = None         # --compare: (name, W_E, settings, model or None, eval events) of each
+    enc: object = None            # the GPT-2 tokenizer
+    probe_ids: dict = None        # {probe word: its token id}
+
 
 # ---- loading: every check happens here, before anything is written -------------------------
 
@@ -76,13 +106,14 @@ def load_matrix(path, name, min_rows=1, rows=None):
     if len(M) < min_rows or (rows is not None and len(M) != rows):
         sys.exit(f"error: --{name}: expected {rows or f'at least {min_rows}'} rows, got {len(M)}")
     if not np.isfinite(M).all():
-        sys.exit(f"error: --{name}: {path} has {int((~np.isfinite(M)).sum())} NaN or infinite entries; save a matrix "
-                 f"of finite numbers")
+        sys.exit(f"error: --{name}: {path} has {int((~np.isfinite(M)).sum())} NaN or infinite entries; "
+                 f"save a matrix of finite numbers")
     return M.astype(np.float32)
 
 
 def load_eval_model(init_from, out_dir, device, checkpoint):
-    """(model in eval mode, train.py's settings or {}), or exit with one line; checkpoint: 'best' or 'last'."""
+    """(model in eval mode, train.py's settings or {}), or exit with one line; checkpoint: 'best' or
+    'last'."""
     try:
         model, saved = load_model(init_from, out_dir, device, checkpoint)
     except (DownloadError, ValueError) as e:
@@ -90,8 +121,8 @@ def load_eval_model(init_from, out_dir, device, checkpoint):
     bad = sum(int((~torch.isfinite(p)).sum()) for p in model.parameters())
     if bad:
         source = out_dir if init_from == 'resume' else init_from
-        sys.exit(f"error: {source}: the model holds {bad} NaN or infinite weights (a diverged run?); analyse a "
-                 f"checkpoint whose weights are finite (--checkpoint=best or last)")
+        sys.exit(f"error: {source}: the model holds {bad} NaN or infinite weights (a diverged run?); analyse "
+                 f"a checkpoint whose weights are finite (--checkpoint=best or last)")
     return model.eval(), saved.get('config', {})
 
 
@@ -111,7 +142,8 @@ def load_tables(path, name, checkpoint):
             except (ValueError, KeyError, TypeError, OSError):
                 sys.exit(f"error: --{name}: {summary_path} is damaged; train the embeddings again")
         return load_matrix(os.path.join(path, 'W_E.npy'), name, rows=VOCAB_SIZE), None, settings, None
-    sys.exit(f"error: --{name}: {path} holds neither ckpt.pt nor W_E.npy; pass directories written by train.py or embeddings.py")
+    sys.exit(f"error: --{name}: {path} holds neither ckpt.pt nor W_E.npy; pass directories written by "
+             f"train.py or embeddings.py")
 
 
 def load_reference(name, out_dir, device):
@@ -130,39 +162,6 @@ def load_tokens(data_dir, split):
         sys.exit(f"error: {e}")
 
 
-def load_snapshots(folder, counts):
-    """Per-token drift |W_E(t) - W_E(0)| by frequency, and the W_pos cosine-vs-distance curve, at each
-    snapshot (np.savez files iter_*.npz with W_E and, for a learned table, W_pos); and the W_pos of
-    each, {iteration: W_pos} (empty without a learned table). (None, {}) for fewer than two snapshots."""
-    iteration = lambda path: int(os.path.basename(path)[5:-4])
-    paths = sorted((path for path in glob.glob(os.path.join(folder, 'iter_*.npz'))
-                    if re.fullmatch(r'iter_\d+\.npz', os.path.basename(path))), key=iteration)  # 999999 < 1000000
-    if len(paths) < 2:
-        return None, {}
-    out = {'iters': [], 'drift_median': {label: [] for *_, label in FREQUENCY_BINS}, 'pos_mean_cos_by_distance': []}
-    W0, position_tables = None, {}
-    for path in paths:
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                W, P = z['W_E'][:VOCAB_SIZE].astype(np.float32), z['W_pos'].astype(np.float32) if 'W_pos' in z else None
-            out['iters'].append(iteration(path))
-        except (OSError, ValueError, KeyError, EOFError):
-            sys.exit(f"error: {path} is not a snapshot written by train.py (np.savez with W_E)")
-        W0 = W if W0 is None else W0
-        if W.shape != W0.shape:
-            sys.exit(f"error: {path} holds W_E of shape {W.shape}, {paths[0]} {W0.shape}: snapshots of two runs "
-                     f"in {folder}; keep one run's")
-        drift = np.linalg.norm(W - W0, axis=1)
-        for lo, hi, label in FREQUENCY_BINS:
-            in_bin = (counts >= lo) & (counts <= hi)
-            out['drift_median'][label].append(float(np.median(drift[in_bin])) if in_bin.any() else None)
-        if P is not None:
-            out['pos_mean_cos_by_distance'].append(mean_cos_by_distance(P))
-            position_tables[out['iters'][-1]] = P
-    out['drift_spearman_log_count'] = drift_vs_frequency(W0, W, counts)
-    return out, position_tables
-
-
 def read_log(path):
     """The train, eval and start events of log.jsonl (a last line still being written, with no newline
     yet, is left out), or exit with one line."""
@@ -173,148 +172,224 @@ def read_log(path):
     return tuple([e for e in events if e.get('event') == kind] for kind in ('train', 'eval', 'start'))
 
 
-# ---- the two reports: each section's json under its key in report.json, its markdown in report.md --
+def snapshot_iteration(path):
+    """The iteration of a snapshot, from its file name iter_<iteration>.npz."""
+    return int(os.path.basename(path)[5:-4])
 
-def model_report(source, objective, model, W_pos, W_E, counts, data_dir, batch, log, snapshots, position_tables,
-                 reference, other, probe_ids, enc, top_n, report_dir, notes):
-    """The report on one model, or on the tables of --wpe_file and --wte_file: (report, markdown).
-    batch: (x, y) val tokens and their next tokens for the model; log: (train, eval, start) events of
-    the run's log.jsonl; snapshots, position_tables: load_snapshots(...); reference: the onset study's
-    reference position table; other: (compare_out_dir, its W_E, its W_pos). Each is None where there is none."""
-    report = {'source': {'source': source, 'data_dir': None if counts is None else data_dir,
-                         'model_args': None if model is None else vars(model.config), 'objective': objective}}
+
+def read_snapshot(path, name):
+    """A snapshot's table as float32: 'W_E' (its first VOCAB_SIZE rows) or 'W_pos' (None where the
+    model learns none); or exit with one line where path is not a snapshot written by train.py."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if name == 'W_E':
+                return z['W_E'][:VOCAB_SIZE].astype(np.float32)
+            return z['W_pos'].astype(np.float32) if 'W_pos' in z else None
+    except (OSError, ValueError, KeyError, EOFError):
+        sys.exit(f"error: {path} is not a snapshot written by train.py (np.savez with W_E)")
+
+
+def read_token_tables(paths):
+    """(iteration, W_E) of each snapshot in turn, each read when its turn comes (one W_E in memory at a
+    time); exits with one line at a W_E of another shape than the first's."""
+    shape = None
+    for path in paths:
+        W = read_snapshot(path, 'W_E')
+        shape = shape or W.shape
+        if W.shape != shape:
+            sys.exit(f"error: {path} holds W_E of shape {W.shape}, {paths[0]} {shape}: snapshots of two runs "
+                     f"in {os.path.dirname(path)}; keep one run's")
+        yield snapshot_iteration(path), W
+
+
+def load_snapshots(folder, counts):
+    """sections.dynamics_study of the snapshots in folder (np.savez files iter_*.npz with W_E and, for
+    a learned table, W_pos) and their W_pos, {iteration: W_pos} (empty without a learned table);
+    (None, {}) for fewer than two snapshots."""
+    paths = sorted((path for path in glob.glob(os.path.join(folder, 'iter_*.npz'))
+                    if re.fullmatch(r'iter_\d+\.npz', os.path.basename(path))),
+                   key=snapshot_iteration)  # by number: 999999 < 1000000
+    if len(paths) < 2:
+        return None, {}
+    position_tables = {snapshot_iteration(path): read_snapshot(path, 'W_pos') for path in paths}
+    position_tables = {i: P for i, P in position_tables.items() if P is not None}
+    return dynamics_study(read_token_tables(paths), position_tables, counts), position_tables
+
+
+def load_compare(dirs, checkpoint, data_dir):
+    """--compare: each directory's (name, W_E, settings, model or None, eval events), and as settings
+    the data_dir they were trained on; data_dir: --data_dir, needed where they name different ones."""
+    if len(dirs) < 2:
+        sys.exit("error: --compare needs at least two directories, e.g. --compare out-gulliver out-sgns")
+    loaded = [load_tables(d, 'compare', checkpoint) for d in dirs]
+    trained_on = sorted({c['data_dir'] for _, _, c, _ in loaded if 'data_dir' in c})
+    if len(trained_on) > 1 and not data_dir:
+        sys.exit(f"error: the directories were trained on different data ({', '.join(trained_on)}); "
+                 f"pass the --data_dir whose token counts the comparison should use")
+    logs = [os.path.join(d, 'log.jsonl') for d in dirs]
+    evals = [read_log(path)[1] if m is not None and os.path.exists(path) else []
+             for path, (*_, m) in zip(logs, loaded)]
+    return Inputs(settings={'data_dir': trained_on[0]} if trained_on else {},
+                  compared=[(os.path.normpath(d), W_E, settings, model, e)
+                            for d, (W_E, _, settings, model), e in zip(dirs, loaded, evals)])
+
+
+def load_files(wpe_file, wte_file):
+    """The tables of --wpe_file and --wte_file, either of them None."""
+    return Inputs(source=wpe_file or wte_file,
+                  W_pos=load_matrix(wpe_file, 'wpe_file', min_rows=MIN_POSITIONS) if wpe_file else None,
+                  W_E=load_matrix(wte_file, 'wte_file', rows=VOCAB_SIZE) if wte_file else None)
+
+
+def load_run(init_from, out_dir, device, checkpoint, notes):
+    """A model, a run's or a pretrained one, with its tables; W_pos None, and a note why, where the
+    model adds no position table to its token embeddings, or one of fewer than MIN_POSITIONS rows."""
+    model, settings = load_eval_model(init_from, out_dir, device, checkpoint)
+    W_E, P = model.W_E.detach().cpu().numpy(), position_table(model)
+    W_pos = None if P is None else P.detach().cpu().numpy()
+    if P is None:
+        notes.append('no position table is added to the embeddings (pos_emb rope, alibi or none): '
+                     'positional studies skipped')
+    elif len(W_pos) < MIN_POSITIONS:
+        notes.append(f'the position table has {len(W_pos)} rows (block_size): positional studies skipped, '
+                     f'they need {MIN_POSITIONS}')
+        W_pos = None
+    return Inputs(source=out_dir if init_from == 'resume' else init_from, settings=settings, model=model,
+                  W_E=W_E, W_pos=W_pos)
+
+
+def val_batch(val, block_size, eval_tokens, device):
+    """(x, y): consecutive chunks of the val tokens, as many as eval_tokens fill (at least one), and
+    their next tokens."""
+    T = min(block_size, len(val) - 1)
+    n = max(1, min(eval_tokens, len(val) - 1) // T) * T  # whole chunks of T
+    ids = torch.from_numpy(val[:n + 1].astype(np.int64)).to(device)
+    return ids[:-1].view(-1, T), ids[1:].view(-1, T)
+
+
+def make_report_dir(report_dir):
+    """Create report_dir, clear the temporary files of a killed writer from it and check that files can
+    be written there; or exit with one line."""
+    try:
+        os.makedirs(report_dir, exist_ok=True)
+        remove_orphans(report_dir)
+        with tempfile.TemporaryFile(dir=report_dir):
+            pass
+    except OSError as e:
+        sys.exit(f"error: cannot write to report_dir {report_dir!r} ({e.strerror}); pass a --report_dir you "
+                 f"can write to")
+
+
+# ---- the two reports: each section's study under its key in report.json, its markdown in report.md --
+
+def model_report(inputs, top_n, report_dir, notes):
+    """The report on one model, or on the tables of --wpe_file and --wte_file: (report, markdown)."""
+    source, model, W_E, W_pos, counts, log = (inputs.source, inputs.model, inputs.W_E, inputs.W_pos,
+                                              inputs.counts, inputs.log)
+    report = {'source': {'source': source, 'data_dir': None if counts is None else inputs.data_dir,
+                         'model_args': None if model is None else vars(model.config),
+                         'objective': inputs.settings.get('objective')}}
     md = [f'# Embedding geometry of {source}\n']
     if log is not None and log[0]:
-        report['loss'], section = loss_section(*log[:2], source, report_dir)  # source: the run's out_dir, with log.jsonl
-        md += section
+        report['loss'] = loss_study(*log[:2])
+        md += loss_markdown(report['loss'], source, report_dir)  # source: the run's out_dir, with log.jsonl
     if W_pos is not None:
-        report['positional'], section = positional_section(W_pos, report_dir)
-        md += section
+        report['positional'] = positional_geometry(W_pos)
+        md += positional_markdown(report['positional'], W_pos, report_dir)
         if model is not None:
-            report['attention_layer0'], section = attention_section(model, batch[0], report_dir)
-            md += section
+            report['attention_layer0'] = qk_decomposition(model, inputs.batch[0])
+            md += attention_markdown(report['attention_layer0'], report_dir)
     if W_E is not None:
-        report['tokens'], section = token_section(W_E, counts, probe_ids, enc, report_dir)
-        md += section
+        report['tokens'] = token_study(W_E, counts, inputs.probe_ids, inputs.enc)
+        md += token_markdown(report['tokens'], W_E, counts, report_dir)
     if model is not None and model.config.causal:
-        report['logit_lens'], section = logit_lens_section(model, *batch, report_dir)
-        md += section
+        report['logit_lens'] = logit_lens_study(model, *inputs.batch)
+        md += logit_lens_markdown(report['logit_lens'], report_dir)
     elif model is not None:
         notes.append('logit lens skipped: it measures next-token loss, and this model is a masked LM')
-    if snapshots is not None:
-        report['dynamics'] = snapshots
-        md += dynamics_section(snapshots, report_dir)
-    if position_tables:
-        train, evals, starts = log or ([], [], [])
-        seen = {i: tokens_seen(starts, i) for i in position_tables}
-        report['onset'], section = onset_section(position_tables, None if None in seen.values() else seen,
-                                                 int(counts.sum()), evals, reference, report_dir)
-        md += section
-    if other is not None:
-        report['stability'], section = stability_section(W_E, W_pos, *other, counts, top_n)
-        md += section
+    if inputs.dynamics is not None:
+        report['dynamics'] = inputs.dynamics  # studied as the snapshots were read, one W_E at a time
+        md += dynamics_markdown(inputs.dynamics, report_dir)
+    if inputs.position_tables:
+        _, evals, starts = log or ([], [], [])
+        train_tokens = int(counts.sum())
+        report['onset'] = onset_study(inputs.position_tables, starts, train_tokens, evals, inputs.reference)
+        md += onset_markdown(report['onset'], train_tokens, report_dir)
+    if inputs.other is not None:
+        report['stability'] = stability_study(W_E, W_pos, *inputs.other, counts, top_n)
+        md += stability_markdown(report['stability'])
     return report, md
 
 
-def compare_report(names, loaded, evals_by_model, counts, val, data_dir, probe_ids, enc, top_n, report_dir, notes):
-    """The token tables of several directories side by side (loaded: load_tables(...) of each), how the
-    checkpoints among them trained (evals_by_model: each one's eval events, [] for none) and what their
-    layers make of the tokens: (report, markdown)."""
-    tables, _, settings, models = zip(*loaded)
-    report = {}
-    report['compare'], md = compare_section(names, tables, counts, probe_ids, enc, top_n, report_dir)
-    report['compare']['data_dir'] = data_dir
-    report['training'], section = training_section(names, settings, models, evals_by_model)
-    md += section
+def compare_report(inputs, top_n, report_dir, notes):
+    """The token tables of several directories side by side, how the checkpoints among them trained
+    and what their layers make of the tokens: (report, markdown)."""
+    names, tables, settings, models, evals_by_model = zip(*inputs.compared)
+    report = {'compare': {**compare_study(names, tables, inputs.counts, inputs.probe_ids, inputs.enc, top_n),
+                          'data_dir': inputs.data_dir}}
+    md = compare_markdown(report['compare'], report_dir)
+    report['training'] = training_study(names, settings, models, evals_by_model)
+    md += training_markdown(report['training'])
     if any(models):
         checkpoints = {name: m for name, m in zip(names, models) if m is not None}
         checkpoint_settings = {name: s for name, s, m in zip(names, settings, models) if m is not None}
-        contextual, section = contextual_section(names, tables, checkpoints, checkpoint_settings, counts, val, enc,
-                                                 report_dir, notes)
-        if contextual:
+        contextual = contextual_study(names, tables, checkpoints, checkpoint_settings, inputs.counts,
+                                      inputs.val, inputs.enc)
+        if contextual is None:
+            notes.append(f'static vs contextual skipped: no token occurs {MIN_COUNT}+ times in the val text')
+        else:
             report['contextual'] = contextual
-        md += section
+            md += contextual_markdown(contextual, names, report_dir)
     return report, md
 
 
 if __name__ == '__main__':
     configure(globals())
     check(globals(), {'checkpoint': one_of('best', 'last'), 'eval_tokens': at_least(1), 'top_n': at_least(12),
-                      **{name: optional(a_path) for name in ('wpe_file', 'wte_file', 'data_dir', 'compare_out_dir',
-                                                             'reference_wpe')}})
+                      **{name: optional(a_path) for name in ('wpe_file', 'wte_file', 'data_dir',
+                                                             'compare_out_dir', 'reference_wpe')}})
     t0, enc, notes = time.time(), get_tokenizer(), []
     device = resolve_device(device)
     probe_words = PROBE_WORDS + [' ' + w.strip() for w in probes if w.strip()]
     probe_ids = {w: enc.encode_ordinary(w)[0] for w in probe_words if len(enc.encode_ordinary(w)) == 1}
     notes += [f'probe {w!r} is not a single GPT-2 token; skipped' for w in probe_words if w not in probe_ids]
-    model, W_E, W_pos, config, batch, other, log, snapshots, position_tables, reference = (None, None, None, {}, None,
-                                                                                          None, None, None, {}, None)
     # load and check everything first, so that bad input leaves no partial report behind
     if compare:
-        if len(compare) < 2:
-            sys.exit("error: --compare needs at least two directories, e.g. --compare out-gulliver out-sgns")
-        loaded = [load_tables(d, 'compare', checkpoint) for d in compare]
-        trained_on = sorted({c['data_dir'] for _, _, c, _ in loaded if 'data_dir' in c})
-        if len(trained_on) > 1 and not data_dir:
-            sys.exit(f"error: the directories were trained on different data ({', '.join(trained_on)}); "
-                     f"pass the --data_dir whose token counts the comparison should use")
-        config = {'data_dir': trained_on[0]} if trained_on else {}
-        names = [os.path.normpath(d) for d in compare]
-        logs = [os.path.join(d, 'log.jsonl') for d in compare]
-        evals_by_model = [read_log(path)[1] if m is not None and os.path.exists(path) else []
-                          for path, (*_, m) in zip(logs, loaded)]
+        inputs = load_compare(compare, checkpoint, data_dir)
     elif wpe_file or wte_file:
-        W_pos = load_matrix(wpe_file, 'wpe_file', min_rows=MIN_POSITIONS) if wpe_file else None
-        W_E = load_matrix(wte_file, 'wte_file', rows=VOCAB_SIZE) if wte_file else None
+        inputs = load_files(wpe_file, wte_file)
     else:
-        model, config = load_eval_model(init_from, out_dir, device, checkpoint)
-        W_E, P = model.W_E.detach().cpu().numpy(), position_table(model)
-        W_pos = None if P is None else P.detach().cpu().numpy()
-        if P is None:
-            notes.append('no position table is added to the embeddings (pos_emb rope, alibi or none): '
-                         'positional studies skipped')
-        elif len(W_pos) < MIN_POSITIONS:
-            notes.append(f'the position table has {len(W_pos)} rows (block_size): positional studies skipped, '
-                         f'they need {MIN_POSITIONS}')
-            W_pos = None
-    data_dir = data_dir or config.get('data_dir') or 'data/gulliver'
-    counts = np.bincount(load_tokens(data_dir, 'train'), minlength=VOCAB_SIZE) if W_E is not None or compare else None
-    val = load_tokens(data_dir, 'val') if model is not None or compare else None
-    if model is not None:
-        T = min(model.config.block_size, len(val) - 1)
-        ids = torch.from_numpy(val[:max(1, min(eval_tokens, len(val) - 1) // T) * T + 1].astype(np.int64)).to(device)
-        batch = ids[:-1].view(-1, T), ids[1:].view(-1, T)  # consecutive val chunks and their next tokens
+        inputs = load_run(init_from, out_dir, device, checkpoint, notes)
+    inputs.enc, inputs.probe_ids = enc, probe_ids
+    inputs.data_dir = data_dir or inputs.settings.get('data_dir') or 'data/gulliver'
+    if inputs.W_E is not None or compare:
+        inputs.counts = np.bincount(load_tokens(inputs.data_dir, 'train'), minlength=VOCAB_SIZE)
+    if inputs.model is not None or compare:
+        inputs.val = load_tokens(inputs.data_dir, 'val')
+    if inputs.model is not None:
+        inputs.batch = val_batch(inputs.val, inputs.model.config.block_size, eval_tokens, device)
     if compare_out_dir:
-        if W_E is None:
-            sys.exit("error: --compare_out_dir compares token tables; give a checkpoint or --wte_file as well")
-        other = (compare_out_dir, *load_tables(compare_out_dir, 'compare_out_dir', checkpoint)[:2])
-    if (compare or other) and len(frequent_tokens(counts, top_n)) < 12:  # neighbour overlap @10 needs 12
-        sys.exit(f"error: fewer than 12 tokens occur {MIN_COUNT}+ times in {data_dir}/train.bin; too few to compare")
-    if model is not None and init_from == 'resume':
+        if inputs.W_E is None:
+            sys.exit("error: --compare_out_dir compares token tables; give a checkpoint or --wte_file "
+                     "as well")
+        inputs.other = (compare_out_dir, *load_tables(compare_out_dir, 'compare_out_dir', checkpoint)[:2])
+    if (compare or inputs.other) and len(frequent_tokens(inputs.counts, top_n)) < 12:  # overlap @10 needs 12
+        sys.exit(f"error: fewer than 12 tokens occur {MIN_COUNT}+ times in {inputs.data_dir}/train.bin; "
+                 f"too few to compare")
+    if inputs.model is not None and init_from == 'resume':
         log_path = os.path.join(out_dir, 'log.jsonl')
-        log = read_log(log_path) if os.path.exists(log_path) else None
-        snapshots, position_tables = load_snapshots(os.path.join(out_dir, 'snapshots'), counts)
-        position_tables = position_tables if W_pos is not None else {}
-    if reference_wpe and position_tables:
-        reference = load_reference(reference_wpe, out_dir, device)
-    try:
-        os.makedirs(report_dir, exist_ok=True)
-        remove_orphans(report_dir)  # the temporary files of a killed writer
-        with tempfile.TemporaryFile(dir=report_dir):
-            pass
-    except OSError as e:
-        sys.exit(f"error: cannot write to report_dir {report_dir!r} ({e.strerror}); pass a --report_dir you can write to")
+        inputs.log = read_log(log_path) if os.path.exists(log_path) else None
+        inputs.dynamics, position_tables = load_snapshots(os.path.join(out_dir, 'snapshots'), inputs.counts)
+        inputs.position_tables = position_tables if inputs.W_pos is not None else {}
+    if reference_wpe and inputs.position_tables:
+        inputs.reference = load_reference(reference_wpe, out_dir, device)
+    make_report_dir(report_dir)
 
-    if compare:
-        report, md = compare_report(names, loaded, evals_by_model, counts, val, data_dir, probe_ids, enc, top_n,
-                                    report_dir, notes)
-    else:
-        source = wpe_file or wte_file or (out_dir if init_from == 'resume' else init_from)
-        report, md = model_report(source, config.get('objective'), model, W_pos, W_E, counts, data_dir, batch, log,
-                                  snapshots, position_tables, reference, other, probe_ids, enc, top_n, report_dir, notes)
+    report, md = (compare_report if compare else model_report)(inputs, top_n, report_dir, notes)
     md += ['## Notes\n', *(f'- {n}\n' for n in notes)] if notes else []
     figures = figures_shown(md)
     report.update(figures=figures, notes=notes, seconds=round(time.time() - t0, 1))
-    write_atomic({os.path.join(report_dir, 'report.json'): (json.dumps(plain(report), indent=1) + '\n').encode(),
+    report_json = json.dumps(plain(report), indent=1) + '\n'
+    write_atomic({os.path.join(report_dir, 'report.json'): report_json.encode(),
                   os.path.join(report_dir, 'report.md'): '\n'.join(md).encode()})
     print(f"wrote {report_dir}/report.md, report.json and {len(figures)} figures in {time.time() - t0:.1f} s")

@@ -39,7 +39,8 @@ def qk_decomposition(model, x):
         return (s - s.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True)).masked_fill(~mask, 0)
 
     p = position_table(model)[:T]
-    cov, var, error, largest = torch.zeros(len(TERMS), H, device=W.device), torch.zeros(H, device=W.device), 0.0, 0.0
+    cov, var = torch.zeros(len(TERMS), H, device=W.device), torch.zeros(H, device=W.device)
+    error, largest = 0.0, 0.0
     for xb in x.split(1):
         # the model's own layer-0 queries and keys, from its forward pass
         captured = []

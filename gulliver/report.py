@@ -52,7 +52,8 @@ def heatmap(ax, fig, M, title, xlabels, ylabels, label, **imshow):
     ax.set_xticklabels(xlabels, rotation=30, ha='right')
     for (i, j), v in np.ndenumerate(M):
         r, g, b, _ = im.cmap(im.norm(v))  # dark text on light cells, light text on dark ones
-        ax.text(j, i, f'{v:.2f}', ha='center', va='center', fontsize=8, color='k' if r + 2 * g + b > 2 else 'w')
+        ax.text(j, i, f'{v:.2f}', ha='center', va='center', fontsize=8,
+                color='k' if r + 2 * g + b > 2 else 'w')
 
 
 def table(header, rows):

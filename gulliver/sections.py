@@ -1,8 +1,17 @@
 """
-The sections of analyze.py's report, in the order they appear in it. Each section runs its studies
-(plain functions of arrays in geometry.py, and of the model in gulliver/circuits.py) on what analyze.py
-loaded and checked, writes its figures into report_dir and returns its markdown, most of them
-with the section's report.json entry: (json, markdown).
+The sections of analyze.py's report, in the order they appear in it. Each section is a pair:
+
+    <name>_study(...) -> dict            its numbers, from what analyze.py loaded and checked: plain
+                                         dicts, lists and arrays, its entry in report.json
+    <name>_markdown(study, ..., report_dir) -> list of markdown lines, after writing its figures into
+                                         report_dir; beside the study it takes only what a figure
+                                         draws from the inputs (a table, the token counts, the run)
+
+The report on one model: loss, positional, attention, token, logit_lens, dynamics, onset, stability;
+on several tables side by side: compare, training, contextual. The studies are built from plain
+functions of arrays in geometry.py and of the model in gulliver/circuits.py; where one of those is
+the whole study (geometry.positional_geometry, circuits.qk_decomposition), analyze.py calls it and
+only the writer is here.
 """
 import math
 import os
@@ -10,11 +19,12 @@ import os
 import numpy as np
 import torch
 
-from gulliver.circuits import TERMS, logit_lens, qk_decomposition, residual_stream
-from geometry import (analogy, anisotropy, contextual_geometry, cosine_matrix, linear_cka, nearest_neighbours,
-                      norm_vs_frequency, onset, pca, position_statistics, positional_geometry, similarity, type_means)
+from gulliver.circuits import TERMS, logit_lens, residual_stream
+from geometry import (analogy, anisotropy, contextual_geometry, cosine_matrix, drift_vs_frequency, linear_cka,
+                      mean_cos_by_distance, nearest_neighbours, norm_vs_frequency, onset, pca,
+                      position_statistics, similarity, type_means)
 from gulliver.report import heatmap, image, plot_lines, plt, save, show, table
-from gulliver.runlog import plot_losses
+from gulliver.runlog import plot_losses, tokens_seen
 from gulliver.tokenizer import VOCAB_SIZE
 
 PROBE_WORDS = [' king', ' queen', ' man', ' woman', ' ship', ' sea', ' horse', ' giant', ' small']
@@ -22,25 +32,27 @@ ANALOGIES = [(' man', ' king', ' woman', ' queen'), (' man', ' men', ' woman', '
              (' he', ' his', ' she', ' her'), (' great', ' greater', ' small', ' smaller'),
              (' England', ' English', ' France', ' French')]
 MIN_COUNT = 5  # tokens seen fewer times in train.bin are left out of the comparisons between tables
-SIMILARITIES = {'cka': 'linear CKA', 'rsa': 'RSA (Spearman of the cosines)', 'nn_overlap_10': 'neighbour overlap @10',
-                'procrustes_cos': 'mean cosine after Procrustes'}
-CHANCE = ("A row 'rows shuffled (chance)' scores the same tables with one's rows in random order: what tables "
-          "of these shapes score when their rows do not correspond. CKA and Procrustes are far above 0 there "
-          "unless the rows far outnumber the columns.")
+SIMILARITIES = {'cka': 'linear CKA', 'rsa': 'RSA (Spearman of the cosines)',
+                'nn_overlap_10': 'neighbour overlap @10', 'procrustes_cos': 'mean cosine after Procrustes'}
+CHANCE = ("A row 'rows shuffled (chance)' scores the same tables with one's rows in random order: what "
+          "tables of these shapes score when their rows do not correspond. CKA and Procrustes are far above "
+          "0 there unless the rows far outnumber the columns.")
 # train.py settings that do not change what a run learns
-RUN_BOOKKEEPING = {'out_dir', 'init_from', 'overwrite', 'eval_only', 'device', 'backend', 'compile', 'log_interval',
-                   'sample_tokens', 'snapshot_interval', 'sync_debug', 'peak_flops', 'max_skipped_steps'}
+RUN_BOOKKEEPING = {'out_dir', 'init_from', 'overwrite', 'eval_only', 'device', 'backend', 'compile',
+                   'log_interval', 'sample_tokens', 'snapshot_interval', 'sync_debug', 'peak_flops',
+                   'max_skipped_steps'}
 CONTEXT_PROBES = [' king', ' sea', ' ship', ' little', ' great', ' said']
 CONTEXT_MEASURES = {'anisotropy': 'anisotropy (mean cos of two occurrences)',
                     'self_similarity': 'self-similarity - anisotropy',
                     'intra_context': 'intra-context similarity - anisotropy',
                     'pc_share': 'share of a type on its first PC'}
 ONSET_STATISTICS = {'mean_norm': 'mean row norm', 'cos_1': 'mean cos, k=1', 'cos_quarter': 'mean cos, k=T/4',
-                    'pc1_share': 'PC1 share', 'pc_corr': 'max abs corr(PC, t)', 'delta_cos': 'cos(delta_t, delta_t+1)',
-                    'line_r2': 'line a + t b'}
+                    'pc1_share': 'PC1 share', 'pc_corr': 'max abs corr(PC, t)',
+                    'delta_cos': 'cos(delta_t, delta_t+1)', 'line_r2': 'line a + t b'}
 ONSET_THRESHOLD = 0.9  # abs corr(PC score, t): one principal direction follows position
 MIN_POSITIONS = 8  # rows a position table needs for its studies (cos at distance T/4, three PCs, ...)
-FREQUENCY_BINS = [(0, 0, 'unseen'), (1, 9, '1-9'), (10, 99, '10-99'), (100, 999, '100-999'), (1000, math.inf, '1000+')]
+FREQUENCY_BINS = [(0, 0, 'unseen'), (1, 9, '1-9'), (10, 99, '10-99'), (100, 999, '100-999'),
+                  (1000, math.inf, '1000+')]
 
 
 def frequent_tokens(counts, top_n):
@@ -49,39 +61,58 @@ def frequent_tokens(counts, top_n):
     return np.sort(order[counts[order] >= MIN_COUNT][:top_n])
 
 
-def loss_section(train, evals, run_dir, report_dir):
-    """The last and best losses of a run's log.jsonl, and its loss curve: (json, markdown)."""
-    loss = {'last_iter': train[-1]['iter'], 'last_train_loss': train[-1]['loss'],
+# ---- training: the run's log.jsonl ----------------------------------------------------------
+
+def loss_study(train, evals):
+    """The last and best losses of a run, from the train and eval events of its log.jsonl."""
+    return {'last_iter': train[-1]['iter'], 'last_train_loss': train[-1]['loss'],
             'last_val_loss': evals[-1]['val_loss'] if evals else None,
             'last_val_bpb': evals[-1].get('val_bpb') if evals else None,
             'best_val_loss': min((e['val_loss'] for e in evals if e['val_loss'] is not None), default=None)}
+
+
+def loss_markdown(study, run_dir, report_dir):
+    """The losses of loss_study, and the loss curve drawn from the log.jsonl in run_dir."""
     plot_losses(run_dir, os.path.join(report_dir, 'loss.png'))
-    return loss, ['## Training\n', table(list(loss), [list(loss.values())]), image('loss.png')]
+    return ['## Training\n', table(list(study), [list(study.values())]), image('loss.png')]
 
 
-def positional_section(P, report_dir):
-    """The positional studies of a table P (T, d), with their figures: (json, markdown)."""
-    g, k, T = positional_geometry(P), np.arange(len(P)), len(P)
-    ratios, alpha, r2 = g['pca_explained_variance'], g['exp_fit']['alpha'], g['exp_fit']['r2']
-    dc, line = g['delta_consecutive_cos_mean'], g['linear_fit_r2']
-    md = ['## Positional embeddings (W_pos, %d x %d)\n' % P.shape, table(['quantity', 'value'], [
-        ['norm of p_t: min / mean / max', ' / '.join(f"{f(g['norms']):.3f}" for f in (np.min, np.mean, np.max))],
-        ['mean cos at distance 1 / T/4 / T/2', ' / '.join(f"{g['mean_cos_by_distance'][j]:.3f}" for j in (1, T // 4, T // 2))],
-        ['fit cos ~ exp(-alpha k)', f'alpha = {alpha:.4g}, R^2 = {r2:.3f}' + (
-            ' (the end of the search: no decay rate resolved)' if g['exp_fit']['at_edge'] else '')],
-        ['variance of PC1, PC2, PC3', ', '.join(f'{r:.1%}' for r in ratios[:3])],
-        ['components for 80% / 90% of the variance', f"{g['n_components_80']} / {g['n_components_90']}"],
-        ['abs corr(PC score, t) for PC1, PC2, PC3', ', '.join(f'{c:.3f}' for c in g['pc_abs_corr_with_position'][:3])],
-        ['mean cos(delta_t, delta_t+1), delta_t = p_t+1 - p_t', f'{dc:.3f}'],
-        ['variance explained by the line p_t = a + t b', f'{line:.1%}']]),
-        f"The steps delta_t are {'nearly parallel' if dc > 0.9 else 'far from parallel'} (mean cosine {dc:.2f}) and the "
-        f"best line a + t b explains {line:.0%} of the variance: the picture p_t ~ a + t b "
-        f"{'holds' if line > 0.9 else 'does not hold'} for this table.\n",
-        plot_lines(report_dir, 'positional_norms.png', 'W_pos: norm of each position', 'position t', '||p_t||',
-                   [(k, g['norms'], '-', None)]),
-        plot_lines(report_dir, 'positional_cos_by_distance.png', 'W_pos: cosine similarity vs distance', 'distance k',
-                   'mean cos(p_t, p_t+k)', [(k, g['mean_cos_by_distance'], '-', 'mean over t'),
-                                            (k, np.exp(-alpha * k), '--', f'exp(-{alpha:.3g} k), R^2 = {r2:.2f}')])]
+# ---- positional embeddings: the study is geometry.positional_geometry ------------------------
+
+def positional_markdown(study, P, report_dir):
+    """The table and figures of study = geometry.positional_geometry(P), P a position table (T, d)."""
+    T, cos, ratios = len(P), study['mean_cos_by_distance'], study['pca_explained_variance']
+    fit, dc, line = study['exp_fit'], study['delta_consecutive_cos_mean'], study['linear_fit_r2']
+    norms = ' / '.join(f"{f(study['norms']):.3f}" for f in (np.min, np.mean, np.max))
+    rows = [['norm of p_t: min / mean / max', norms],
+            ['mean cos at distance 1 / T/4 / T/2', ' / '.join(f'{cos[j]:.3f}' for j in (1, T // 4, T // 2))],
+            ['fit cos ~ exp(-alpha k)', f"alpha = {fit['alpha']:.4g}, R^2 = {fit['r2']:.3f}" + (
+                ' (the end of the search: no decay rate resolved)' if fit['at_edge'] else '')],
+            ['variance of PC1, PC2, PC3', ', '.join(f'{r:.1%}' for r in ratios[:3])],
+            ['components for 80% / 90% of the variance',
+             f"{study['n_components_80']} / {study['n_components_90']}"],
+            ['abs corr(PC score, t) for PC1, PC2, PC3',
+             ', '.join(f'{c:.3f}' for c in study['pc_abs_corr_with_position'][:3])],
+            ['mean cos(delta_t, delta_t+1), delta_t = p_t+1 - p_t', f'{dc:.3f}'],
+            ['variance explained by the line p_t = a + t b', f'{line:.1%}']]
+    return ['## Positional embeddings (W_pos, %d x %d)\n' % P.shape, table(['quantity', 'value'], rows),
+            f"The steps delta_t are {'nearly parallel' if dc > 0.9 else 'far from parallel'} (mean cosine "
+            f"{dc:.2f}) and the best line a + t b explains {line:.0%} of the variance: the picture "
+            f"p_t ~ a + t b {'holds' if line > 0.9 else 'does not hold'} for this table.\n",
+            *positional_figures(study, P, report_dir)]
+
+
+def positional_figures(study, P, report_dir):
+    """The figures of a position table P (T, d) and of study = positional_geometry(P): the norms, the
+    cosine by distance with its fit, the cosine of every pair, the PC scores and the PCA spectrum."""
+    k, ratios = np.arange(len(P)), study['pca_explained_variance']
+    alpha, r2 = study['exp_fit']['alpha'], study['exp_fit']['r2']
+    md = [plot_lines(report_dir, 'positional_norms.png', 'W_pos: norm of each position', 'position t',
+                     '||p_t||', [(k, study['norms'], '-', None)]),
+          plot_lines(report_dir, 'positional_cos_by_distance.png', 'W_pos: cosine similarity vs distance',
+                     'distance k', 'mean cos(p_t, p_t+k)',
+                     [(k, study['mean_cos_by_distance'], '-', 'mean over t'),
+                      (k, np.exp(-alpha * k), '--', f'exp(-{alpha:.3g} k), R^2 = {r2:.2f}')])]
     fig, ax = plt.subplots(figsize=(5.5, 4.5), layout='constrained')
     fig.colorbar(ax.imshow(cosine_matrix(P), cmap='RdBu_r', vmin=-1, vmax=1), ax=ax, label='cos(p_i, p_j)')
     ax.set(title='W_pos: cosine similarity of positions', xlabel='position j', ylabel='position i')
@@ -89,7 +120,8 @@ def positional_section(P, report_dir):
     scores = pca(np.asarray(P, np.float64))[1]
     pairs = [(i, j) for i, j in ((0, 1), (1, 2)) if j < scores.shape[1]]
     if pairs:
-        fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4.2), layout='constrained', squeeze=False)
+        fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4.2), layout='constrained',
+                                 squeeze=False)
         for ax, (i, j) in zip(axes[0], pairs):
             points = ax.scatter(scores[:, i], scores[:, j], c=k, cmap='viridis', s=10)
             ax.set(title=f'W_pos: PC{i + 1} vs PC{j + 1}', xlabel=f'PC{i + 1} ({ratios[i]:.0%} of variance)',
@@ -97,36 +129,41 @@ def positional_section(P, report_dir):
         fig.colorbar(points, ax=axes[0].tolist(), label='position t')
         md.append(save(fig, report_dir, 'positional_pca.png'))
     fig, ax = plt.subplots(figsize=(6.5, 4), layout='constrained')
-    n = np.arange(1, min(len(ratios), max(30, g['n_components_90'] + 5)) + 1)
+    n = np.arange(1, min(len(ratios), max(30, study['n_components_90'] + 5)) + 1)
     ax.bar(n, ratios[:len(n)], label='each component')
     ax.plot(n, np.cumsum(ratios)[:len(n)], 'o-', color='C1', ms=3, label='cumulative (dotted: 80%, 90%)')
     ax.axhline(0.8, color='grey', ls=':'), ax.axhline(0.9, color='grey', ls=':')
     ax.set(title='W_pos: PCA explained variance', xlabel='principal component', ylabel='fraction of variance',
            ylim=(0, 1.02))
     ax.legend()
-    return g, md + [save(fig, report_dir, 'positional_explained_variance.png')]
+    return md + [save(fig, report_dir, 'positional_explained_variance.png')]
 
 
-def attention_section(model, x, report_dir):
-    """Layer 0's query-key scores split into their token and position parts, over the val tokens x: (json, markdown)."""
-    qk = qk_decomposition(model, x)
-    share = np.array(qk['share_by_head'])
+# ---- layer-0 attention: the study is circuits.qk_decomposition -------------------------------
+
+def attention_markdown(study, report_dir):
+    """The table and figure of circuits.qk_decomposition: layer 0's query-key scores split into their
+    token and position parts."""
+    share = np.array(study['share_by_head'])
     fig, ax = plt.subplots(figsize=(7, 1.4 + 0.45 * len(share)), layout='constrained')
     heatmap(ax, fig, share, 'Layer 0: share of the within-query score variance', TERMS,
-            [f'head {h}' for h in range(len(share))], 'Cov(part, score) / Var(score)', cmap='RdBu_r', vmin=-1, vmax=1)
-    return qk, ['### Layer-0 attention: what the query-key scores are made of\n',
-                "LN(e + p) = gamma*e_c/sigma + gamma*p_c/sigma + beta with one sigma, so each score q_i.k_j splits "
-                "exactly into five parts. A cell is the part's share Cov(part, score) / Var(score) of the score "
-                "variance within a query (softmax ignores what is the same for all of a query's keys); a head's "
-                "shares add up to 1. "
-                f"Over {qk['tokens']} val tokens the parts add back to the model's own scores within "
-                f"{qk['max_abs_error']:.1e} (largest score {qk['max_abs_score']:.1f}).\n",
-                table(['head'] + TERMS, [[h, *(f'{v:.3f}' for v in row)] for h, row in enumerate(share)] +
-                      [['mean', *(f'{v:.3f}' for v in qk['share_mean'])]]),
-                save(fig, report_dir, 'attention_layer0.png')]
+            [f'head {h}' for h in range(len(share))], 'Cov(part, score) / Var(score)', cmap='RdBu_r',
+            vmin=-1, vmax=1)
+    return ['### Layer-0 attention: what the query-key scores are made of\n',
+            "LN(e + p) = gamma*e_c/sigma + gamma*p_c/sigma + beta with one sigma, so each score q_i.k_j "
+            "splits exactly into five parts. A cell is the part's share Cov(part, score) / Var(score) of the "
+            "score variance within a query (softmax ignores what is the same for all of a query's keys); a "
+            "head's shares add up to 1. "
+            f"Over {study['tokens']} val tokens the parts add back to the model's own scores within "
+            f"{study['max_abs_error']:.1e} (largest score {study['max_abs_score']:.1f}).\n",
+            table(['head'] + TERMS, [[h, *(f'{v:.3f}' for v in row)] for h, row in enumerate(share)] +
+                  [['mean', *(f'{v:.3f}' for v in study['share_mean'])]]),
+            save(fig, report_dir, 'attention_layer0.png')]
 
 
-def token_studies(W, counts, probe_ids, enc):
+# ---- token embeddings -----------------------------------------------------------------------
+
+def token_study(W, counts, probe_ids, enc):
     """Neighbours of the probe tokens and analogies (both among the tokens seen in training),
     norm vs log frequency, and anisotropy, for one token table W (V, d)."""
     seen = np.flatnonzero(counts > 0)
@@ -145,15 +182,16 @@ def token_studies(W, counts, probe_ids, enc):
             'anisotropy': anisotropy(W), 'anisotropy_seen': anisotropy(W[seen])}
 
 
-def token_markdown(studies):
-    """Tables of the token studies of one or more tables, {label: token_studies(...)}."""
+def token_tables(studies):
+    """The tables of the token studies of one or more tables side by side, {label: token_study(...)}."""
     first, columns = next(iter(studies.values())), list(studies.values())
     ranks = [a['rank_excluding_inputs'] for s in columns for a in s['analogies']]
-    return [f"Neighbours are searched among the {first['candidates']} tokens seen in train.bin (counts in brackets), "
-            "analogies among these and the expected word.\n",
-            table(['probe', *studies], [[f"{show(w)} ({first['probe_counts'][w]})",
-                                         *(', '.join(show(t) for t, _ in s['neighbours'][w][:6]) for s in columns)]
-                                        for w in first['neighbours']]),
+    return [f"Neighbours are searched among the {first['candidates']} tokens seen in train.bin (counts in "
+            "brackets), analogies among these and the expected word.\n",
+            table(['probe', *studies], [
+                [f"{show(w)} ({first['probe_counts'][w]})",
+                 *(', '.join(show(t) for t, _ in s['neighbours'][w][:6]) for s in columns)]
+                for w in first['neighbours']]),
             "Analogies by 3CosAdd: the rank of the expected word with the input words excluded / included, "
             "and the top word.\n",
             table(['analogy', 'expected', *studies], [
@@ -173,10 +211,9 @@ def token_markdown(studies):
                 ('anisotropy, seen rows: centred', 'anisotropy_seen', 'centred'))])]
 
 
-def token_section(W, counts, probe_ids, enc, report_dir):
-    """The token studies of W_E with the norm-vs-frequency scatter: (json, markdown)."""
-    studies = token_studies(W, counts, probe_ids, enc)
-    nf, norms, seen = studies['norm_frequency'], np.linalg.norm(W, axis=1), counts > 0
+def token_markdown(study, W, counts, report_dir):
+    """The tables of token_study(W, ...) for the one model, and W's norm-vs-frequency scatter."""
+    nf, norms, seen = study['norm_frequency'], np.linalg.norm(W, axis=1), counts > 0
     fig, ax = plt.subplots(figsize=(6.5, 4.2), layout='constrained')
     ax.scatter(counts[seen], norms[seen], s=4, alpha=0.4, label=f"seen in train.bin ({nf['n_seen']})")
     ax.scatter(np.full((~seen).sum(), 0.5), norms[~seen], s=4, alpha=0.2, color='C3',
@@ -184,121 +221,182 @@ def token_section(W, counts, probe_ids, enc, report_dir):
     ax.set(xscale='log', xlabel='count in train.bin', ylabel='||W_E[i]||',
            title=f"W_E: norm vs frequency (Spearman {nf['spearman_seen']:.2f} over seen tokens)")
     ax.legend()
-    return studies, ['## Token embeddings (W_E)\n', *token_markdown({'this model': studies}),
-                     save(fig, report_dir, 'token_norm_frequency.png')]
+    return ['## Token embeddings (W_E)\n', *token_tables({'this model': study}),
+            save(fig, report_dir, 'token_norm_frequency.png')]
 
 
-def logit_lens_section(model, x, y, report_dir):
-    """The val loss of each layer decoded through LN_f and the tied head: (json, markdown)."""
-    losses = logit_lens(model, x, y)
-    return {'loss_by_layer': losses, 'tokens': x.numel()}, [
-        '## Logit lens\n', table(['layer (0 = embeddings)', 'val loss'], list(enumerate(losses))),
-        plot_lines(report_dir, 'logit_lens.png', 'Logit lens: each layer decoded through LN_f and the tied head',
-                   'layer (0 = embeddings)', 'val loss (nats)', [(range(len(losses)), losses, 'o-', None)],
-                   xticks=range(len(losses)))]
+# ---- logit lens -----------------------------------------------------------------------------
+
+def logit_lens_study(model, x, y):
+    """The loss on the next tokens y of each layer's residual stream over the val tokens x, decoded
+    through LN_f and the tied head."""
+    return {'loss_by_layer': logit_lens(model, x, y), 'tokens': x.numel()}
 
 
-def dynamics_section(snapshots, report_dir):
-    """W_E's drift from init by token frequency, and W_pos's cosine-vs-distance curve, at each snapshot."""
-    iters = snapshots['iters']
+def logit_lens_markdown(study, report_dir):
+    """The table and curve of logit_lens_study."""
+    losses = study['loss_by_layer']
+    return ['## Logit lens\n', table(['layer (0 = embeddings)', 'val loss'], list(enumerate(losses))),
+            plot_lines(report_dir, 'logit_lens.png', 'Logit lens: each layer decoded through LN_f and the '
+                       'tied head', 'layer (0 = embeddings)', 'val loss (nats)',
+                       [(range(len(losses)), losses, 'o-', None)], xticks=range(len(losses)))]
+
+
+# ---- during training: the run's snapshots ---------------------------------------------------
+
+def dynamics_study(snapshots, position_tables, counts):
+    """W_E's drift from its first snapshot, median |W_E(t) - W_E(0)| in each FREQUENCY_BINS bin of the
+    train counts, at each snapshot, and at the last one the Spearman correlation of the drift with log
+    count; W_pos's mean cosine by distance at each snapshot. snapshots: (iteration, W_E) in the order
+    of training, read one at a time where it is a generator; position_tables: {iteration: W_pos}."""
+    out = {'iters': [], 'drift_median': {label: [] for *_, label in FREQUENCY_BINS},
+           'pos_mean_cos_by_distance': [mean_cos_by_distance(P) for P in position_tables.values()]}
+    W0 = None
+    for i, W in snapshots:
+        out['iters'].append(i)
+        W0 = W if W0 is None else W0
+        drift = np.linalg.norm(W - W0, axis=1)
+        for lo, hi, label in FREQUENCY_BINS:
+            in_bin = (counts >= lo) & (counts <= hi)
+            out['drift_median'][label].append(float(np.median(drift[in_bin])) if in_bin.any() else None)
+    out['drift_spearman_log_count'] = drift_vs_frequency(W0, W, counts)
+    return out
+
+
+def dynamics_markdown(study, report_dir):
+    """The figures of dynamics_study: the drift by frequency, and the cosine-vs-distance curves."""
+    iters = study['iters']
     md = ['## During training\n', f"Spearman(drift at the last snapshot, log count) over the tokens seen: "
-          f"{snapshots['drift_spearman_log_count']:.3f}.\n",
-          plot_lines(report_dir, 'dynamics_drift.png', 'W_E: drift from init, median by token frequency', 'iteration',
-                     'median ||W_E(t) - W_E(0)||',
-                     [(iters, v, 'o-', f'count {label}') for label, v in snapshots['drift_median'].items()])]
-    if snapshots['pos_mean_cos_by_distance']:
+          f"{study['drift_spearman_log_count']:.3f}.\n",
+          plot_lines(report_dir, 'dynamics_drift.png', 'W_E: drift from init, median by token frequency',
+                     'iteration', 'median ||W_E(t) - W_E(0)||',
+                     [(iters, v, 'o-', f'count {label}') for label, v in study['drift_median'].items()])]
+    if study['pos_mean_cos_by_distance']:
         fig, ax = plt.subplots(figsize=(6.5, 4), layout='constrained')
-        scale = plt.Normalize(iters[0], iters[-1])  # a curve's colour is its iteration's, as on the colour bar
-        for curve, colour in zip(snapshots['pos_mean_cos_by_distance'], plt.cm.viridis(scale(np.array(iters)))):
+        scale = plt.Normalize(iters[0], iters[-1])  # a curve's colour is its iteration's, as on the bar
+        for curve, colour in zip(study['pos_mean_cos_by_distance'], plt.cm.viridis(scale(np.array(iters)))):
             ax.plot(curve, color=colour, lw=1)
         fig.colorbar(plt.cm.ScalarMappable(scale, 'viridis'), ax=ax, label='iteration')
-        ax.set(title='W_pos: cosine vs distance during training', xlabel='distance k', ylabel='mean cos(p_t, p_t+k)')
+        ax.set(title='W_pos: cosine vs distance during training', xlabel='distance k',
+               ylabel='mean cos(p_t, p_t+k)')
         md.append(save(fig, report_dir, 'dynamics_positional.png'))
     return md
 
 
-def onset_section(tables, seen, train_tokens, evals, reference, report_dir):
+def onset_study(tables, starts, train_tokens, evals, reference):
     """When W_pos takes shape: position_statistics of W_pos and of its learned part W_pos - W_pos(0)
     (0: the first snapshot, the init when the run saved one at iteration 0) at every snapshot,
-    tables = {iteration: W_pos}, against tokens seen ({iteration: tokens} or None), passes over
-    the train_tokens of the book and the losses of the evaluations at the same iterations. The
-    onset is the first snapshot where abs corr(PC, t) reaches ONSET_THRESHOLD. reference: a
-    position table to put beside them (GPT-2's rows 0..T-1) or None. (json, markdown)"""
+    tables = {iteration: W_pos}, against the tokens seen (from the run's start events, where it has
+    them), passes over the train_tokens of the book and the losses of the eval events at the same
+    iterations. The onset is the first snapshot where abs corr(PC, t) reaches ONSET_THRESHOLD.
+    reference: a position table to put beside them (GPT-2's rows 0..T-1) or None."""
     iters = sorted(tables)
     first, losses = tables[iters[0]], {e['iter']: e for e in evals}
     records = []
     for i in iters:
-        tokens = None if seen is None else seen[i]
-        records.append({'iter': i, 'tokens_seen': tokens, 'passes': None if tokens is None else tokens / train_tokens,
-                        'train_loss': losses.get(i, {}).get('train_loss'), 'val_loss': losses.get(i, {}).get('val_loss'),
+        tokens = tokens_seen(starts, i)
+        records.append({'iter': i, 'tokens_seen': tokens,
+                        'passes': None if tokens is None else tokens / train_tokens,
+                        'train_loss': losses.get(i, {}).get('train_loss'),
+                        'val_loss': losses.get(i, {}).get('val_loss'),
                         'W_pos': position_statistics(tables[i]),
                         'learned': position_statistics(tables[i] - first) if i != iters[0] else None})
-    T = len(first)
-    out = {'threshold': ONSET_THRESHOLD, 'first_snapshot': iters[0], 'records': records,
-           'onset_iter': onset(iters, [r['W_pos']['pc_corr'] for r in records], ONSET_THRESHOLD),
-           'onset_iter_learned': onset(iters, [r['learned'] and r['learned']['pc_corr'] for r in records],
-                                       ONSET_THRESHOLD),
-           'reference': None if reference is None else position_statistics(reference[:T])}
+    return {'threshold': ONSET_THRESHOLD, 'first_snapshot': iters[0], 'records': records,
+            'onset_iter': onset(iters, [r['W_pos']['pc_corr'] for r in records], ONSET_THRESHOLD),
+            'onset_iter_learned': onset(iters, [r['learned'] and r['learned']['pc_corr'] for r in records],
+                                        ONSET_THRESHOLD),
+            'reference': None if reference is None else position_statistics(reference[:len(first)])}
 
-    def rows(key):
-        return [[r['iter'], '' if r['tokens_seen'] is None else f"{r['tokens_seen']:,}",
-                 '' if r['passes'] is None else f"{r['passes']:.2f}",
-                 *('' if r[loss] is None else f'{r[loss]:.3f}' for loss in ('train_loss', 'val_loss')),
-                 *(('', ) * len(ONSET_STATISTICS) if r[key] is None else
-                   (f"{r[key][s]:.3f} (PC{r[key]['pc_corr_which']})" if s == 'pc_corr' and not math.isnan(r[key][s])
-                    else f'{r[key][s]:.3f}'
-                    for s in ONSET_STATISTICS))] for r in records]
+
+def onset_markdown(study, train_tokens, report_dir):
+    """The tables and figure of onset_study, over the train_tokens of the book."""
+    records, first = study['records'], study['first_snapshot']
     header = ['iteration', 'tokens seen', 'passes', 'train loss', 'val loss', *ONSET_STATISTICS.values()]
-    reference_row = [] if reference is None else [['reference', '', '', '', '',
-                                                    *(f"{out['reference'][s]:.3f}" for s in ONSET_STATISTICS)]]
+    reference = [] if study['reference'] is None else [
+        ['reference', '', '', '', '', *(f"{study['reference'][s]:.3f}" for s in ONSET_STATISTICS)]]
+    return ['## When W_pos takes shape\n',
+            f"W_pos at each of the run's snapshots, and its learned part W_pos - W_pos({first}): what "
+            "training has added to its start (independent random rows, the default start, give mean cosines "
+            "near 0 and cos(delta_t, delta_t+1) near -0.5; an all-zero start gives 0 for both, and nan for "
+            "PC1's share and corr(PC, t)). max abs corr(PC, t) is the largest of PC1-PC3 (which one in "
+            f"brackets); the onset is the first snapshot where it reaches {ONSET_THRESHOLD}. Passes: tokens "
+            f"seen over the {train_tokens:,} train tokens. Losses where an evaluation fell on the "
+            "snapshot.\n",
+            f"Onset: W_pos {onset_when(records, study['onset_iter'])}; its learned part "
+            f"{onset_when(records, study['onset_iter_learned'])}.\n",
+            '### W_pos\n', table(header, onset_rows(records, 'W_pos') + reference),
+            f'### Learned part, W_pos - W_pos({first})\n', table(header, onset_rows(records, 'learned')[1:]),
+            onset_figure(records, first, report_dir)]
 
-    def said(at):
-        if at is None:
-            return 'not reached'
-        r = records[iters.index(at)]
-        return f"at iteration {at}" + ('' if r['tokens_seen'] is None else
-                                       f" ({r['tokens_seen']:,} tokens, {r['passes']:.2f} passes over the book)")
 
+def onset_when(records, at):
+    """Where the onset came: 'not reached', or its iteration, with the tokens seen and passes where known."""
+    if at is None:
+        return 'not reached'
+    r = next(r for r in records if r['iter'] == at)
+    return f"at iteration {at}" + ('' if r['tokens_seen'] is None else
+                                   f" ({r['tokens_seen']:,} tokens, {r['passes']:.2f} passes over the book)")
+
+
+def onset_rows(records, key):
+    """A table row for each of onset_study's records: when, the losses and the ONSET_STATISTICS of
+    r[key] ('W_pos' or 'learned'); blank where there are none."""
+    return [[r['iter'], '' if r['tokens_seen'] is None else f"{r['tokens_seen']:,}",
+             '' if r['passes'] is None else f"{r['passes']:.2f}",
+             *('' if r[loss] is None else f'{r[loss]:.3f}' for loss in ('train_loss', 'val_loss')),
+             *(('', ) * len(ONSET_STATISTICS) if r[key] is None else
+               (onset_cell(r[key], s) for s in ONSET_STATISTICS))] for r in records]
+
+
+def onset_cell(statistics, s):
+    """One of a table's position_statistics; for max abs corr(PC, t), with the PC that has it."""
+    if s == 'pc_corr' and not math.isnan(statistics[s]):
+        return f"{statistics[s]:.3f} (PC{statistics['pc_corr_which']})"
+    return f'{statistics[s]:.3f}'
+
+
+def onset_figure(records, first, report_dir):
+    """The statistics of W_pos and of its learned part by iteration, with the val loss (dashed)."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), layout='constrained', sharey=True)
-    for ax, key, title in zip(axes, ('W_pos', 'learned'), ('W_pos', f'learned part W_pos - W_pos({iters[0]})')):
+    for ax, key, title in zip(axes, ('W_pos', 'learned'), ('W_pos', f'learned part W_pos - W_pos({first})')):
         kept = [r for r in records if r[key] is not None]
         for k, (s, label) in enumerate(ONSET_STATISTICS.items()):
             if s != 'mean_norm':
-                ax.plot([r['iter'] for r in kept], [r[key][s] for r in kept], 'o-', ms=3, color=f'C{k}', label=label)
+                ax.plot([r['iter'] for r in kept], [r[key][s] for r in kept], 'o-', ms=3, color=f'C{k}',
+                        label=label)
         ax.axhline(ONSET_THRESHOLD, color='grey', ls=':')
         ax.set(title=title, xlabel='iteration')
         evaluated = [r for r in records if r['val_loss'] is not None]
         if evaluated:
             loss_axis = ax.twinx()
-            loss_axis.plot([r['iter'] for r in evaluated], [r['val_loss'] for r in evaluated], 'k--', label='val loss')
+            loss_axis.plot([r['iter'] for r in evaluated], [r['val_loss'] for r in evaluated], 'k--',
+                           label='val loss')
             loss_axis.set_ylabel('val loss (dashed)')
     axes[0].legend(fontsize=8)
-    return out, ['## When W_pos takes shape\n',
-                 f"W_pos at each of the run's snapshots, and its learned part W_pos - W_pos({iters[0]}): what training "
-                 "has added to its start (independent random rows, the default start, give mean cosines near 0 and "
-                 "cos(delta_t, delta_t+1) near -0.5; an all-zero start gives 0 for both, and nan for PC1's share and corr(PC, t)). max abs corr(PC, t) is the largest of PC1-PC3 (which one in "
-                 f"brackets); the onset is the first snapshot where it reaches {ONSET_THRESHOLD}. Passes: tokens seen "
-                 f"over the {train_tokens:,} train tokens. Losses where an evaluation fell on the snapshot.\n",
-                 f"Onset: W_pos {said(out['onset_iter'])}; its learned part {said(out['onset_iter_learned'])}.\n",
-                 '### W_pos\n', table(header, rows('W_pos') + reference_row),
-                 f'### Learned part, W_pos - W_pos({iters[0]})\n', table(header, rows('learned')[1:]),
-                 save(fig, report_dir, 'onset.png')]
+    return save(fig, report_dir, 'onset.png')
 
 
-def stability_section(W_E, W_pos, other_name, other_W_E, other_W_pos, counts, top_n):
+# ---- across seeds: this run against another ---------------------------------------------------
+
+def stability_study(W_E, W_pos, other_name, other_W_E, other_W_pos, counts, top_n):
     """How alike this run's tables and another seed's are (CKA, RSA, neighbour overlap, Procrustes):
-    W_E over the most frequent tokens, W_pos over the positions both have: (json, markdown)."""
+    W_E over the most frequent tokens, W_pos over the positions both have (where there are MIN_POSITIONS)."""
     tokens = frequent_tokens(counts, top_n)
     out = {'compare_out_dir': other_name, 'tokens_compared': len(tokens),
            'W_E': similarity_and_chance(W_E[tokens], other_W_E[tokens])}
     n = min(len(W_pos), len(other_W_pos)) if W_pos is not None and other_W_pos is not None else 0
     if n >= MIN_POSITIONS:
         out['W_pos'] = similarity_and_chance(W_pos[:n], other_W_pos[:n])
-    names = [k for k in ('W_E', 'W_pos') if k in out]
-    return out, [f'## Across seeds: this run vs {other_name}\n', f'W_E over the {len(tokens)} most frequent '
-                 f'tokens seen at least {MIN_COUNT} times' + ('; W_pos over the positions both have' if n >= MIN_POSITIONS
-                                                            else '') + '. ' + CHANCE + '\n',
-                 similarity_table(names, [out[k] for k in names])]
+    return out
+
+
+def stability_markdown(study):
+    """The table of stability_study."""
+    names = [k for k in ('W_E', 'W_pos') if k in study]
+    return [f"## Across seeds: this run vs {study['compare_out_dir']}\n",
+            f"W_E over the {study['tokens_compared']} most frequent tokens seen at least {MIN_COUNT} times"
+            + ('; W_pos over the positions both have' if 'W_pos' in study else '') + '. ' + CHANCE + '\n',
+            similarity_table(names, [study[k] for k in names])]
 
 
 def similarity_and_chance(A, B):
@@ -318,32 +416,44 @@ def similarity_table(names, sims):
     return table(['', *SIMILARITIES.values()], rows)
 
 
-def compare_section(names, tables, counts, probe_ids, enc, top_n, report_dir):
-    """Token studies of each W_E, and CKA, RSA, neighbour overlap, Procrustes between each pair: (json, markdown)."""
+# ---- several tables side by side (--compare) ------------------------------------------------
+
+def index_pairs(n):
+    """The pairs (i, j), i < j, of n items, in the order of the comparison's tables and figure."""
+    return [(i, j) for i in range(n) for j in range(i + 1, n)]
+
+
+def compare_study(names, tables, counts, probe_ids, enc, top_n):
+    """The token studies of each W_E, and CKA, RSA, neighbour overlap and Procrustes between each pair
+    over the most frequent tokens."""
     tokens = frequent_tokens(counts, top_n)
-    studies = {name: token_studies(W, counts, probe_ids, enc) for name, W in zip(names, tables)}
-    pairs = {(i, j): similarity_and_chance(tables[i][tokens], tables[j][tokens])
-             for i in range(len(names)) for j in range(i + 1, len(names))}
+    studies = {name: token_study(W, counts, probe_ids, enc) for name, W in zip(names, tables)}
+    pairs = [{'a': names[i], 'b': names[j], **similarity_and_chance(tables[i][tokens], tables[j][tokens])}
+             for i, j in index_pairs(len(names))]
+    return {'models': names, 'tokens_compared': len(tokens), 'token_studies': studies, 'pairs': pairs}
+
+
+def compare_markdown(study, report_dir):
+    """The tables of compare_study, and a heatmap of each similarity between the tables."""
+    names, tokens, pairs = study['models'], study['tokens_compared'], study['pairs']
     fig, axes = plt.subplots(2, 2, figsize=(12, 10), layout='constrained')
     for ax, (key, title) in zip(axes.flat, SIMILARITIES.items()):
         M = np.eye(len(names))
-        for (i, j), s in pairs.items():
+        for (i, j), s in zip(index_pairs(len(names)), pairs):
             M[i, j] = M[j, i] = s[key]
         heatmap(ax, fig, M, title, names, names, key, cmap='RdBu_r', vmin=-1, vmax=1)
-    fig.suptitle(f'W_E compared over the {len(tokens)} most frequent tokens seen at least {MIN_COUNT} times')
-    md = [f"# Token embeddings compared: {', '.join(names)}\n", '## Each table on its own\n',
-          *token_markdown(studies),
-          f'## Between tables, over the {len(tokens)} most frequent tokens seen at least {MIN_COUNT} times\n',
-          CHANCE + '\n',
-          similarity_table([f'{names[i]} vs {names[j]}' for i, j in pairs], pairs.values()),
-          save(fig, report_dir, 'compare.png')]
-    return {'models': names, 'tokens_compared': len(tokens), 'token_studies': studies,
-            'pairs': [{'a': names[i], 'b': names[j], **s} for (i, j), s in pairs.items()]}, md
+    fig.suptitle(f'W_E compared over the {tokens} most frequent tokens seen at least {MIN_COUNT} times')
+    return [f"# Token embeddings compared: {', '.join(names)}\n", '## Each table on its own\n',
+            *token_tables(study['token_studies']),
+            f'## Between tables, over the {tokens} most frequent tokens seen at least {MIN_COUNT} times\n',
+            CHANCE + '\n',
+            similarity_table([f"{s['a']} vs {s['b']}" for s in pairs], pairs),
+            save(fig, report_dir, 'compare.png')]
 
 
-def training_section(names, settings, models, evals_by_model):
+def training_study(names, settings, models, evals_by_model):
     """Each checkpoint's loss at initialisation (against ln V + s^2/2) and at the end, as perplexity
-    and bits per byte, from the eval events of its log.jsonl ([] for none): (json, markdown)."""
+    and bits per byte, from the eval events of its log.jsonl ([] for none: left out)."""
     out = {}
     for name, config, model, evals in zip(names, settings, models, evals_by_model):
         if not evals:
@@ -358,14 +468,21 @@ def training_section(names, settings, models, evals_by_model):
                      'perplexity': None if evals[-1]['val_loss'] is None else math.exp(evals[-1]['val_loss']),
                      'val_bpb': evals[-1].get('val_bpb'),
                      'coverage': evals[-1].get('coverage')}
-    if not out:
-        return out, []
-    return out, ['## The models\n', "The val loss before the first step against ln V + s^2/2 (logits of variance s^2 = "
-                 "n_embd x 0.02^2 at init), and at the end as perplexity e^loss and bits per byte. A masked LM's loss "
-                 "is over its masked tokens only: its perplexity is a pseudo-perplexity and it has no bits per byte.\n",
-                 table(['model', 'objective', 'seed', 'sampler', 'iterations', 'val loss at init', 'ln V + s^2/2',
-                        'final val loss', 'perplexity', 'val bpb', 'coverage'],
-                       [[name, *(('' if r[key] is None else r[key]) for key in list(r))] for name, r in out.items()])]
+    return out
+
+
+def training_markdown(study):
+    """The table of training_study; nothing where no checkpoint has eval events."""
+    if not study:
+        return []
+    return ['## The models\n', "The val loss before the first step against ln V + s^2/2 (logits of variance "
+            "s^2 = n_embd x 0.02^2 at init), and at the end as perplexity e^loss and bits per byte. A "
+            "masked LM's loss is over its masked tokens only: its perplexity is a pseudo-perplexity and it "
+            "has no bits per byte.\n",
+            table(['model', 'objective', 'seed', 'sampler', 'iterations', 'val loss at init', 'ln V + s^2/2',
+                   'final val loss', 'perplexity', 'val bpb', 'coverage'],
+                  [[name, *(('' if r[key] is None else r[key]) for key in list(r))]
+                   for name, r in study.items()])]
 
 
 def seed_replicas(settings):
@@ -378,17 +495,16 @@ def seed_replicas(settings):
             if settings[a].get('seed') != settings[b].get('seed') and learned[a] == learned[b]]
 
 
-def contextual_section(names, tables, models, settings, counts, val, enc, report_dir, notes):
+def contextual_study(names, tables, models, settings, counts, val, enc):
     """Static vs contextual over the val text: for each transformer (models, with its train.py
     settings) the measures of geometry.contextual_geometry after every layer, for each static table
     the same with every occurrence given its row, and the CKA of each layer's per-type means with
-    every table: (json, markdown)."""
+    every table. None where no token seen in training occurs MIN_COUNT times in the val text."""
     T = min(len(val), *(m.config.block_size for m in models.values()))
     ids = val[:len(val) // T * T].astype(np.int64)
     types = np.flatnonzero((np.bincount(ids, minlength=VOCAB_SIZE) >= MIN_COUNT) & (counts > 0))
     if not len(types):
-        notes.append(f'static vs contextual skipped: no token occurs {MIN_COUNT}+ times in the val text')
-        return None, []
+        return None
     probe_ids = {w: enc.encode_ordinary(w)[0] for w in CONTEXT_PROBES}
     out = {'tokens': len(ids), 'window': T, 'types': len(types), 'min_count': MIN_COUNT,
            'probe_counts': {w: int((ids == i).sum()) for w, i in probe_ids.items()}, 'models': {}}
@@ -402,7 +518,8 @@ def contextual_section(names, tables, models, settings, counts, val, enc, report
             by_type = g.pop('self_similarity_by_type')
             means = type_means(H, ids, types)
             rows.append({**g, 'probes': {w: by_type.get(i) for w, i in probe_ids.items()},
-                         'cka': {other: linear_cka(means, W_other[types]) for other, W_other in zip(names, tables)}})
+                         'cka': {other: linear_cka(means, W_other[types])
+                                 for other, W_other in zip(names, tables)}})
         out['models'][name] = {'contextual': model is not None, 'layers': rows}
     # two checkpoints of one shape trained alike but for their seed: their gap is the noise floor
     seeds = [(a, b) for a, b in seed_replicas(settings) if models[a].config == models[b].config]
@@ -410,15 +527,58 @@ def contextual_section(names, tables, models, settings, counts, val, enc, report
     out['seed_spread'] = {key: max(abs(x[key] - y[key]) for a, b in seeds for x, y in
                                    zip(out['models'][a]['layers'], out['models'][b]['layers']))
                           for key in CONTEXT_MEASURES} if seeds else None
-    return out, contextual_markdown(out, names, report_dir)
+    return out
 
 
-def contextual_markdown(out, names, report_dir):
-    """The tables and figures of contextual_section's results."""
-    models, n_layers = out['models'], max(len(m['layers']) for m in out['models'].values())
+def contextual_markdown(study, names, report_dir):
+    """The tables and figures of contextual_study(names, ...)."""
+    models, n_layers = study['models'], max(len(m['layers']) for m in study['models'].values())
+    figure = contextual_figure(study, n_layers, report_dir)
+    cka_figure = contextual_cka_figure(study, names, n_layers, report_dir)
+    transformers = [name for name, m in models.items() if m['contextual']]
+    layers = [f'layer {i}' for i in range(n_layers)]
+    rows = [[name, label, *(layer[key] for layer in m['layers'])] for key, label in CONTEXT_MEASURES.items()
+            for name, m in models.items()]
+    rows += [[name, 'first-PC share, random occurrences', *(r['pc_share_random'] for r in m['layers'])]
+             for name, m in models.items() if m['contextual']]
+    probe_rows = [[name, f"{show(w)} ({study['probe_counts'][w]})",
+                   *('' if layer['probes'][w] is None else layer['probes'][w]
+                     for layer in models[name]['layers'])]
+                  for name in transformers for w in CONTEXT_PROBES]
+    window, spread = study['window'], study['seed_spread']
+    return ['# Static vs contextual: one vector per word, or one per occurrence\n',
+            f"The val text, {study['tokens']:,} tokens read as windows of {window}: for each transformer "
+            "the residual stream after the embeddings (layer 0, token plus position) and after each block "
+            "gives one vector per occurrence (the masked LM reads the text with nothing masked); a static "
+            "table gives every occurrence of a token its row. Averages are over the "
+            f"{study['types']} token types that occur at least {study['min_count']} times there and were "
+            "seen in train.bin. Self-similarity and intra-context similarity are given minus the layer's "
+            "anisotropy: a static table's self-similarity is 1 - anisotropy and its first-PC share 1; with a "
+            "fresh random vector per occurrence self-similarity is about 0 and intra-context similarity "
+            f"about 1/sqrt({window}) = {window ** -0.5:.3f}.\n",
+            table(['model', 'measure', *layers], [[name, label, *values, *[''] * (n_layers - len(values))]
+                                                  for name, label, *values in rows]),
+            (f"Noise floor: {' and '.join(' vs '.join(pair) for pair in study['seed_pairs'])}, the same "
+             "model trained alike with another seed, differ by at most "
+             + ', '.join(f'{spread[key]:.3f} in {key.replace("_", " ")}' for key in CONTEXT_MEASURES)
+             + ' at any layer.\n')
+            if spread else 'Add the same run with another --seed to --compare to see the noise floor.\n',
+            figure, '## Self-similarity of probe words (minus anisotropy; count in the val text)\n',
+            table(['model', 'word', *layers], probe_rows),
+            '## How much of each static table a layer still holds\n',
+            "Linear CKA between a layer's per-type mean vectors and each model's W_E rows, over the same "
+            "types.\n",
+            table(['model', 'vs W_E of', *layers],
+                  [[name, other, *(layer['cka'][other] for layer in models[name]['layers'])]
+                   for name in transformers for other in names]), cka_figure]
+
+
+def contextual_figure(study, n_layers, report_dir):
+    """Each measure of contextual_study by layer: a line for each transformer, a level for each
+    static table."""
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), layout='constrained')
     for ax, (key, title) in zip(axes.flat, CONTEXT_MEASURES.items()):
-        for k, (name, m) in enumerate(models.items()):
+        for k, (name, m) in enumerate(study['models'].items()):
             values = [layer[key] for layer in m['layers']]
             if m['contextual']:
                 ax.plot(range(len(values)), values, 'o-', color=f'C{k}', ms=4, label=name)
@@ -430,48 +590,22 @@ def contextual_markdown(out, names, report_dir):
         ax.set(title=title, xlabel='layer (0 = embeddings)', xticks=range(n_layers))
     axes.flat[0].legend(fontsize=8)
     axes.flat[3].set_title(CONTEXT_MEASURES['pc_share'] + ' (dotted: random occurrences)')
-    fig.suptitle(f"One vector per occurrence: {out['tokens']:,} val tokens, {out['types']} token types seen "
-                 f"{out['min_count']}+ times")
-    figure = save(fig, report_dir, 'contextual.png')
-    contextual = [name for name, m in models.items() if m['contextual']]
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), layout='constrained', squeeze=False)
+    fig.suptitle(f"One vector per occurrence: {study['tokens']:,} val tokens, {study['types']} token "
+                 f"types seen {study['min_count']}+ times")
+    return save(fig, report_dir, 'contextual.png')
+
+
+def contextual_cka_figure(study, names, n_layers, report_dir):
+    """The CKA of each transformer's layers with the W_E of each table, a panel per table."""
+    models = study['models']
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), layout='constrained',
+                             squeeze=False)
     for ax, table_name in zip(axes[0], names):
-        for k, name in enumerate(models):
-            if name in contextual:
-                ax.plot([layer['cka'][table_name] for layer in models[name]['layers']], 'o-', color=f'C{k}', ms=4,
+        for k, (name, m) in enumerate(models.items()):
+            if m['contextual']:
+                ax.plot([layer['cka'][table_name] for layer in m['layers']], 'o-', color=f'C{k}', ms=4,
                         label=name)
         ax.set(title=f'vs W_E of {table_name}', xlabel='layer', ylim=(0, 1), xticks=range(n_layers))
     axes[0, 0].set_ylabel('linear CKA of per-type means')
     axes[0, 0].legend(fontsize=7)
-    cka_figure = save(fig, report_dir, 'contextual_cka.png')
-    header = ['model', 'measure', *(f'layer {i}' for i in range(n_layers))]
-    rows = [[name, label, *(layer[key] for layer in m['layers'])] for key, label in CONTEXT_MEASURES.items()
-            for name, m in models.items()]
-    rows += [[name, 'first-PC share, random occurrences', *(layer['pc_share_random'] for layer in m['layers'])]
-             for name, m in models.items() if m['contextual']]
-    probe_rows = [[name, f"{show(w)} ({out['probe_counts'][w]})",
-                   *('' if layer['probes'][w] is None else layer['probes'][w] for layer in models[name]['layers'])]
-                  for name in contextual for w in CONTEXT_PROBES]
-    spread = out['seed_spread']
-    return ['# Static vs contextual: one vector per word, or one per occurrence\n',
-            f"The val text, {out['tokens']:,} tokens read as windows of {out['window']}: for each transformer the "
-            "residual stream after the embeddings (layer 0, token plus position) and after each block gives one "
-            "vector per occurrence (the masked LM reads the text with nothing masked); a static table gives every "
-            "occurrence of a token its row. Averages are over the "
-            f"{out['types']} token types that occur at least {out['min_count']} times there and were seen in "
-            "train.bin. Self-similarity and intra-context similarity are given minus the layer's anisotropy: "
-            "a static table's self-similarity is 1 - anisotropy and its first-PC share 1; with a fresh random "
-            f"vector per occurrence self-similarity is about 0 and intra-context similarity about "
-            f"1/sqrt({out['window']}) = {out['window'] ** -0.5:.3f}.\n",
-            table(header, [[name, label, *values, *[''] * (n_layers - len(values))] for name, label, *values in rows]),
-            (f"Noise floor: {' and '.join(' vs '.join(pair) for pair in out['seed_pairs'])}, the same model "
-             "trained alike with another seed, differ by at most "
-             + ', '.join(f'{spread[key]:.3f} in {key.replace("_", " ")}' for key in CONTEXT_MEASURES) + ' at any layer.\n')
-            if spread else 'Add the same run with another --seed to --compare to see the noise floor.\n',
-            figure, '## Self-similarity of probe words (minus anisotropy; count in the val text)\n',
-            table(['model', 'word', *(f'layer {i}' for i in range(n_layers))], probe_rows),
-            '## How much of each static table a layer still holds\n',
-            "Linear CKA between a layer's per-type mean vectors and each model's W_E rows, over the same types.\n",
-            table(['model', 'vs W_E of', *(f'layer {i}' for i in range(n_layers))],
-                  [[name, other, *(layer['cka'][other] for layer in models[name]['layers'])]
-                   for name in contextual for other in names]), cka_figure]
+    return save(fig, report_dir, 'contextual_cka.png')

@@ -16,7 +16,8 @@ from geometry import (analogy, anisotropy, contextual_geometry, cosine_matrix, d
                       positional_geometry, procrustes_cos, rankdata, rsa, similarity, spearman, type_means, unit_rows)
 from model import GPT, GPTConfig
 from gulliver.report import save
-from gulliver.sections import dynamics_section, loss_section, onset_section, seed_replicas, training_section
+from gulliver.sections import (dynamics_markdown, loss_markdown, loss_study, onset_markdown, onset_study,
+                               seed_replicas, training_markdown, training_study)
 from gulliver.tokenizer import VOCAB_SIZE, get_tokenizer
 
 POSITIONAL_KEYS = {'norms', 'mean_cos_by_distance', 'exp_fit', 'pca_explained_variance', 'n_components_80',
@@ -426,7 +427,8 @@ def test_onset_of_a_planted_direction_along_position(run, tmp_path):
 
 def test_onset_not_reached_without_a_planted_direction(tmp_path):
     tables = planted_tables([0] * 6)
-    out, md = onset_section(tables, None, 1000, [], None, str(tmp_path))
+    out = onset_study(tables, [], 1000, [], None)  # no start events: the tokens seen are unknown
+    md = onset_markdown(out, 1000, str(tmp_path))
     assert first_onset(tables, learned=False) is None and first_onset(tables, learned=True) is None
     assert out['onset_iter'] is None and out['onset_iter_learned'] is None
     assert 'Onset: W_pos not reached; its learned part not reached.' in ''.join(md)
@@ -559,9 +561,11 @@ def test_a_non_finite_val_loss_in_the_log_is_left_out(tmp_path):
     train = [{'event': 'train', 'iter': i, 'loss': 11 - i / 2} for i in range(11)]
     with open(tmp_path / 'log.jsonl', 'w') as f:
         f.writelines(json.dumps(e) + '\n' for e in train + evals)
-    loss, _ = loss_section(train, evals, tmp_path, tmp_path)
+    loss = loss_study(train, evals)
+    loss_markdown(loss, tmp_path, tmp_path)  # the loss curve, drawn from log.jsonl, with the missing val loss
     assert loss['best_val_loss'] == 7.5 and loss['last_val_loss'] is None
-    out, md = training_section(['run'], [{'seed': 0}], [tiny_model()], [evals])
+    out = training_study(['run'], [{'seed': 0}], [tiny_model()], [evals])
+    md = training_markdown(out)
     assert out['run']['perplexity'] is None and out['run']['init_val_loss'] == 10.9 
     assert '| run | clm | 0 |  | 10 | 10.9 | 10.83 |  |  |  |  |' in ''.join(md)  # the final loss and perplexity blank
 
@@ -583,8 +587,8 @@ def test_the_dynamics_curves_take_the_colour_of_their_iteration(tmp_path, monkey
     figures = []
     monkeypatch.setattr('gulliver.sections.save', lambda fig, report_dir, name: figures.append(fig) or '')
     iters = [0, 50, 100, 150, 153]
-    dynamics_section({'iters': iters, 'drift_spearman_log_count': 0.5, 'drift_median': {'1-9': [0.0] * 5},
-                      'pos_mean_cos_by_distance': [np.linspace(1, 0, 8)] * 5}, tmp_path)
+    dynamics_markdown({'iters': iters, 'drift_spearman_log_count': 0.5, 'drift_median': {'1-9': [0.0] * 5},
+                       'pos_mean_cos_by_distance': [np.linspace(1, 0, 8)] * 5}, tmp_path)
     [fig] = figures
     colours = [line.get_color() for line in fig.axes[0].lines]
     assert np.allclose(colours, plt.cm.viridis(np.array(iters) / 153))  # as the colour bar, 0 to 153, says
