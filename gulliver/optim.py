@@ -56,19 +56,32 @@ class Muon(torch.optim.Optimizer):
         self.ns_dtype = ns_dtype
 
     @torch.no_grad()
-    def step(self):
+    def step(self, skip=None):
+        """One step for every parameter with a gradient. skip: None, or a 0-d flag on the parameters'
+        device (1.0 or 0.0) that skips the step where it is 1. The step computes the new momentum B'
+        and weight W' aside and writes B <- where(skip, B, B'), W <- where(skip, W, W'): the flag is
+        selected on, never read on the host, and nothing is copied before the step. (A blend
+        W + (1 - skip)(W' - W) cannot skip: a skipped step's gradient is not finite, and NaN * 0 is
+        NaN.) A buffer that a skipped first step creates stays zeros, how Muon starts it."""
+        keep = None if skip is None else skip.bool()
         for group in self.param_groups:
+            lr, mu = group['lr'], group['momentum']
             for p in group['params']:
                 if p.grad is None:
                     continue
                 state = self.state[p]
                 if 'momentum_buffer' not in state:
                     state['momentum_buffer'] = torch.zeros_like(p)
-                buffer, mu = state['momentum_buffer'], group['momentum']
-                buffer.lerp_(p.grad, 1 - mu)
-                update = orthogonalize(p.grad.lerp(buffer, mu), group['ns_steps'], self.ns_dtype)
-                p.mul_(1 - group['lr'] * group['weight_decay'])
-                p.add_(update.to(p.dtype), alpha=-group['lr'] * 0.2 * math.sqrt(max(p.shape)))
+                buffer = state['momentum_buffer']
+                new_buffer = buffer.lerp(p.grad, 1 - mu)
+                update = orthogonalize(p.grad.lerp(new_buffer, mu), group['ns_steps'], self.ns_dtype)
+                new_p = p.mul(1 - lr * group['weight_decay'])
+                new_p.add_(update.to(p.dtype), alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
+                for old, new in ((buffer, new_buffer), (p, new_p)):
+                    if keep is None:
+                        old.copy_(new)
+                    else:
+                        torch.where(keep, old, new, out=old)
 
 
 def step_unless(optimizers, skip):
@@ -76,26 +89,16 @@ def step_unless(optimizers, skip):
     1.0 or 0.0) is 1: then the parameters and the optimizer state stay exactly as they were.
     Decided on the device: skip is never read on the host, so the CPU does not wait here for
     the backward pass to finish. Fused AdamW takes skip as its found_inf flag and leaves
-    everything untouched (its step count included); another optimizer (Muon) has no such
-    flag, so its parameters and state tensors are copied before the step and put back with
-    torch.where (a momentum buffer that the step created is put back as zeros, how Muon starts it)."""
+    everything untouched (its step count included); Muon takes it as step(skip=...), which
+    selects between the old values and the new on the device. Any other optimizer has neither,
+    and its step raises a TypeError at the unexpected keyword."""
     for opt in optimizers:
         if opt.defaults.get('fused'):
             opt.grad_scale, opt.found_inf = None, skip
             opt.step()
             del opt.grad_scale, opt.found_inf
-            continue
-        params = [p for group in opt.param_groups for p in group['params'] if p.grad is not None]
-        before = {p: [p.detach().clone()] + [v.clone() for v in opt.state[p].values() if torch.is_tensor(v)]
-                  for p in params}
-        opt.step()
-        keep = skip.bool()
-        for p, (old_param, *old_state) in before.items():
-            p.detach().copy_(torch.where(keep, old_param, p.detach()))
-            new_state = [v for v in opt.state[p].values() if torch.is_tensor(v)]
-            old_state = old_state or [torch.zeros_like(v) for v in new_state]
-            for old, new in zip(old_state, new_state):
-                new.copy_(torch.where(keep, old, new))
+        else:
+            opt.step(skip=skip)
 
 
 class SkippedSteps:
