@@ -10,8 +10,9 @@ stable they are across seeds. Writes report.md (tables, figures inline), report.
     $ python analyze.py --compare out-gulliver out-mlm out-sgns out-glove
 
 The studies are plain functions of arrays in geometry.py, and of the model in gulliver/circuits.py;
-gulliver/sections.py gives each section of the report a study that computes its numbers and a writer
-that turns them into markdown and figures, with gulliver/report.py's tables and figures. This script
+gulliver/sections.py (one model) and gulliver/comparison.py (several tables side by side, --compare)
+give each section of the report a study that computes its numbers and a writer that turns them into
+markdown and figures, with gulliver/report.py's tables and figures. This script
 loads and checks everything first, into one Inputs, so that bad input leaves no partial report
 behind; then model_report (or compare_report, for --compare) runs the sections in the order of the
 report, each study's numbers under its key in report.json and its markdown in report.md.
@@ -32,18 +33,18 @@ from geometry import positional_geometry
 from gulliver.atomic import remove_orphans, write_atomic
 from gulliver.checkpoint import load_model
 from gulliver.circuits import position_table, qk_decomposition
+from gulliver.comparison import (compare_markdown, compare_study, contextual_markdown, contextual_study,
+                                 training_markdown, training_study)
 from gulliver.configurator import a_path, at_least, check, configure, one_of, optional, resolve_device
 from gulliver.data import read_split
 from gulliver.download import DownloadError
 from gulliver.pretrained import PRETRAINED
 from gulliver.report import figures_shown, plain
 from gulliver.runlog import read_events
-from gulliver.sections import (MIN_COUNT, MIN_POSITIONS, PROBE_WORDS, attention_markdown, compare_markdown,
-                               compare_study, contextual_markdown, contextual_study, dynamics_markdown,
+from gulliver.sections import (MIN_COUNT, MIN_POSITIONS, PROBE_WORDS, attention_markdown, dynamics_markdown,
                                dynamics_study, frequent_tokens, logit_lens_markdown, logit_lens_study,
                                loss_markdown, loss_study, onset_markdown, onset_study, positional_markdown,
-                               stability_markdown, stability_study, token_markdown, token_study,
-                               training_markdown, training_study)
+                               stability_markdown, stability_study, token_markdown, token_study)
 from gulliver.tokenizer import VOCAB_SIZE, get_tokenizer
 
 # -----------------------------------------------------------------------------

@@ -16,8 +16,8 @@ from geometry import (analogy, anisotropy, contextual_geometry, cosine_matrix, d
                       positional_geometry, procrustes_cos, rankdata, rsa, similarity, spearman, type_means, unit_rows)
 from model import GPT, GPTConfig
 from gulliver.report import save
-from gulliver.sections import (dynamics_markdown, loss_markdown, loss_study, onset_markdown, onset_study,
-                               seed_replicas, training_markdown, training_study)
+from gulliver.comparison import seed_replicas, training_markdown, training_study
+from gulliver.sections import dynamics_markdown, loss_markdown, loss_study, onset_markdown, onset_study
 from gulliver.tokenizer import VOCAB_SIZE, get_tokenizer
 
 POSITIONAL_KEYS = {'norms', 'mean_cos_by_distance', 'exp_fit', 'pca_explained_variance', 'n_components_80',
