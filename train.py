@@ -293,12 +293,17 @@ if checkpoint is not None:
     restore_training(checkpoint, optimizers, scaler, train_sampler, rank, device_type == 'cuda')
     checkpoint = None  # free the memory
 raw_model = model  # the plain GPT: what checkpoints save, never a compiled or DDP wrapper
-if compile:
+if compile:  # static shapes: evaluation's batches have one shape too (eval_batches), so no graph is symbolic
     print("compiling the model ...")
-    model = torch.compile(model)
+    model = torch.compile(model, dynamic=False)
 eval_model = model  # rank 0 evaluates alone: never through the DDP wrapper, whose forward may communicate
-if ddp:
-    model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
+if ddp:  # buffers are constants (the padding's -inf bias, position tables): never broadcast again;
+    # each .grad is a view of its all-reduce bucket, not a copy
+    model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None,
+                broadcast_buffers=False, gradient_as_bucket_view=True)
+# sync_debug from the step after the first, which compiles; under DDP from the third: the first forward
+# after the first synced backward rebuilds DDP's buckets, and reads their sizes on the host to do it
+sync_debug_from = iter_num + (2 if ddp else 1) if sync_debug and device_type == 'cuda' else math.inf
 if peak_flops == 'auto':
     peak_flops, _ = measure_matmul_flops(device, getattr(torch, dtype))
 # what ckpt.pt holds, less what changes from one save to the next
@@ -322,7 +327,7 @@ if master and iter_num == 0 and objective == 'clm' and sample_tokens:
 # -----------------------------------------------------------------------------
 # the loop: each iteration sets the learning rate, evaluates and saves when it is time, then takes one step
 start_iter, t_start = iter_num, time.time()
-t0 = t_start
+t0, window_start = t_start, iter_num  # the log's timing window: its start, and the iteration it starts at
 clock = lambda: elapsed_before + time.time() - t_start  # seconds of training loop, with the runs' before
 skips = SkippedSteps(device, iter_num)  # counted on the device, read at log, eval and stop iterations
 while True:
@@ -343,7 +348,8 @@ while True:
     if stop:
         print(f"{f'rank {rank}: ' if ddp else ''}stopping after iteration {iter_num} "
               f"({stop_signals.name or 'another process was signalled'})", flush=True)
-    if master and snapshot_interval and (iter_num % snapshot_interval == 0 or last) and not eval_only:
+    snapshot = master and snapshot_interval and (iter_num % snapshot_interval == 0 or last) and not eval_only
+    if snapshot:
         write_snapshot(out_dir, iter_num, raw_model)
     # evaluate, and save ckpt.pt after a finite evaluation, with best.pt when its val loss is the lowest of
     # the run's; a resumed run starts after the evaluation its checkpoint followed. A stop saves before it
@@ -369,11 +375,13 @@ while True:
                         improved)
     if last:
         break
+    if evaluating or snapshot:  # the log times the steps alone: the window restarts after this work
+        t0, window_start = time.time(), iter_num
 
     # one optimizer step: micro_steps forward/backward passes on each rank, then clip and update.
     # Nothing here reads a device tensor on the host, so the CPU queues the next step while the
     # GPU still runs this one (sync_debug makes such a read an error on CUDA).
-    if sync_debug and device_type == 'cuda' and trained:  # the first step compiles
+    if iter_num >= sync_debug_from:
         torch.cuda.set_sync_debug_mode('error')
     for micro_step in range(micro_steps):
         X, Y = to_device(*train_sampler.next_batch(), device)
@@ -390,12 +398,12 @@ while True:
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     skips.update(skip)
-    if sync_debug and device_type == 'cuda':
+    if iter_num >= sync_debug_from:
         torch.cuda.set_sync_debug_mode('default')
 
     iter_num += 1
     if master and iter_num % log_interval == 0:
-        dt, t0 = (time.time() - t0) / log_interval, time.time()
+        dt, t0, window_start = (time.time() - t0) / (iter_num - window_start), time.time(), iter_num
         tokens_per_s, elapsed = tokens_per_iter / dt, clock()
         mfu = raw_model.estimate_mfu(tokens_per_s, peak_flops * world_size, block_size)
         progress = training_progress(iter_num, max_iters, elapsed, max_seconds)

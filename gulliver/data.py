@@ -182,16 +182,18 @@ def batch_at(tokens, offsets, block_size, objective, rng, vocab_size):
 
 
 def eval_batches(tokens, whole, n_windows, batch_size, block_size, objective, rng, vocab_size):
-    """An evaluation's batches (x, y) of at most batch_size windows: with whole, every window of
-    the split once (every_window; the targets that the window before already predicted are -1),
-    else n_windows at random offsets drawn with rng."""
+    """An evaluation's batches (x, y) of batch_size windows: with whole, every window of the split
+    once (every_window; the targets that the window before already predicted are -1), else n_windows
+    at random offsets drawn with rng. A last batch of fewer windows is filled up with rows of no
+    target (y = -1): every batch has one shape, which a compiled model compiles once."""
     offsets, overlap = (every_window(len(tokens), block_size) if whole else
                         (random_offsets(rng, len(tokens), block_size, n_windows), 0))
     for start in range(0, len(offsets), batch_size):
         x, y = batch_at(tokens, offsets[start:start + batch_size], block_size, objective, rng, vocab_size)
         if start + batch_size >= len(offsets):
             y[-1, :overlap] = -1  # predicted already by the window before
-        yield x, y
+        empty = batch_size - len(x)
+        yield np.pad(x, ((0, empty), (0, 0))), np.pad(y, ((0, empty), (0, 0)), constant_values=-1)
 
 
 def split_batch(batch_size, gradient_accumulation_steps, world_size):

@@ -7,6 +7,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -615,3 +616,46 @@ def test_new_runs_in_one_second_keep_every_earlier_run(tmp_path, monkeypatch):
         'log-20261128-004500.jsonl': 'first\n', 'ckpt-20261128-004500.pt': 'first',
         'log-20261128-004500-1.jsonl': 'second\n', 'ckpt-20261128-004500-1.pt': 'second',
         'log.jsonl': 'third\n', 'ckpt.pt': 'third'}
+
+
+def test_a_compiled_run_compiles_every_graph_at_static_shapes(tmp_path, monkeypatch):
+    # the whole val split, 22 windows of 32 in batches of 8, ends on a short batch (6): a batch size the
+    # compiled model has not seen would make dynamo compile the next graph, training's, for any batch size
+    write_token_data(tmp_path / 'data', np.resize(np.arange(500), 3000), np.resize(np.arange(500), 700),
+                     vocab_size=512)
+    graphs = []  # each graph dynamo hands to the backend: the sizes it is compiled for, ints or symbols
+
+    def record(graph_module, example_inputs):
+        graphs.append([x for x in example_inputs if not isinstance(x, torch.Tensor)] +
+                      [s for x in example_inputs if isinstance(x, torch.Tensor) for s in x.shape])
+        return graph_module.forward
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda model, **kwargs: compile_(model, backend=record, **kwargs))
+    torch._dynamo.reset()
+    try:
+        result = run_in_process('train.py', *TINY, f'--data_dir={tmp_path / "data"}', f'--out_dir={tmp_path / "out"}',
+                                '--compile=True', '--max_iters=2', '--eval_interval=1', '--sample_tokens=0')
+    finally:
+        torch._dynamo.reset()
+    assert result.returncode == 0, result.stderr
+    assert len(graphs) == 2, graphs  # an evaluation's and a training step's: no recompilation
+    symbolic = [sizes for sizes in graphs if any(isinstance(s, torch.SymInt) for s in sizes)]
+    assert not symbolic, f"{len(symbolic)} of {len(graphs)} graphs compiled for symbolic sizes"
+
+
+def test_the_logged_speed_times_the_steps_alone(small_data, tmp_path, monkeypatch):
+    # an evaluation made 1 s slower (0.5 s a split) must not show in the ms/iter of the log window it falls in
+    import gulliver.data
+    eval_batches = gulliver.data.eval_batches
+
+    def slow_eval_batches(*args, **kwargs):
+        time.sleep(0.5)
+        yield from eval_batches(*args, **kwargs)
+    monkeypatch.setattr(gulliver.data, 'eval_batches', slow_eval_batches)
+    result = run_in_process('train.py', *TINY, f'--data_dir={small_data}', f'--out_dir={tmp_path}', '--max_iters=8',
+                            '--log_interval=2', '--eval_interval=4', '--sample_tokens=0', '--whole_val=False')
+    assert result.returncode == 0, result.stderr
+    ms = {e['iter']: e['ms_per_iter'] for e in events(tmp_path, 'train')}
+    with_eval, without = [ms[2], ms[6]], [ms[4], ms[8]]  # evaluations at 0 and 4 fall in the windows to 2 and 6
+    # the steps take milliseconds; the evaluation's second, counted in, would add 500 ms an iteration
+    assert max(with_eval) < min(without) + 200, ms
