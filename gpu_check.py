@@ -8,14 +8,18 @@ it to one file, out_file (markdown):
    fits (tokens/s, MFU), and decoding on the static KV cache, eager and compiled (a CUDA
    graph), at batch 1 and 8, beside the limit that reading the weights sets and beside
    transformers' eager generate on a randomly initialised GPT-2 small;
-2. the flagship run, train.py config/gulliver.py, with sync_debug on: a host read of a device
+2. train.py's own step at GPT-2 small's 16 x 1,024 tokens (config/gulliver.py's model, dropout 0, no
+   evaluation between its first and last step, no snapshot): its steady tokens/s and MFU, the mean of
+   its log windows after the first (which holds the compilation), beside bench.py's rows, whose step
+   has no padded head, no skip of a non-finite step and no gradient scaler;
+3. the flagship run, train.py config/gulliver.py, with sync_debug on: a host read of a device
    tensor inside any training step after the first is an error that stops it (on CUDA);
    its evaluations, its best.pt and its wall time;
-3. numerics: numerics_steps steps of a small model from one seed on the same batches, in fp32
+4. numerics: numerics_steps steps of a small model from one seed on the same batches, in fp32
    on the CPU and under bf16 autocast on the device: every train loss within bf16_tolerance
    (relative) of the fp32 one (these runs and the first half of the next go at once, their
    output in work_dir/fp32.txt, bf16.txt and resumed.txt);
-4. resume: the same bf16 run stopped halfway and resumed: every loss after the resume within
+5. resume: the same bf16 run stopped halfway and resumed: every loss after the resume within
    resume_tolerance (relative) of the straight run's. CUDA's backward kernels are not
    bit-deterministic, so a GPU resume is close, not equal; on the CPU it is bit-exact
    (tests/test_train.py).
@@ -43,6 +47,7 @@ work_dir = 'out-gpu-check'     # the runs' out_dirs, emptied by each check
 out_file = 'gpu_check.md'
 flagship_args = ''             # more overrides for the flagship run (the test makes it tiny)
 bench_args = ''                # overrides for bench.py
+step_args = '--batch_size=16 --block_size=1024 --max_iters=40 --log_interval=10'  # train.py's step, timed
 small_args = '--n_layer=4 --n_head=4 --n_embd=256 --block_size=128 --batch_size=8'  # the numerics model
 numerics_steps = 20
 bf16_tolerance = 0.02          # bf16 keeps 8 bits of mantissa: 2^-8 = 0.4% per rounding,
@@ -132,7 +137,19 @@ for row in map(json.loads, open(bench_file)):
     say(f"- {row.pop('name')}: " + ', '.join(f"{k} {v:,.4g}" if isinstance(v, float) else f"{k} {v}"
                                             for k, v in row.items() if k != 'device'))
 
-# 2. the flagship run
+# 2. train.py's own step
+events = train('step', 'config/gulliver.py', '--dropout=0.0', '--eval_interval=100000', '--eval_iters=1',
+               '--snapshot_interval=None', '--sample_tokens=0', *shlex.split(step_args))
+windows = [e for e in events if e['event'] == 'train']
+steady = windows[1:] or windows  # the first window holds the compilation
+[start_event] = [e for e in events if e['event'] == 'start']
+batch, block = start_event['config']['batch_size'], start_event['config']['block_size']
+say(f"\n## train.py's step at {batch} x {block:,} tokens\n")
+say(f"- {sum(e['tokens_per_s'] for e in steady) / len(steady):,.0f} tokens/s, MFU "
+    f"{sum(e['mfu'] for e in steady) / len(steady):.1%}, the mean of {len(steady)} log windows of "
+    f"{start_event['config']['log_interval']} steps, {start_event['dtype']} on {start_event['device']}")
+
+# 3. the flagship run
 t0 = time.time()
 events = train('flagship', 'config/gulliver.py', '--sync_debug=True', *shlex.split(flagship_args))
 wall = time.time() - t0
@@ -146,7 +163,7 @@ say(f"\nbest.pt: iteration {end['best_iter']}, val loss {end['best_val_loss']:.4
     f"{wall:.0f} s wall in all, {end['elapsed']:.0f} s of training"
     + (f", {speeds[-1]:,.0f} tokens/s at the last log" if speeds else ""))
 
-# 3. numerics and 4. resume, on the same batches from the same seed: small runs, three at once
+# 4. numerics and 5. resume, on the same batches from the same seed: small runs, three at once
 say("\n## Numerics\n")
 common = [*shlex.split(small_args), '--log_interval=1', f'--eval_interval={numerics_steps}', '--eval_iters=1',
           '--sample_tokens=0', '--decay_lr=False', '--dropout=0.0', '--compile=False', '--peak_flops=1e12']
