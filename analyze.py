@@ -119,11 +119,6 @@ def load_eval_model(init_from, out_dir, device, checkpoint):
         model, saved = load_model(init_from, out_dir, device, checkpoint)
     except (DownloadError, ValueError) as e:
         sys.exit(f"error: {e}")
-    bad = sum(int((~torch.isfinite(p)).sum()) for p in model.parameters())
-    if bad:
-        source = out_dir if init_from == 'resume' else init_from
-        sys.exit(f"error: {source}: the model holds {bad} NaN or infinite weights (a diverged run?); analyse "
-                 f"a checkpoint whose weights are finite (--checkpoint=best or last)")
     return model.eval(), saved.get('config', {})
 
 

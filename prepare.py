@@ -53,7 +53,9 @@ def fetch_raw(source, data_dir, force, timeout):
                 return f.read()
         except OSError as e:
             raise ValueError(f"cannot read {source} ({e.strerror}); pass a --source you can read")
-    raw_path = os.path.join(data_dir, 'raw', os.path.basename(urlparse(source).path) or 'book.txt')
+    # the cache is keyed by the whole URL: another URL with the same file name is another download
+    name = os.path.basename(urlparse(source).path) or 'book.txt'
+    raw_path = os.path.join(data_dir, 'raw', f"{hashlib.sha256(source.encode()).hexdigest()[:12]}-{name}")
     if os.path.exists(raw_path) and not force:
         print(f"using the cached download {raw_path} (--force=True downloads again)")
     else:

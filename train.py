@@ -289,8 +289,9 @@ optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, bet
                                         wpe_weight_decay, embedding_lr,
                                         ns_dtype=torch.bfloat16 if dtype == 'bfloat16' else torch.float32)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+skips = SkippedSteps(device, iter_num)  # counted on the device, read at log, eval and stop iterations
 if checkpoint is not None:
-    restore_training(checkpoint, optimizers, scaler, train_sampler, rank, device_type == 'cuda')
+    restore_training(checkpoint, optimizers, scaler, skips, train_sampler, rank, device_type == 'cuda')
     checkpoint = None  # free the memory
 raw_model = model  # the plain GPT: what checkpoints save, never a compiled or DDP wrapper
 if compile:  # static shapes: evaluation's batches have one shape too (eval_batches), so no graph is symbolic
@@ -307,8 +308,8 @@ sync_debug_from = iter_num + (2 if ddp else 1) if sync_debug and device_type == 
 if peak_flops == 'auto':
     peak_flops, _ = measure_matmul_flops(device, getattr(torch, dtype))
 # what ckpt.pt holds, less what changes from one save to the next
-run_state = lambda *changing: training_state(raw_model, model_args, config, optimizers, scaler, *changing,
-                                             train_sampler.covered, data_fingerprint)
+run_state = lambda *changing: training_state(raw_model, model_args, config, optimizers, scaler, skips,
+                                             *changing, train_sampler.covered, data_fingerprint)
 stop_signals = StopSignals()
 stop_signals.install()
 if master:
@@ -329,7 +330,6 @@ if master and iter_num == 0 and objective == 'clm' and sample_tokens:
 start_iter, t_start = iter_num, time.time()
 t0, window_start = t_start, iter_num  # the log's timing window: its start, and the iteration it starts at
 clock = lambda: elapsed_before + time.time() - t_start  # seconds of training loop, with the runs' before
-skips = SkippedSteps(device, iter_num)  # counted on the device, read at log, eval and stop iterations
 while True:
     elapsed, stop = clock(), stop_signals.name is not None
     if ddp:

@@ -67,23 +67,26 @@ def write_checkpoint(out_dir, state, best):
     write_atomic(files)
 
 
-def training_state(model, model_args, config, optimizers, scaler, iter_num, best_iter, best_val_loss, elapsed,
-                   rank_states, covered, data_fingerprint):
-    """What ckpt.pt holds (CHECKPOINT_KEYS and best_iter): restore_training reads it back."""
+def training_state(model, model_args, config, optimizers, scaler, skips, iter_num, best_iter, best_val_loss,
+                   elapsed, rank_states, covered, data_fingerprint):
+    """What ckpt.pt holds (CHECKPOINT_KEYS, best_iter and skipped_in_a_row, the non-finite steps
+    that ended the run so far: a resumed run goes on counting them): restore_training reads it back."""
     return {'model': model.state_dict(), 'model_args': model_args, 'config': config,
             'optimizers': [opt.state_dict() for opt in optimizers], 'scaler': scaler.state_dict(),
             'iter_num': iter_num, 'best_iter': best_iter, 'best_val_loss': best_val_loss, 'elapsed': elapsed,
             'ranks': rank_states, 'coverage': {'covered': torch.from_numpy(covered)},
-            'data': data_fingerprint}
+            'data': data_fingerprint, 'skipped_in_a_row': int(skips.in_a_row.item())}
 
 
-def restore_training(checkpoint, optimizers, scaler, sampler, rank, cuda):
+def restore_training(checkpoint, optimizers, scaler, skips, sampler, rank, cuda):
     """Continue where a checkpoint of training_state left off: the optimizers and the fp16 scaler,
-    this rank's RNGs and sampler, and the coverage of every rank's targets. (The model, the
-    iteration and the clock are read where the model is built.)"""
+    the count of skipped steps in a row (0 in a checkpoint older than it), this rank's RNGs and
+    sampler, and the coverage of every rank's targets. (The model, the iteration and the clock are
+    read where the model is built.)"""
     for opt, state in zip(optimizers, checkpoint['optimizers']):
         opt.load_state_dict(state)
     scaler.load_state_dict(checkpoint['scaler'])
+    skips.in_a_row.fill_(checkpoint.get('skipped_in_a_row', 0))
     restore_rank_state(checkpoint['ranks'][rank], sampler, cuda)
     sampler.covered = checkpoint['coverage']['covered'].numpy().copy()
 
@@ -118,7 +121,8 @@ def load_model(init_from, out_dir, device='cpu', which='best'):
 def load_checkpoint(path, device='cpu', **overrides):
     """Return (model, checkpoint) from a ckpt.pt or best.pt written by train.py (the module's
     docstring lists what each holds), the model built from the checkpoint's 'model_args' with any GPTConfig
-    field in overrides (train.py passes dropout). ValueError (one line) for a damaged file."""
+    field in overrides (train.py passes dropout). ValueError (one line) for a damaged file, or for
+    weights that are not all finite."""
     checkpoint = read_checkpoint(path, device)
     try:
         model = GPT(GPTConfig(**{**checkpoint['model_args'], **overrides}))
@@ -127,6 +131,10 @@ def load_checkpoint(path, device='cpu', **overrides):
         reason = str(e).strip().splitlines()[0]
         raise ValueError(f"{path} holds no model that its model_args describe "
                          f"({reason}); train again") from None
+    bad = sum(int((~torch.isfinite(p)).sum()) for p in model.parameters())
+    if bad:  # what a diverged run saved: sampling or analysing it would give noise
+        raise ValueError(f"{path}: the model holds {bad} NaN or infinite weights (a diverged run?); read a "
+                         f"checkpoint whose weights are finite (--checkpoint=best or last), or train again")
     return model.to(device), checkpoint
 
 

@@ -14,6 +14,8 @@ from functools import lru_cache
 
 import tiktoken
 
+from gulliver.configurator import fail
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, beside this package
 RANKS_FILE = os.path.join(ROOT, 'assets', 'gpt2.tiktoken')
 RANKS_SHA256 = '306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930'
@@ -27,11 +29,15 @@ VOCAB_SIZE = 50257
 @lru_cache(maxsize=1)
 def get_tokenizer():
     """The GPT-2 encoding: get_tokenizer().encode_ordinary('Hello world') == [15496, 995]."""
-    with open(RANKS_FILE, 'rb') as f:
-        data = f.read()
+    restore = "restore it: git checkout -- assets/gpt2.tiktoken"
+    try:
+        with open(RANKS_FILE, 'rb') as f:
+            data = f.read()
+    except OSError as e:
+        fail(f"cannot read the GPT-2 BPE ranks {RANKS_FILE} ({e.strerror}); {restore}")
     digest = hashlib.sha256(data).hexdigest()
     if digest != RANKS_SHA256:
-        raise RuntimeError(f"{RANKS_FILE} has sha256 {digest}, expected {RANKS_SHA256}; restore it from git")
+        fail(f"{RANKS_FILE} is damaged (sha256 {digest[:16]}..., not {RANKS_SHA256[:16]}...); {restore}")
     ranks = {}
     for line in data.splitlines():
         token, rank = line.split()

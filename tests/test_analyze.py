@@ -610,5 +610,5 @@ def test_snapshots_in_the_order_of_their_iterations_and_non_finite_weights_are_o
     torch.save(checkpoint, tmp_path / 'out' / 'ckpt.pt')
     result = run_in_process('analyze.py', f'--out_dir={tmp_path / "out"}', f'--report_dir={tmp_path / "r2"}')
     assert result.returncode == 1 and result.stderr.count('\n') == 1
-    assert f'{tmp_path / "out"}: the model holds 1 NaN or infinite weights' in result.stderr
+    assert f'{tmp_path / "out" / "ckpt.pt"}: the model holds 1 NaN or infinite weights' in result.stderr
     assert not os.path.exists(tmp_path / 'r2')

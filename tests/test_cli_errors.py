@@ -3,6 +3,7 @@ stderr that says what to do, no traceback, and no file created or changed. The c
 this process (run_in_process); a few run as real subprocesses too, to show that the two agree."""
 import json
 import os
+import shutil
 import struct
 import warnings
 
@@ -302,3 +303,30 @@ def test_random_and_truncated_bytes_are_a_damaged_checkpoint(workspace, tmp_path
             warnings.simplefilter('always')
             load_checkpoint(tmp_path / 'best.pt')
         assert not caught  # nothing but the one line: the unpickler's complaints about the bytes are dropped
+
+
+@pytest.mark.parametrize('damage', ['a changed byte', 'no file'])
+def test_a_damaged_tokenizer_file_is_one_line(book_path, tmp_path, damage):
+    # a copy of the project whose vendored GPT-2 ranks are damaged or gone: tokenizing says so, in one line
+    from conftest import ROOT
+    os.symlink(os.path.join(ROOT, 'gulliver'), tmp_path / 'gulliver')
+    shutil.copy(os.path.join(ROOT, 'prepare.py'), tmp_path)  # a copy: Python finds a linked script's own folder
+    (tmp_path / 'assets').mkdir()
+    ranks = open(os.path.join(ROOT, 'assets', 'gpt2.tiktoken'), 'rb').read()
+    if damage == 'a changed byte':
+        (tmp_path / 'assets' / 'gpt2.tiktoken').write_bytes(ranks[:1000] + b'A' + ranks[1001:])
+    result = run_script('prepare.py', f'--source={book_path}', f'--data_dir={tmp_path / "data"}', cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count('\n') == 1, result.stderr
+    assert f"{tmp_path / 'assets' / 'gpt2.tiktoken'}" in result.stderr and 'git checkout -- assets' in result.stderr
+    assert not (tmp_path / 'data' / 'train.bin').exists()
+
+
+def test_sample_refuses_a_checkpoint_with_non_finite_weights(workspace, tmp_path):
+    checkpoint = torch.load(workspace / 'good' / 'ckpt.pt', weights_only=True)
+    checkpoint['model']['transformer.h.0.mlp.c_fc.weight'][0, :2] = torch.tensor([float('inf'), float('nan')])
+    (tmp_path / 'out').mkdir()
+    torch.save(checkpoint, tmp_path / 'out' / 'ckpt.pt')
+    result = run_in_process('sample.py', f'--out_dir={tmp_path / "out"}', '--max_new_tokens=3')
+    assert result.returncode == 1 and result.stderr.count('\n') == 1, result.stderr
+    assert f"{tmp_path / 'out' / 'ckpt.pt'}: the model holds 2 NaN or infinite weights" in result.stderr
+    assert result.stdout == ''  # no text sampled from it

@@ -93,7 +93,8 @@ def test_download_retries_5xx_then_succeeds(book_path, http_server, tmp_path):
     result = run_script('prepare.py', f'--source={url}/pg829.txt', f'--data_dir={tmp_path}')
     assert result.returncode == 0, result.stderr
     assert hits == ['/pg829.txt'] * 3
-    assert (tmp_path / 'raw' / 'pg829.txt').read_bytes() == page
+    [cached] = os.listdir(tmp_path / 'raw')
+    assert cached.endswith('-pg829.txt') and (tmp_path / 'raw' / cached).read_bytes() == page
     meta = json.load(open(tmp_path / 'meta.json'))
     assert abs(meta['total_tokens'] - 143_711) / 143_711 < 0.01
     # the download's header, licence line and CRLF line ends count in raw_tokens, not in the book
@@ -102,6 +103,12 @@ def test_download_retries_5xx_then_succeeds(book_path, http_server, tmp_path):
     # a second run reuses the cached download without touching the network
     again = run_script('prepare.py', f'--source={url}/pg829.txt', f'--data_dir={tmp_path}')
     assert again.returncode == 0 and 'cached' in again.stdout and len(hits) == 3
+    # another URL with the same file name is another download, not the cache of the first
+    shorter = book_page(open(book_path, encoding='utf-8').read()[:-20_000])
+    routes['/mirror/pg829.txt'] = lambda request: send(request, 200, shorter)
+    other = run_script('prepare.py', f'--source={url}/mirror/pg829.txt', f'--data_dir={tmp_path}')
+    assert other.returncode == 0 and 'cached' not in other.stdout and hits[-1] == '/mirror/pg829.txt'
+    assert json.load(open(tmp_path / 'meta.json'))['total_tokens'] < meta['total_tokens']
 
 
 def slow(request):

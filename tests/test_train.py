@@ -17,8 +17,8 @@ from torch.nn import functional as F
 from conftest import ROOT, run_in_process, write_token_data
 from gulliver.configurator import configure
 from gulliver.checkpoint import load_checkpoint, rank_state, restore_rank_state
-from gulliver.data import (MASK_TOKEN, Sampler, epoch_offsets, every_window, mask_tokens, random_offsets, split_batch,
-                  target_positions, windows)
+from gulliver.data import (MASK_TOKEN, Sampler, epoch_offsets, eval_batches, every_window, mask_tokens,
+                           random_offsets, split_batch, target_positions, windows)
 from gulliver.runlog import start_log
 from gulliver.schedule import learning_rate_at
 from gulliver.tokenizer import get_tokenizer
@@ -52,6 +52,28 @@ def test_windows_shift_and_bounds():
     x, y = windows(tokens, offsets[:64], 16)
     assert x.shape == y.shape == (64, 16) and x.dtype == y.dtype == np.int64
     assert np.array_equal(y, x + 1) and np.array_equal(x[:, 0], offsets[:64])
+
+
+@pytest.mark.parametrize('n, batch_size', [(1000, 8), (1000, 5), (1024 + 1, 4), (700, 8)])
+def test_an_evaluation_over_the_whole_split_scores_every_target_once(n, batch_size):
+    # the ids are their own positions: a target y at row r, column t is the token at y's position
+    tokens = np.arange(n, dtype=np.int64)
+    scored = np.zeros(n, dtype=int)
+    for x, y in eval_batches(tokens, True, None, batch_size, 32, 'clm', None, n):
+        assert x.shape == y.shape == (batch_size, 32)  # one shape: a compiled model compiles it once
+        kept = y >= 0
+        assert np.array_equal(y[kept], (x + 1)[kept])  # each target is the token after its input
+        np.add.at(scored, y[kept], 1)
+    assert scored[0] == 0 and (scored[1:] == 1).all()  # the first token has nothing before it
+
+
+def test_the_causal_sampler_covers_the_tokens_it_predicts():
+    # a window at offset i reads tokens i .. i+T-1 and predicts i+1 .. i+T: those are covered, i is not
+    sampler = Sampler(np.arange(1000, dtype=np.uint16), 16, 4, 'random', 'clm', vocab_size=1000, seed=0)
+    x, y = sampler.next_batch()
+    predicted = np.unique(y)
+    assert np.array_equal(np.flatnonzero(sampler.covered), predicted) and sampler.targets_drawn == y.size
+    assert not np.isin(x[:, 0], predicted).any()  # the windows' first tokens, read but not predicted
 
 
 def test_every_window_predicts_each_token_once():
@@ -89,19 +111,20 @@ def test_epoch_sampler_deals_each_window_to_one_rank():
 
 @pytest.mark.parametrize('sampler, objective', [('random', 'clm'), ('epoch', 'clm'), ('random', 'mlm')])
 def test_a_restored_sampler_continues_the_same_stream(tmp_path, sampler, objective):
-    # through a checkpoint's rank state on disk, as a resumed rank reads it; the epoch sampler
-    # stops in the middle of an epoch (62 windows: 7 batches of 8 into its first)
+    # through a checkpoint's rank state on disk, as a resumed rank reads it. The epoch sampler deals 7
+    # batches of 8 of its 62 windows an epoch: it stops 2 batches into its second epoch (two shuffles
+    # drawn), and continues into its third; the fresh sampler it is restored into has shuffled once
     tokens = np.arange(1000, dtype=np.uint16)
     make = lambda: Sampler(tokens, 16, 8, sampler, objective, vocab_size=1000, seed=3)
     straight, stopped = make(), make()
-    expected = [straight.next_batch() for _ in range(12)]
-    for _ in range(7):
+    expected = [straight.next_batch() for _ in range(20)]
+    for _ in range(9):
         stopped.next_batch()
     torch.save(rank_state(stopped, cuda=False), tmp_path / 'rank.pt')
     resumed = make()
     resumed.next_batch()  # a fresh sampler that has drawn, so that nothing survives from before the restore
     restore_rank_state(torch.load(tmp_path / 'rank.pt', weights_only=True), resumed, cuda=False)
-    for x, y in expected[7:]:
+    for x, y in expected[9:]:
         assert all(np.array_equal(a, b) for a, b in zip(resumed.next_batch(), (x, y)))
     assert resumed.targets_drawn == straight.targets_drawn > 0
 
@@ -221,10 +244,11 @@ def test_val_loss_reads_every_val_token_once(small_data, tmp_path):
 
 
 def test_resume_is_bit_exact(small_data, tmp_path):
-    # interrupted (Ctrl-C) and resumed with the very same settings, a budget that never binds included.
-    # SIGTERM goes through the same handler: the DDP test below sends it to one rank
+    # interrupted (Ctrl-C) and resumed with the very same settings, a budget that never binds included, on
+    # the epoch sampler (187 windows of 32, 23 batches of 8 an epoch: the resumed run shuffles anew at 23).
+    # SIGTERM goes through the same handler: the DDP test below sends it to one rank, on random offsets
     common = [*TINY, f'--data_dir={small_data}', '--dropout=0.1', '--log_interval=1', '--eval_interval=20',
-              '--max_iters=40', '--max_seconds=3600', '--sample_tokens=0']
+              '--max_iters=40', '--max_seconds=3600', '--sample_tokens=0', '--sampler=epoch']
     straight, split = tmp_path / 'straight', tmp_path / 'split'
     assert run_in_process('train.py', *common, f'--out_dir={straight}').returncode == 0
     process = subprocess.Popen([sys.executable, 'train.py', *common, f'--out_dir={split}'], cwd=ROOT, text=True,
@@ -252,6 +276,10 @@ def test_resume_is_bit_exact(small_data, tmp_path):
     assert [v for v in val(split) if v[0] != stopped_at or stopped_at in (20, 40)] == val(straight)
     a, b = torch.load(straight / 'ckpt.pt', weights_only=True), torch.load(split / 'ckpt.pt', weights_only=True)
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    # the training tokens drawn as targets: the coverage carries over the resume, logged and saved
+    coverage = lambda d: [(e['iter'], e['coverage']) for e in events(d, 'eval') if e['iter'] in (20, 40)]
+    assert coverage(split) == coverage(straight) and coverage(split)[-1][1] > 0.5
+    assert torch.equal(a['coverage']['covered'], b['coverage']['covered'])
     assert b['elapsed'] > stopped['elapsed']  # the budget spent so far carries over
 
 
@@ -659,3 +687,29 @@ def test_the_logged_speed_times_the_steps_alone(small_data, tmp_path, monkeypatc
     with_eval, without = [ms[2], ms[6]], [ms[4], ms[8]]  # evaluations at 0 and 4 fall in the windows to 2 and 6
     # the steps take milliseconds; the evaluation's second, counted in, would add 500 ms an iteration
     assert max(with_eval) < min(without) + 200, ms
+
+
+def test_an_infinite_gradient_norm_is_skipped_and_a_run_of_skips_is_counted_across_a_resume(small_data, tmp_path,
+                                                                                             monkeypatch):
+    # from the third step on, the gradient norm is +inf (as an fp16 overflow makes it): every such step is
+    # skipped. The first run saves at iteration 4 after two skipped steps in a row; its resume skips a third
+    # at step 4, and a run of max_skipped_steps=3 must stop at the next read, iteration 5
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip_then_overflow(*args, **kwargs):
+        norm = clip(*args, **kwargs)
+        calls.append(norm)
+        return torch.full_like(norm, math.inf) if len(calls) > 2 or resuming else norm
+    monkeypatch.setattr(torch.nn.utils, 'clip_grad_norm_', clip_then_overflow)
+    common = [*TINY, f'--data_dir={small_data}', f'--out_dir={tmp_path}', '--sample_tokens=0', '--log_interval=1',
+              '--eval_interval=2', '--max_skipped_steps=3']
+    resuming = False
+    first = run_in_process('train.py', *common, '--max_iters=4')
+    assert first.returncode == 0, first.stderr
+    assert 'iter 3: 1 of the last 1 updates skipped' in first.stdout and 'iter 4: 1 of the last 1' in first.stdout
+    saved = load_checkpoint(tmp_path / 'ckpt.pt')
+    assert saved[1]['skipped_in_a_row'] == 2 and all(torch.isfinite(p).all() for p in saved[0].parameters())
+    resuming = True
+    resumed = run_in_process('train.py', *common, '--max_iters=8', '--init_from=resume')
+    assert resumed.returncode == 1 and 'not finite for 3 steps in a row' in resumed.stderr, resumed.stderr
+    assert 'iter 5: 1 of the last 1 updates skipped' in resumed.stdout and 'iter 6' not in resumed.stdout
