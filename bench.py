@@ -8,10 +8,11 @@ appended to out_file as a JSON line.
 Rows: the matmul peak (and the size n that reached it) and memory bandwidth; the dtype
 train.py's 'auto' picks on this CPU; a training step (forward + backward + optimizer) in
 tokens/s and MFU for the GPT-2 small shape and for the shape of cpu_config, eager against
-compiled and fp32 against bf16, and on CUDA GPT-2 small at larger micro-batches; get_batch
-against a loader that reopens the file every batch; decoding on the static KV cache, eager and
-compiled, at batch 1 and 8, beside the limit that reading the weights and the cache once per
-step sets at the measured read bandwidth, and how fast matrix-vector products read at all;
+compiled and fp32 against bf16, and on CUDA GPT-2 small at the largest micro-batch that fits
+(with the peak memory of each); get_batch against a loader that reopens the file every batch;
+decoding on the static KV cache, eager and compiled, at batch 1 and 8, beside the limit that
+reading the weights and the cache once per step sets at the measured read bandwidth, and how
+fast matrix-vector products read at all (on a GPU: how fast they are launched);
 GPT-2 small recomputing its context instead, and, where transformers is installed
 (requirements-dev.txt), its eager generate on a randomly initialised GPT-2 of the same shape.
 Every row takes its sizes from the settings below (the small model's from cpu_config), except
@@ -34,15 +35,15 @@ from gulliver.configurator import (at_least, check, configure, integer_at_least,
                                    resolve_device)
 from gulliver.data import random_offsets, windows
 from gulliver.machine import (autocast, choose_cpu_dtype, choose_decode_dtype, keep_freed_memory,
-                              measure_matmul_flops, synchronize)
+                              largest_that_fits, measure_matmul_flops, synchronize)
 from model import GPT, GPTConfig, compile_decode
 
 # -----------------------------------------------------------------------------
 device = 'auto'
 n_layer, n_head, n_embd = 12, 12, 768     # the "GPT-2 small" rows
 batch_size = None         # None: 4 on CPU, 16 on CUDA
-large_batches = [24, 32, 48, 64]          # CUDA: GPT-2 small compiled, up to the first micro-batch
-                                          # that does not fit
+large_batches = [24, 32, 48, 64]          # CUDA: GPT-2 small compiled at the largest of these micro-
+                                          # batches that fits (found eagerly: one compilation, not four)
 block_size = None         # None: 256 on CPU, 1024 on CUDA
 cpu_config = 'config/gulliver_cpu.py'     # the small-model rows have this config's shape
 data_dir = 'data/gulliver'                # for the get_batch rows (random tokens if absent)
@@ -100,7 +101,9 @@ def measure_bandwidth(n_bytes=1 << 28):
 def matvec_bandwidth(dtype):
     """Bytes/s at which F.linear reads the weights of one token's matrix-vector products: the GPT-2
     small rows' four matrices per block, for every block, more than a CPU's cache holds. What the
-    decode rows can reach at B=1 is this, not the read bandwidth of a plain sum."""
+    decode rows can reach at B=1 is this, not the read bandwidth of a plain sum. On a GPU a product
+    reads its few MB in a microsecond or two, less than its launch from Python takes: there the row
+    measures the launches (which the eager decode rows pay too), not the reads of a CUDA graph."""
     d = n_embd
     weights = [torch.randn(n_out, n_in, dtype=dtype, device=device) for _ in range(n_layer)
                for n_out, n_in in ((3 * d, d), (d, d), (4 * d, d), (d, 4 * d))]
@@ -110,7 +113,11 @@ def matvec_bandwidth(dtype):
 
 
 def train_step_speed(config, dtype, compiled, B, T):
-    """(tokens/s, seconds/step, the model) of forward + backward + AdamW on random tokens, after warm-up."""
+    """(tokens/s, seconds/step, MFU) of forward + backward + AdamW on random tokens, after warm-up.
+    A plain opt.step(): train.py's own step (step_unless, its skipped-step guard) is timed by
+    gpu_check.py, which runs train.py itself. On CUDA the peak memory counts from here (peak_memory)."""
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     model = GPT(config).to(device)
     [opt] = model.configure_optimizers(0.1, 3e-4, (0.9, 0.95), 'cuda' if cuda else 'cpu')
@@ -129,7 +136,12 @@ def train_step_speed(config, dtype, compiled, B, T):
         opt.zero_grad(set_to_none=True)
     synchronize(device)
     seconds = (time.perf_counter() - t0) / steps
-    return B * T / seconds, seconds, model
+    return B * T / seconds, seconds, model.estimate_mfu(B * T / seconds, peak[dtype], T)
+
+
+def peak_memory():
+    """On CUDA the row field of the most memory the last train_step_speed allocated; on the CPU none."""
+    return {'peak_memory_gb': torch.cuda.max_memory_allocated() / 1e9} if cuda else {}
 
 
 peak, peak_n = {}, {}
@@ -164,25 +176,23 @@ variants = [(mode, dtype) for mode in (['eager', 'compiled'] if compile else ['e
             for dtype in (['bfloat16'] if cuda else dtypes)]
 for shape_name, config, B, T in shapes:
     for mode, dtype in variants:
-        speed, seconds, model = train_step_speed(config, dtype, mode == 'compiled', B, T)
-        mfu = model.estimate_mfu(speed, peak[dtype], T)
+        speed, seconds, mfu = train_step_speed(config, dtype, mode == 'compiled', B, T)
         extra = {'vs_baseline': speed / base_speed} if shape_name == 'CPU config' and not cuda else {}
         row(f"{shape_name}: {mode} {dtype}, B={B} T={T}", tokens_per_s=speed, ms_per_step=seconds * 1000,
-            mfu=mfu, **extra)
+            mfu=mfu, **extra, **peak_memory())
 if cuda and compile:  # larger micro-batches fill the GPU better, until memory runs out
+    # a compilation takes ~40 s: the sizes are tried eagerly, from the largest down, and only the
+    # largest that fits is compiled (an eager step keeps more activations: the estimate errs small)
     gpt2_config = shapes[0][1]
-    for B in large_batches:
-        torch.cuda.reset_peak_memory_stats()
-        try:
-            speed, seconds, model = train_step_speed(gpt2_config, 'bfloat16', True, B, block_size)
-        except torch.cuda.OutOfMemoryError:
-            model = None
-            torch.cuda.empty_cache()
-            row(f"GPT-2 small: compiled bfloat16, B={B} T={block_size}", fits=False)
-            break
-        row(f"GPT-2 small: compiled bfloat16, B={B} T={block_size}", tokens_per_s=speed,
-            ms_per_step=seconds * 1000, mfu=model.estimate_mfu(speed, peak['bfloat16'], block_size),
-            peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9)
+    fits = largest_that_fits(large_batches,
+                             lambda B: train_step_speed(gpt2_config, 'bfloat16', False, B, block_size))
+    if fits is not None:
+        speed, seconds, mfu = train_step_speed(gpt2_config, 'bfloat16', True, fits, block_size)
+        row(f"GPT-2 small: compiled bfloat16, B={fits} T={block_size}", tokens_per_s=speed,
+            ms_per_step=seconds * 1000, mfu=mfu, **peak_memory())
+    too_large = [B for B in large_batches if fits is None or B > fits]
+    if too_large:  # the smallest that did not fit
+        row(f"GPT-2 small: compiled bfloat16, B={min(too_large)} T={block_size}", fits=False)
 
 # --- data: get_batch on the memmap opened once, against reopening the file for every batch
 data_file = os.path.join(data_dir, 'train.bin')
@@ -219,11 +229,13 @@ for dtype in ('float32', 'bfloat16'):
 
 def decode_speed(model, batch, n_tokens, prompt_tokens, cache_dtype=None, kv_cache=True, decode=None):
     """Tokens/s of greedy decoding after a prompt of prompt_tokens: n_tokens steps of batch tokens,
-    timed from the second token on (the first pays for the prefill); after a warm-up that also
-    compiles decode."""
+    timed from the second token on (the first pays for the prefill); after a warm-up of two decode
+    steps on the same cache (kv_cache: one of cache_dtype): the first compiles decode (and on CUDA
+    runs it eagerly), the second captures its CUDA graph, which the timed steps replay. A new cache
+    would be captured anew."""
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_tokens), device=device)
-    greedy = lambda n: model.stream(prompt, n, temperature=0, kv_cache=kv_cache, decode=decode,
-                                    cache_dtype=cache_dtype)
+    cache = model.new_cache(batch, cache_dtype, device, static=decode is not None) if kv_cache else None
+    greedy = lambda n: model.stream(prompt, n, temperature=0, kv_cache=kv_cache, decode=decode, cache=cache)
     for _ in greedy(3):
         pass
     tokens = greedy(n_tokens + 1)
@@ -274,7 +286,7 @@ for shape_name, config in (('GPT-2 small', GPTConfig(n_layer=n_layer, n_head=n_h
         row(f'{shape_name}: generate {n_tokens} tokens, no cache, B=1', dtype='float32',
             tokens_per_s=recompute)
     for B in (1, 8):
-        (dtype, cache_dtype), _ = choose_decode_dtype(model, device, B)  # the fastest pair at this batch
+        (dtype, cache_dtype), _ = choose_decode_dtype(model, device, B)  # sample.py's 'auto' at this batch
         decoder = copy.deepcopy(model).to(getattr(torch, dtype))
         # each read once per step
         weight_bytes = sum(p.numel() * p.element_size() for p in decoder.parameters())

@@ -80,7 +80,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     # the largest logit first brought to 0, so that a tiny temperature makes the others -inf, not NaN
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        # a slice, not [:, [-1]]: a list index is a host tensor copied to the device at every token
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float('-inf'))
     if top_p is not None:
         sorted_logits, order = torch.sort(logits, descending=True)
@@ -277,7 +278,8 @@ class GPT(nn.Module):
         The loss is taken over the head's padded width, whose padding columns are -inf (see
         __init__), so it equals the loss over the vocabulary while the logits stay one contiguous
         tensor: a slice of the real columns would be copied by the softmax and its gradient. The
-        logits returned are a view of the real columns."""
+        logits returned are a view of the real columns. Uncompiled (train.py's compile=False) under
+        bf16 autocast, cross_entropy runs in fp32, so autocast copies the bf16 logits to fp32 first."""
         logits = self.lm_head(self.trunk(idx))
         loss = None
         if targets is not None:
@@ -296,25 +298,31 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True,
-               generator=None, decode=None, cache_dtype=None):
+               generator=None, decode=None, cache_dtype=None, cache=None):
         """Yield max_new_tokens next tokens, each (B, 1), continuing idx (B, T); see sample_next.
         With kv_cache the prompt runs once, eagerly, into a static cache (prefill), then one token
         per step through decode: decode_step, or compile_decode's compiled one. The cache holds
-        cache_dtype (None: the dtype the keys are computed in). Past block_size the context is
-        cropped and recomputed at every step (positions would shift in a cache)."""
+        cache_dtype (None: the dtype the keys are computed in). cache: a new_cache() of B rows to
+        write into instead of a new one (static for a compiled decode): a CUDA graph captured on a
+        cache replays only on that cache, so a warm-up and a timed run share one. What an earlier
+        call left in it is never read: each query sees the keys up to its own position, all written
+        by this call (the mask, or ALiBi's -inf, hides the rest), and a hidden entry, being finite,
+        adds exactly 0. Past block_size the context is cropped and recomputed at every step
+        (positions would shift in a cache)."""
         static = decode is not None  # a compiled step's CUDA graph may write into the cache (new_cache)
         decode = decode or self.decode_step
-        cache, position, next_token = None, None, None
+        position, next_token = None, None
         for _ in range(max_new_tokens):
             if not kv_cache or idx.size(1) > self.config.block_size:
                 logits = self.next_logits(idx[:, -self.config.block_size:])
-            elif cache is None:
-                device_type = idx.device.type
-                # what the keys and values are computed in
-                dtype = cache_dtype or (torch.get_autocast_dtype(device_type)
-                                        if torch.is_autocast_enabled(device_type)
-                                        else self.lm_head.weight.dtype)
-                cache = self.new_cache(idx.size(0), dtype, idx.device, static)
+            elif position is None:
+                if cache is None:
+                    device_type = idx.device.type
+                    # what the keys and values are computed in
+                    dtype = cache_dtype or (torch.get_autocast_dtype(device_type)
+                                            if torch.is_autocast_enabled(device_type)
+                                            else self.lm_head.weight.dtype)
+                    cache = self.new_cache(idx.size(0), dtype, idx.device, static)
                 positions = torch.arange(idx.size(1), device=idx.device)
                 logits = self.next_logits(idx, cache, positions)
                 position = positions[-1:] + 1
@@ -326,10 +334,10 @@ class GPT(nn.Module):
             yield next_token
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, kv_cache=True,
-                 generator=None, decode=None, cache_dtype=None):
+                 generator=None, decode=None, cache_dtype=None, cache=None):
         """Return idx (B, T) extended by max_new_tokens sampled tokens; see stream()."""
         new = self.stream(idx, max_new_tokens, temperature, top_k, top_p, kv_cache, generator, decode,
-                          cache_dtype)
+                          cache_dtype, cache)
         return torch.cat([idx] + list(new), dim=1)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw',

@@ -12,13 +12,16 @@ One sample streams to stdout token by token. num_samples > 1 decode together, as
 and each is printed whole when all are done, separated by a line of dashes. The prompt runs
 once (prefill) into a static KV cache; then each token is one decode step, which
 --compile=True compiles (on CUDA as a CUDA graph; the first call compiles, for tens of seconds
-on a CPU). dtype 'auto' keeps the weights and the cache in the dtypes that decode fastest
-here, measured (a step reads every weight and the whole cache once per token); two timings
+on a CPU) in a warm-up on the same cache as the sample, so the graph captured is the one that
+replays. dtype 'auto' on CUDA is bf16 (fp16 on a GPU without bf16) for the weights and the cache,
+not measured: the compiled step reads every weight and the whole cache once per token, half the
+bytes of fp32, while an eager step there is bound by kernel launches and would time fp32 and bf16
+alike. On the CPU 'auto' keeps them in the dtypes that decode fastest here, measured; two timings
 that come out close may choose differently from one run to the next, so for the same text from
-the same --seed, pin --dtype as well. The speed goes
-to stderr at the end, in two parts: the time to the first token (prefill, which also pays for
-a cold start: a fresh CUDA context, a first kernel launch, a compilation) and the steady rate
-of the tokens after it.
+the same --seed, pin --dtype as well. The checkpoint is read into host memory (a ckpt.pt holds
+the optimizer's moments too) and only the model goes to the device. The speed goes to stderr at
+the end, in two parts: the time to the first token (prefill, which also pays for a cold start: a
+fresh CUDA context, a first kernel launch, a compilation) and the steady rate of the tokens after it.
 """
 import codecs
 import os
@@ -48,8 +51,8 @@ top_p = 1.0            # nucleus sampling; 1.0: off
 kv_cache = True
 seed = 1337
 device = 'auto'        # 'auto', 'cpu', 'cuda', 'cuda:1', ...
-dtype = 'auto'         # weights and KV cache: 'auto' (the fastest, measured), 'float32', 'bfloat16',
-                       # 'float16'
+dtype = 'auto'         # weights and KV cache: 'auto' (CUDA: bf16; CPU: the fastest, measured), 'float32',
+                       # 'bfloat16', 'float16'
 compile = False        # compile the decode step (model.compile_decode)
 # -----------------------------------------------------------------------------
 configure(globals())
@@ -64,12 +67,13 @@ check(globals(), {
 device = resolve_device(device)
 torch.manual_seed(seed)
 
-try:
-    model, saved = load_model(init_from, out_dir, device, checkpoint)
+try:  # into host memory (a ckpt.pt holds the optimizer's moments too); the model alone goes to device
+    model, saved = load_model(init_from, out_dir, 'cpu', checkpoint)
 except (DownloadError, ValueError) as e:
     sys.exit(f"error: {e}")
 path = checkpoint_to_read(out_dir, checkpoint)
 source = f"{path}, iteration {saved['iter_num']}: " if init_from == 'resume' else ''
+del saved  # the optimizer's moments, in host memory until here
 if not model.config.causal:
     sys.exit(f"error: {path} is a masked LM (objective='mlm'): it fills in masked tokens and cannot "
              f"generate text left to right; sample from a GPT checkpoint")
@@ -101,18 +105,23 @@ model.eval().to(device)
 cache_dtype = dtype
 if dtype == 'auto':
     (dtype, cache_dtype), step_seconds = choose_decode_dtype(model, device, num_samples)
-    print(f"dtype auto: {dtype} weights, {cache_dtype} KV cache (a decode step: " + ", ".join(
-        f"{seconds * 1000:.1f} ms with {weights}/{cache}"
-        for (weights, cache), seconds in step_seconds.items()) + ")", file=sys.stderr)
+    timings = ", ".join(f"{seconds * 1000:.1f} ms with {weights}/{cache}"
+                        for (weights, cache), seconds in step_seconds.items())
+    print(f"dtype auto: {dtype} weights, {cache_dtype} KV cache ("
+          + (f"a decode step: {timings}" if step_seconds else "CUDA: half the bytes of fp32, untimed") + ")",
+          file=sys.stderr)
 model.to(getattr(torch, dtype))
-cache_dtype = getattr(torch, cache_dtype)
 x = torch.tensor([start_ids] * num_samples, dtype=torch.long, device=device)
+# one cache for the warm-up and the sample: a CUDA graph captured on a cache replays on that cache alone
+cache = (model.new_cache(num_samples, getattr(torch, cache_dtype), device, static=compile) if kv_cache
+         else None)
 decode = None
-# compiled on its first call, here: a prefill and one decode step at the shapes that follow
 if compile and kv_cache:
+    # a prefill and two decode steps: the first compiles (and runs eagerly on CUDA), the second
+    # captures the CUDA graph, which the sample's steps replay
     t0 = time.time()
     decode = compile_decode(model)
-    model.generate(x, 2, temperature=0, decode=decode, cache_dtype=cache_dtype)
+    model.generate(x, 3, temperature=0, decode=decode, cache=cache)
     print(f"compiled the decode step in {time.time() - t0:.1f} s", file=sys.stderr)
 
 generator = torch.Generator(device=device).manual_seed(seed)
@@ -123,7 +132,7 @@ try:
         sys.stdout.write(start)
     for i, token in enumerate(model.stream(x, max_new_tokens, temperature, top_k,
                                            top_p if top_p < 1 else None, kv_cache, generator,
-                                           decode, cache_dtype)):
+                                           decode, cache=cache)):
         made.append(token)
         if num_samples == 1:
             # item() waits for the token

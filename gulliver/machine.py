@@ -133,18 +133,38 @@ def time_decode(model, dtype, device, batch=1, cache_dtype=None, steps=8):
 
 def choose_decode_dtype(model, device, batch=1, timer=time_decode):
     """The dtypes of the weights and of the KV cache that decode batch sequences fastest on this
-    machine: fp32 throughout, bf16 throughout (fp16 on a GPU without bf16), or bf16 weights with an
-    fp32 cache. Decoding one token is a chain of matrix-vector products, bound by how fast the
-    weights are read, not by arithmetic: half the bytes can win even where bf16 arithmetic is
-    emulated, so this times a decode step itself, not train.py's compute-bound probe. Attention
-    over the cache is arithmetic as much as reading: where bf16 is emulated it runs faster in
-    fp32. At a larger batch the arithmetic counts again, so the batch is the one that will decode.
-    Returns ((weights dtype, cache dtype), {(weights dtype, cache dtype): seconds per step})."""
-    cuda = str(device).startswith('cuda')
-    low = 'bfloat16' if not cuda or torch.cuda.is_bf16_supported() else 'float16'
-    pairs = [('float32', 'float32'), (low, low), (low, 'float32')]
+    machine. On a CUDA device: bf16 for both (fp16 on a GPU without bf16), not timed: an eager step
+    there is bound by its kernel launches, so fp32 and bf16 time alike, while the compiled step (a
+    CUDA graph) reads every weight and the whole cache per token, half the bytes in bf16. On the
+    CPU, timed: fp32 throughout, bf16 throughout, or bf16 weights with an fp32 cache. Decoding one
+    token is a chain of matrix-vector products, bound by how fast the weights are read, not by
+    arithmetic: half the bytes can win even where bf16 arithmetic is emulated, so this times a
+    decode step itself, not train.py's compute-bound probe. Attention over the cache is arithmetic
+    as much as reading: where bf16 is emulated it runs faster in fp32. At a larger batch the
+    arithmetic counts again, so the batch is the one that will decode. Returns ((weights dtype,
+    cache dtype), {(weights dtype, cache dtype): seconds per step}, empty on CUDA)."""
+    if str(device).startswith('cuda'):
+        low = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+        return (low, low), {}
+    pairs = [('float32', 'float32'), ('bfloat16', 'bfloat16'), ('bfloat16', 'float32')]
     seconds = {pair: timer(model, pair[0], device, batch, pair[1]) for pair in pairs}
     return min(seconds, key=seconds.get), seconds
+
+
+def largest_that_fits(sizes, step):
+    """The largest of sizes (e.g. micro-batches) for which step(size) runs without running out of
+    GPU memory, or None: tried from the largest down, so that only the sizes above it are tried in
+    vain. step is a cheap stand-in for what will be measured (an eager training step, not a
+    compilation of ~40 s per size)."""
+    for size in sorted(sizes, reverse=True):
+        try:
+            step(size)
+            return size
+        except torch.OutOfMemoryError:
+            pass
+        # out of the except block, the failed step's tensors are free: hand their blocks back
+        torch.cuda.empty_cache()
+    return None
 
 
 def keep_freed_memory():

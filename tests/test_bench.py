@@ -54,3 +54,26 @@ def test_bench_produces_every_row_at_the_sizes_it_is_given(tmp_path):
     bandwidth = speed['memory bandwidth (read)']['gb_per_s'] * 1e9
     assert decode['read_limit_tokens_per_s'] == pytest.approx(8 * bandwidth / (weights + cache), rel=1e-9)
     assert decode['of_limit'] == pytest.approx(decode['tokens_per_s'] / decode['read_limit_tokens_per_s'], rel=1e-9)
+
+
+def test_each_decode_row_warms_up_on_the_cache_it_times(tmp_path, monkeypatch):
+    """A compiled step's CUDA graph is captured at its second call and replays only on the cache it
+    was captured on: each decode row's warm-up (a prefill and two decode steps) and its timed run
+    share one cache, or the timed steps would include a capture."""
+    calls, stream = [], GPT.stream
+
+    def recording(self, idx, n, *args, cache=None, **kwargs):
+        calls.append((n, cache))
+        return stream(self, idx, n, *args, cache=cache, **kwargs)
+    monkeypatch.setattr(GPT, 'stream', recording)
+    small = tmp_path / 'small.py'
+    small.write_text('n_layer = 1\nn_head = 2\nn_embd = 32\nblock_size = 24\nbatch_size = 3\n')
+    result = run_in_process('bench.py', *TINY, '--compile=False', '--reference=False',
+                            f'--out_file={tmp_path / "bench.jsonl"}', f'--data_dir={tmp_path}',
+                            f'--cpu_config={small}')
+    assert result.returncode == 0, result.stderr
+    # GPT-2 small without a cache, then four decode rows (two shapes at B=1 and 8): warm-up, timed run
+    assert [n for n, _ in calls] == [3, 4 + 1] * 5
+    assert calls[0][1] is None and calls[1][1] is None
+    for (_, warm), (_, timed) in zip(calls[2::2], calls[3::2]):
+        assert warm is not None and warm is timed

@@ -254,6 +254,55 @@ def test_top_k_and_top_p_filtering():
     assert sample_next(logits.expand(100, 4), temperature=1e-39, generator=gen).eq(0).all()  # greedy in the limit, not NaN
 
 
+class Ops(TorchDispatchMode):
+    """Records the name of every aten op dispatched, e.g. 'index' for aten.index.Tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func.__name__.split('.')[0])
+        return func(*args, **(kwargs or {}))
+
+
+def test_top_k_reads_the_kth_logit_through_a_slice_not_a_host_index():
+    """values[:, [-1]] builds its index on the host (aten.lift_fresh) and, on a GPU, copies it to the
+    device for aten.index at every token, a wait; values[:, -1:] is a view (aten.slice). The draw
+    is the same: the five likeliest tokens of each row, renormalised, from the same generator."""
+    torch.manual_seed(0)
+    logits = torch.randn(1000, 50)
+    generator = torch.Generator().manual_seed(0)
+    with Ops() as ops:
+        drawn = sample_next(logits, temperature=0.7, top_k=5, generator=generator)
+    assert 'slice' in ops.seen and 'index' not in ops.seen and 'lift_fresh' not in ops.seen
+    shifted = (logits - logits.amax(dim=-1, keepdim=True)) / 0.7
+    kth = shifted.sort(dim=-1, descending=True).values[:, 4:5]
+    probs = F.softmax(shifted.masked_fill(shifted < kth, float('-inf')), dim=-1)
+    assert torch.equal(drawn, torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(0)))
+    assert (drawn == logits.topk(5).indices).any(dim=-1).all() and drawn.unique().numel() == 50
+
+
+@pytest.mark.parametrize('pos_emb', ['learned', 'rope', 'alibi'])
+def test_a_reused_cache_decodes_the_tokens_of_a_fresh_one(pos_emb):
+    """One cache through a prompt of 20 and then shorter ones (as sample.py's warm-up and sample, and
+    bench.py's, share one): past each new prompt it holds the earlier calls' keys and values, not
+    zeros, and they must not reach attention. Greedy, then drawn from a seeded generator."""
+    model = tiny(pos_emb=pos_emb)
+    with torch.no_grad():  # at init the next token hardly depends on the others: a leak would go unseen
+        for block in model.transformer.h:
+            block.attn.c_attn.weight.mul_(10)
+            block.attn.c_proj.weight.mul_(10)
+    cache = model.new_cache(2, torch.float32, 'cpu')
+    for prompt_len, temperature in ((20, 0), (3, 0), (4, 1.0)):
+        prompt = torch.randint(0, 50257, (2, prompt_len))
+        seeded = lambda: torch.Generator().manual_seed(0)
+        reused = model.generate(prompt, 8, temperature, generator=seeded(), cache=cache)
+        assert torch.equal(reused, model.generate(prompt, 8, temperature, generator=seeded()))
+    stale = cache[0]['k'][:, :, 4 + 8:20 + 7]  # written by the first call alone
+    assert stale.ne(0).all(dim=-1).all()
+
+
 def test_only_a_compiled_step_has_its_cache_marked_static(monkeypatch):
     marked = []
     monkeypatch.setattr(torch._dynamo, 'mark_static_address', lambda tensor, *args, **kwargs: marked.append(tensor))
@@ -263,6 +312,30 @@ def test_only_a_compiled_step_has_its_cache_marked_static(monkeypatch):
         assert marked == []  # eager decoding does not import the compiler, nor pay for its import at the first token
         given = model.generate(prompt, 3, temperature=0, decode=lambda *args: model.decode_step(*args))
     assert len(marked) == 2 * model.config.n_layer and torch.equal(given, eager)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_a_compiled_decode_on_a_reused_cache_replays_the_graph_its_warm_up_captured(monkeypatch):
+    """CUDA graph trees run a compiled step eagerly once, capture it at the next call, then replay
+    it while its static inputs (the cache's buffers) stay where they were: a warm-up of two decode
+    steps on the cache that is then timed leaves nothing to capture; a new cache is captured anew."""
+    from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
+    captures, record = [], CUDAGraphTreeManager.record_function
+    monkeypatch.setattr(CUDAGraphTreeManager, 'record_function',
+                        lambda self, *args: captures.append(1) or record(self, *args))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)).cuda().eval()
+    decode, prompt = compile_decode(model), torch.randint(0, 50257, (2, 8), device='cuda')
+    cache = model.new_cache(2, torch.float32, 'cuda', static=True)
+    warm = model.generate(prompt, 3, temperature=0, decode=decode, cache=cache)  # a prefill, two decode steps
+    assert len(captures) >= 1
+    captured = len(captures)
+    timed = model.generate(prompt, 40, temperature=0, decode=decode, cache=cache)
+    assert len(captures) == captured and torch.equal(timed[:, :11], warm)
+    fresh = model.generate(prompt, 40, temperature=0, decode=decode)  # the control: its own new cache
+    assert len(captures) > captured and torch.equal(fresh, timed)
+    assert torch.equal(timed, model.generate(prompt, 40, temperature=0, kv_cache=False))
 
 
 def test_configure_optimizers_decays_only_matrices():

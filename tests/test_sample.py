@@ -54,3 +54,45 @@ def test_a_reader_that_leaves_early_ends_the_run_quietly(tmp_path):
     process.stdout.close()
     err = process.communicate(timeout=120)[1].decode()
     assert process.returncode == 0 and err == '', err
+
+
+def test_the_compiled_step_warms_up_on_the_cache_the_sample_decodes_on(tmp_path, monkeypatch):
+    """--compile=True: on CUDA the compiled step runs eagerly at its first call, captures a CUDA graph at
+    the second, and replays it while the cache's buffers stay where they are. So the warm-up takes two
+    decode steps on the one cache sample.py allocates (marked static), and the sample decodes on it:
+    then its steady rate is the replayed graph's, not a capture's. What the warm-up left in the cache
+    does not change the text."""
+    import model as model_py
+    tiny_checkpoint(tmp_path / 'out')
+    caches, marked = [], []
+
+    def compile_decode(model):  # the step uncompiled: what matters here is the cache it is given
+        def decode(token, position, cache):
+            caches.append(cache)
+            return model.decode_step(token, position, cache)
+        return decode
+    monkeypatch.setattr(model_py, 'compile_decode', compile_decode)
+    monkeypatch.setattr(torch._dynamo, 'mark_static_address', lambda tensor, *args: marked.append(tensor))
+    args = ['sample.py', f'--out_dir={tmp_path / "out"}', '--max_new_tokens=5', '--dtype=float32']
+    compiled = run_in_process(*args, '--compile=True')
+    assert compiled.returncode == 0, compiled.stderr
+    assert len(caches) == 2 + 4  # the warm-up's decode steps, then the sample's after its first token
+    assert len({id(cache) for cache in caches}) == 1
+    assert {id(t) for t in marked} == {id(buffer) for layer in caches[0] for buffer in layer.values()}
+    assert compiled.stdout == run_in_process(*args).stdout
+
+
+def test_a_checkpoint_is_read_into_host_memory_not_onto_the_gpu(tmp_path, monkeypatch):
+    # ckpt.pt holds the optimizer's moments beside the model: only the model is moved to the device
+    from gulliver import checkpoint
+    tiny_checkpoint(tmp_path / 'out')
+    mapped_to = []
+
+    def read_checkpoint(path, device='cpu'):
+        mapped_to.append(device)
+        raise ValueError('read no further')  # on a machine without CUDA, stop before anything is moved
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)  # for --device=cuda
+    monkeypatch.setattr(checkpoint, 'read_checkpoint', read_checkpoint)
+    result = run_in_process('sample.py', f'--out_dir={tmp_path / "out"}', '--checkpoint=last',
+                            '--device=cuda')
+    assert 'read no further' in result.stderr and mapped_to == ['cpu']

@@ -1,5 +1,6 @@
-"""The wall-clock budget and its learning-rate schedule (gulliver/schedule.py), the CPU dtype probe and
-the matmul peak (gulliver/machine.py), with fake clocks and fake timings."""
+"""The wall-clock budget and its learning-rate schedule (gulliver/schedule.py), the dtype probes, the
+matmul peak and the largest micro-batch that fits (gulliver/machine.py), with fake clocks, fake timings
+and a fake out-of-memory error."""
 import math
 
 import pytest
@@ -159,3 +160,36 @@ def test_decode_dtype_probe_times_a_real_step_of_the_batch_that_will_decode():
     assert all(0 < machine.time_decode(model, dtype, 'cpu', 3, cache_dtype, steps=2) < 10
                for dtype, cache_dtype in [('float32', 'float32'), ('bfloat16', 'bfloat16'), ('bfloat16', 'float32')])
     assert model.lm_head.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize('bf16, low', [(True, 'bfloat16'), (False, 'float16')])
+def test_decode_dtype_on_cuda_is_half_precision_throughout_and_never_timed(monkeypatch, bf16, low):
+    # an eager step on a GPU is bound by its launches: fp32 and bf16 would time alike, a coin toss,
+    # while the compiled graph reads half the bytes in bf16
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *args, **kwargs: bf16)
+
+    def timer(*args):
+        raise AssertionError('a decode step was timed on CUDA')
+    for device in ('cuda', 'cuda:1'):
+        assert machine.choose_decode_dtype(None, device, 8, timer=timer) == ((low, low), {})
+
+
+def test_the_largest_batch_that_fits_is_found_from_the_largest_down():
+    tried = []
+
+    def step(batch):  # a GPU of room for 40
+        tried.append(batch)
+        if batch > 40:
+            raise torch.cuda.OutOfMemoryError('CUDA out of memory')
+    assert machine.largest_that_fits([24, 32, 48, 64], step) == 32
+    assert tried == [64, 48, 32]  # 24 never runs: one try past the first that fits would be a waste
+    tried.clear()
+    assert machine.largest_that_fits([48, 64], step) is None and tried == [64, 48]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_the_largest_that_fits_catches_a_real_out_of_memory_error():
+    gib = lambda n: torch.empty(n << 30, dtype=torch.uint8, device='cuda')  # 1 << 20 GiB: a pebibyte
+    assert machine.largest_that_fits([1, 1 << 20], gib) == 1
+    assert machine.largest_that_fits([1 << 20], gib) is None
