@@ -35,7 +35,7 @@ def test_gpu_check_runs_every_part_on_the_cpu(data, tmp_path):
     text = report.read_text()
     assert all(line in result.stdout for line in text.splitlines())  # printed as written
     assert re.search(r"## train.py's step at 4 x 16 tokens\n\n- [\d,]+ tokens/s, MFU [\d.]+%, the mean of 2 log "
-                     r"windows of 2 steps, float32 on cpu", text), text
+                     r"windows of 2 steps, (float32|bfloat16) on cpu", text), text
     for line in ('peak matmul fp32', 'memory bandwidth (copy)', 'GPT-2 small: decode 4 tokens, eager, B=1', '| 4 |',
                  'best.pt: iteration', 'bf16 on cpu against fp32 on the CPU', 'resumed after 2 steps', 'all checks passed'):
         assert line in text, line
