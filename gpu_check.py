@@ -1,13 +1,14 @@
 """
-The GPU path in one command, for a machine with a GPU and no network: `make gpu-check`, about
-5 minutes on one H100. It runs the project's own scripts, prints what they measured and writes
-it to one file, out_file (markdown):
+The GPU path in one command, for a machine with a GPU and no network: `make gpu-check`, an
+estimated 5 minutes on one H100 or H200 (docs/running.md has each part's estimate). It runs
+the project's own scripts, prints what they measured and writes it to one file, out_file
+(markdown):
 
 1. speed (bench.py): the matmul peak and the size n that reached it, the memory bandwidth,
-   GPT-2 small training at 16 x 1,024 tokens and at larger micro-batches up to the largest that
-   fits (tokens/s, MFU), and decoding on the static KV cache, eager and compiled (a CUDA
-   graph), at batch 1 and 8, beside the limit that reading the weights sets and beside
-   transformers' eager generate on a randomly initialised GPT-2 small;
+   GPT-2 small training at 16 x 1,024 tokens and at the largest of the larger micro-batches
+   that fits (found with eager steps, compiled once; tokens/s, MFU), and decoding on the static
+   KV cache, eager and compiled (a CUDA graph), at batch 1 and 8, beside the limit that reading
+   the weights sets and beside transformers' eager generate on a randomly initialised GPT-2 small;
 2. train.py's own step at GPT-2 small's 16 x 1,024 tokens (config/gulliver.py's model, dropout 0, no
    evaluation between its first and last step, no snapshot): its steady tokens/s and MFU, the mean of
    its log windows after the first (which holds the compilation), beside bench.py's rows, whose step
