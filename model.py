@@ -38,6 +38,7 @@ class GPTConfig:
     pad_vocab_to: int = 1        # e.g. 64: pad the embedding rows for faster matmuls
     wpe_init_std: float = 0.02   # a learned W_pos starts ~ N(0, wpe_init_std^2) (0: all zeros),
                                  # as GPT-2's at 0.02
+    wpe_init: str = 'normal'     # 'normal', or 'sinusoidal': the smooth sinusoidal table, RMS wpe_init_std
 
     @property
     def padded_vocab_size(self):
@@ -196,8 +197,11 @@ class GPT(nn.Module):
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            std = self.config.wpe_init_std if module is getattr(self.transformer, 'wpe', None) else 0.02
-            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            wpe = module is getattr(self.transformer, 'wpe', None)
+            torch.nn.init.normal_(module.weight, mean=0.0, std=self.config.wpe_init_std if wpe else 0.02)
+            if wpe and self.config.wpe_init == 'sinusoidal':  # drawn first all the same: the other weights
+                with torch.no_grad():                         # start as they would from a normal W_pos
+                    module.weight.copy_(sinusoidal_table(*module.weight.shape, std=self.config.wpe_init_std))
         if isinstance(module, nn.Linear) and module.bias is not None:
             torch.nn.init.zeros_(module.bias)
 

@@ -73,6 +73,7 @@ bias = True
 pos_emb = 'learned'     # 'learned', 'sinusoidal', 'rope', 'alibi', 'none'
 pad_vocab_to = 64       # pad the embedding rows to a multiple of this (logits are sliced back)
 wpe_init_std = 0.02     # a learned W_pos starts ~ N(0, wpe_init_std^2); 0: all zeros
+wpe_init = 'normal'     # 'normal', or 'sinusoidal': a smooth start, the sinusoidal table at RMS wpe_init_std
 # optimizer
 optimizer = 'adamw'     # 'adamw' or 'muon'
 learning_rate = 6e-4
@@ -230,7 +231,7 @@ data_fingerprint = {name: meta['sha256'][name] for name in ('train.bin', 'val.bi
 
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=meta['vocab_size'], dropout=dropout, pos_emb=pos_emb, causal=objective == 'clm',
-                  pad_vocab_to=pad_vocab_to, wpe_init_std=wpe_init_std)
+                  pad_vocab_to=pad_vocab_to, wpe_init_std=wpe_init_std, wpe_init=wpe_init)
 # out_dir holds one run: a new run never replaces another's checkpoint unless told to, and then
 # sets the earlier run's checkpoints, log and snapshots aside under a dated name (start_log, below)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')

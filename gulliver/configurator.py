@@ -180,7 +180,7 @@ def train_rules(pretrained, pos_embs):
         'seed': a_seed,
         'cooldown': optional(lambda f: None if number(f) and 0 < f <= 1 else "in (0, 1]"),
         'max_seconds': optional(greater_than(0)), 'grad_clip': optional(greater_than(0)),
-        'wpe_init_std': at_least(0),
+        'wpe_init_std': at_least(0), 'wpe_init': one_of('normal', 'sinusoidal'),
         'wpe_weight_decay': optional(at_least(0)), 'embedding_lr': optional(greater_than(0)),
         'snapshot_interval': optional(integer_at_least(1)), 'peak_flops': auto_or(greater_than(0)),
         ('learning_rate', 'embedding_lr'): lambda lr, embedding_lr: None if embedding_lr is None or lr > 0

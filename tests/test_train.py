@@ -713,3 +713,13 @@ def test_an_infinite_gradient_norm_is_skipped_and_a_run_of_skips_is_counted_acro
     resumed = run_in_process('train.py', *common, '--max_iters=8', '--init_from=resume')
     assert resumed.returncode == 1 and 'not finite for 3 steps in a row' in resumed.stderr, resumed.stderr
     assert 'iter 5: 1 of the last 1 updates skipped' in resumed.stdout and 'iter 6' not in resumed.stdout
+
+
+def test_a_smooth_start_of_w_pos_is_the_sinusoidal_table_and_is_kept_in_the_checkpoint(small_data, tmp_path):
+    from model import sinusoidal_table
+    result = run_in_process('train.py', *TINY, f'--data_dir={small_data}', f'--out_dir={tmp_path}', '--max_iters=1',
+                            '--sample_tokens=0', '--snapshot_interval=1', '--wpe_init=sinusoidal', '--wpe_init_std=0.05')
+    assert result.returncode == 0, result.stderr
+    start = np.load(tmp_path / 'snapshots' / 'iter_000000.npz')['W_pos']
+    assert np.array_equal(start, sinusoidal_table(32, 32, std=0.05).half().numpy())
+    assert load_checkpoint(tmp_path / 'ckpt.pt')[1]['model_args']['wpe_init'] == 'sinusoidal'
