@@ -42,7 +42,8 @@ from gulliver.pretrained import PRETRAINED
 from gulliver.report import figures_shown, plain
 from gulliver.runlog import read_events
 from gulliver.sections import (MIN_COUNT, MIN_POSITIONS, PROBE_WORDS, attention_markdown, dynamics_markdown,
-                               dynamics_study, frequent_tokens, logit_lens_markdown, logit_lens_study,
+                               dynamics_study, frequent_tokens, gradient_noise_markdown, gradient_noise_study,
+                               logit_lens_markdown, logit_lens_study,
                                loss_markdown, loss_study, onset_markdown, onset_study, positional_markdown,
                                stability_markdown, stability_study, token_markdown, token_study)
 from gulliver.tokenizer import VOCAB_SIZE, get_tokenizer
@@ -61,6 +62,7 @@ compare = []              # `--compare DIR DIR ...`: directories with ckpt.pt or
 probes = []               # `--probes Lilliput hat`: more probe words, each looked up as ' word' (as in text)
 eval_tokens = 2048        # val tokens for the logit lens and the layer-0 attention decomposition
 top_n = 3000              # at most this many of the most frequent tokens in RSA, CKA and neighbour overlap
+noise_batches = 16        # batches of the run's shape whose W_pos gradients are split into signal and noise
 device = 'auto'           # 'auto', 'cpu', 'cuda', ...
 # -----------------------------------------------------------------------------
 
@@ -77,6 +79,8 @@ class Inputs:
     W_pos: np.ndarray = None      # (T, d) position table, T >= MIN_POSITIONS
     counts: np.ndarray = None     # (V,) each token's count in train.bin
     val: np.ndarray = None        # the val token ids
+    train: np.ndarray = None      # the train token ids, for the gradient-noise study of a run
+    noise_batches: int = 0        # how many batches that study draws
     batch: tuple = None           # (x, y): consecutive val chunks (B, T) for the model, and their next tokens
     log: tuple = None             # (train, eval, start) events of the run's log.jsonl
     dynamics: dict = None         # sections.dynamics_study of the run's snapshots
@@ -311,6 +315,11 @@ def model_report(inputs, top_n, report_dir, notes):
         train_tokens = int(counts.sum())
         report['onset'] = onset_study(inputs.position_tables, starts, train_tokens, evals, inputs.reference)
         md += onset_markdown(report['onset'], train_tokens, report_dir)
+    if inputs.train is not None:
+        B = inputs.settings['batch_size'] * inputs.settings.get('gradient_accumulation_steps', 1)
+        report['gradient_noise'] = gradient_noise_study(model, inputs.train, inputs.noise_batches, B,
+                                                        inputs.settings.get('objective', 'clm'))
+        md += gradient_noise_markdown(report['gradient_noise'])
     if inputs.other is not None:
         report['stability'] = stability_study(W_E, W_pos, *inputs.other, counts, top_n)
         md += stability_markdown(report['stability'])
@@ -342,6 +351,8 @@ def compare_report(inputs, top_n, report_dir, notes):
 if __name__ == '__main__':
     configure(globals())
     check(globals(), {'checkpoint': one_of('best', 'last'), 'eval_tokens': at_least(1), 'top_n': at_least(12),
+                      'noise_batches': lambda k: None if k == 0 or (type(k) is int and k >= 2)
+                      else "0 (no gradient-noise study) or an integer >= 2",
                       **{name: optional(a_path) for name in ('wpe_file', 'wte_file', 'data_dir',
                                                              'compare_out_dir', 'reference_wpe')}})
     t0, enc, notes = time.time(), get_tokenizer(), []
@@ -360,6 +371,10 @@ if __name__ == '__main__':
     inputs.data_dir = data_dir or inputs.settings.get('data_dir') or 'data/gulliver'
     if inputs.W_E is not None or compare:
         inputs.counts = np.bincount(load_tokens(inputs.data_dir, 'train'), minlength=VOCAB_SIZE)
+    run = init_from == 'resume' and 'batch_size' in inputs.settings  # a run of train.py, with its settings
+    if run and inputs.W_pos is not None and noise_batches:
+        # a run with a learned W_pos: the noise in its gradient
+        inputs.train, inputs.noise_batches = load_tokens(inputs.data_dir, 'train'), noise_batches
     if inputs.model is not None or compare:
         inputs.val = load_tokens(inputs.data_dir, 'val')
     if inputs.model is not None:

@@ -109,18 +109,106 @@ def positional_geometry(P):
             'delta_consecutive_cos_mean': delta_consecutive_cos(P), 'linear_fit_r2': linear_fit_r2(P)}
 
 
+LOW_FREQUENCIES = 4  # cycles over a table's T rows that count as low: periods of T/4 rows and longer
+
+
+def spectrum_weights(T):
+    """How often each frequency k = 0 .. T//2 of np.fft.rfft appears in the full spectrum of T
+    points: twice (k and T - k), but once for k = 0 and, for an even T, k = T/2."""
+    weights = np.full(T // 2 + 1, 2.0)
+    weights[0] = 1.0
+    if T % 2 == 0:
+        weights[-1] = 1.0
+    return weights
+
+
+def low_frequency_share(P, n_low=LOW_FREQUENCIES):
+    """The share of a table's variance along t (P is (T, d)) at the lowest frequencies: the power
+    of each centred column's discrete Fourier transform at 1 .. n_low cycles over the T rows, over
+    the power at every nonzero frequency (Parseval: their sum is T times the variance). GPT-2's W_pos
+    has nearly all of it there (Yamamoto & Matsuzaki 2023); independent random rows spread it
+    evenly, low_frequency_chance(T). nan for a constant table."""
+    power = (np.abs(np.fft.rfft(np.asarray(P, np.float64) - np.mean(P, 0), axis=0)) ** 2).sum(1)
+    power *= spectrum_weights(len(P))
+    total = power[1:].sum()
+    return float(power[1:n_low + 1].sum() / total) if total > 0 else float('nan')
+
+
+def low_frequency_chance(T, n_low=LOW_FREQUENCIES):
+    """low_frequency_share's expected value for independent random rows (white noise along t)."""
+    weights = spectrum_weights(T)
+    return float(weights[1:n_low + 1].sum() / weights[1:].sum())
+
+
+def position_probe(P, folds=5, seed=0):
+    """Wang & Chen (2020)'s probe: how well a linear map reads a row's position t from the row p_t.
+    Ridge regression t ~ a + p_t w on the standardised columns (penalty d, the scale of X X^T's
+    diagonal), cross-validated over the rows shuffled into folds; returns the mean absolute error
+    of the held-out predictions, in positions. For independent random rows it is about T/3 (no
+    better than chance), for a table whose rows follow t, small. Dual form: w = X^T (X X^T + d I)^-1 y,
+    as the rows may be fewer than the columns."""
+    P = np.asarray(P, np.float64)
+    t, order = np.arange(len(P), dtype=np.float64), np.random.default_rng(seed).permutation(len(P))
+    errors = []
+    for held in np.array_split(order, folds):
+        train = np.setdiff1d(order, held)
+        mean, std = P[train].mean(0), P[train].std(0)
+        std = np.where(std > 0, std, 1.0)
+        X, Xh = (P[train] - mean) / std, (P[held] - mean) / std
+        y = t[train] - t[train].mean()
+        alpha = np.linalg.solve(X @ X.T + P.shape[1] * np.eye(len(X)), y)
+        errors.append(np.abs(Xh @ (X.T @ alpha) + t[train].mean() - t[held]))
+    return float(np.concatenate(errors).mean())
+
+
 def position_statistics(P):
     """The numbers of the onset study for one position table P (T, d): the mean row norm, the
     mean cos at distance 1 and T/4, PC1's share of the variance, the largest abs corr(PC score, t)
     over PC1-PC3 and which PC has it, the mean cos(delta_t, delta_t+1) (about -0.5 for independent
-    random rows: delta_t and delta_t+1 share -p_t+1), and the variance the line a + t b explains."""
+    random rows: delta_t and delta_t+1 share -p_t+1), the variance the line a + t b explains, and
+    the two published measures: the share of the variance along t at low frequencies
+    (low_frequency_share) and the error of Wang & Chen's position probe (position_probe)."""
     P = np.asarray(P, np.float64)
     curve, (ratios, scores), t = mean_cos_by_distance(P), pca(P), np.arange(len(P))
     corr = [abs(pearson(scores[:, i], t)) for i in range(min(3, scores.shape[1]))]
     return {'mean_norm': float(np.linalg.norm(P, axis=1).mean()), 'cos_1': float(curve[1]),
             'cos_quarter': float(curve[len(P) // 4]), 'pc1_share': float(ratios[0]),
             'pc_corr': float(np.max(corr)), 'pc_corr_which': int(np.argmax(corr)) + 1,
-            'delta_cos': delta_consecutive_cos(P), 'line_r2': linear_fit_r2(P)}
+            'delta_cos': delta_consecutive_cos(P), 'line_r2': linear_fit_r2(P),
+            'low_freq_share': low_frequency_share(P), 'probe_mae': position_probe(P)}
+
+
+# ---- the gradient of a table: signal and noise --------------------------------------------------
+
+def gradient_noise(mean_g, mean_sq, k, batch_size):
+    """The gradient noise scale of McCandlish et al. (2018), from K gradients g_i, each of one batch
+    of batch_size sequences, given as their mean G_bar = mean_g and the mean of their squared norms
+    mean_sq = mean_i |g_i|^2 (both summed over whatever axes the caller leaves out: a scalar for a
+    whole matrix, one number a row for per-row figures):
+
+        noise  S = K / (K - 1) (mean_i |g_i|^2 - |G_bar|^2)      tr(Sigma_B): one batch's noise
+        signal |G|^2 = |G_bar|^2 - S / K                          the noise left in G_bar taken out
+        B_simple = batch_size S / |G|^2                           in sequences: the batch at which a
+                                                                  step's noise equals its signal
+        snr = |G|^2 / S                                           signal over noise at batch_size
+
+    Returns {'noise', 'signal', 'b_simple', 'snr'}; b_simple is nan where the signal is not resolved
+    (|G|^2 <= 0: K too small for the noise)."""
+    mean_g, mean_sq = np.asarray(mean_g, np.float64), np.asarray(mean_sq, np.float64)
+    bar = (mean_g ** 2).sum(-1) if mean_g.ndim == mean_sq.ndim + 1 else (mean_g ** 2).sum()
+    noise = k / (k - 1) * (mean_sq - bar)
+    signal = bar - noise / k
+    with np.errstate(divide='ignore', invalid='ignore'):
+        b_simple = np.where(signal > 0, batch_size * noise / signal, np.nan)
+        return {'noise': noise, 'signal': signal, 'b_simple': b_simple, 'snr': signal / noise}
+
+
+def smoothness(P):
+    """How smooth a table (T, d) is along t: the mean cosine of neighbouring rows, the mean
+    cos(delta_t, delta_t+1), and the share of its variance at low frequencies."""
+    P = np.asarray(P, np.float64)
+    return {'cos_k1': float(mean_cos_by_distance(P)[1]), 'cos_delta': delta_consecutive_cos(P),
+            'low_freq_share': low_frequency_share(P)}
 
 
 def onset(iters, correlations, threshold=0.9):

@@ -96,3 +96,27 @@ def logit_lens(model, x, y):
             logits = model.lm_head(model.transformer.ln_f(h))[..., :model.config.vocab_size]
             losses[layer] += F.cross_entropy(logits.flatten(0, 1), yb.flatten()).item()
     return (losses / len(x)).tolist()
+
+
+def batch_gradients(model, batches, names):
+    """The gradient of the mean loss of each batch (x, y) in batches, for the parameters named
+    (names: {label: parameter}), kept as running sums so that K batches cost the memory of one:
+    {label: {'mean': the mean gradient, 'mean_sq': the mean of its squared norm, 'mean_sq_rows': the
+    same row by row, 'first': the first batch's own gradient}} and the number of batches. The model
+    is run as it is (eval mode: no dropout, every batch's gradient of the same function)."""
+    sums, k = {label: None for label in names}, 0
+    for x, y in batches:
+        model.zero_grad(set_to_none=True)
+        model(x, y)[1].backward()
+        k += 1
+        for label, parameter in names.items():
+            g = parameter.grad.detach().double().cpu()
+            if sums[label] is None:
+                sums[label] = {'mean': torch.zeros_like(g), 'first': g.clone(),
+                               'mean_sq_rows': torch.zeros(len(g), dtype=g.dtype)}
+            sums[label]['mean'] += g
+            sums[label]['mean_sq_rows'] += (g ** 2).sum(1)
+    model.zero_grad(set_to_none=True)
+    return {label: {'mean': s['mean'].numpy() / k, 'mean_sq_rows': s['mean_sq_rows'].numpy() / k,
+                    'mean_sq': float(s['mean_sq_rows'].sum()) / k, 'first': s['first'].numpy()}
+            for label, s in sums.items()}, k

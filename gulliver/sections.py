@@ -20,10 +20,14 @@ import math
 import os
 
 import numpy as np
+import torch
 
-from gulliver.circuits import TERMS, logit_lens
-from geometry import (analogy, anisotropy, cosine_matrix, drift_vs_frequency, mean_cos_by_distance,
-                      nearest_neighbours, norm_vs_frequency, onset, pca, position_statistics, similarity)
+from geometry import (LOW_FREQUENCIES, analogy, anisotropy, cosine_matrix, drift_vs_frequency,
+                      gradient_noise, low_frequency_chance, mean_cos_by_distance, nearest_neighbours,
+                      norm_vs_frequency, onset, pca, position_probe, position_statistics, similarity,
+                      smoothness)
+from gulliver.circuits import TERMS, batch_gradients, logit_lens
+from gulliver.data import batch_at, random_offsets
 from gulliver.report import heatmap, image, plot_lines, plt, save, show, table
 from gulliver.runlog import plot_losses, tokens_seen
 
@@ -39,7 +43,8 @@ CHANCE = ("A row 'rows shuffled (chance)' scores the same tables with one's rows
           "0 there unless the rows far outnumber the columns.")
 ONSET_STATISTICS = {'mean_norm': 'mean row norm', 'cos_1': 'mean cos, k=1', 'cos_quarter': 'mean cos, k=T/4',
                     'pc1_share': 'PC1 share', 'pc_corr': 'max abs corr(PC, t)',
-                    'delta_cos': 'cos(delta_t, delta_t+1)', 'line_r2': 'line a + t b'}
+                    'delta_cos': 'cos(delta_t, delta_t+1)', 'line_r2': 'line a + t b',
+                    'low_freq_share': 'low-frequency share', 'probe_mae': 'probe error (positions)'}
 ONSET_THRESHOLD = 0.9  # abs corr(PC score, t): one principal direction follows position
 MIN_POSITIONS = 8  # rows a position table needs for its studies (cos at distance T/4, three PCs, ...)
 FREQUENCY_BINS = [(0, 0, 'unseen'), (1, 9, '1-9'), (10, 99, '10-99'), (100, 999, '100-999'),
@@ -296,7 +301,9 @@ def onset_study(tables, starts, train_tokens, evals, reference):
             'onset_iter': onset(iters, [r['W_pos']['pc_corr'] for r in records], ONSET_THRESHOLD),
             'onset_iter_learned': onset(iters, [r['learned'] and r['learned']['pc_corr'] for r in records],
                                         ONSET_THRESHOLD),
-            'reference': None if reference is None else position_statistics(reference[:len(first)])}
+            'reference': None if reference is None else position_statistics(reference[:len(first)]),
+            'chance': {'low_freq_share': low_frequency_chance(len(first)),  # independent random rows
+                       'probe_mae': position_probe(np.random.default_rng(0).normal(size=first.shape))}}
 
 
 def onset_markdown(study, train_tokens, report_dir):
@@ -312,7 +319,11 @@ def onset_markdown(study, train_tokens, report_dir):
             "PC1's share and corr(PC, t)). max abs corr(PC, t) is the largest of PC1-PC3 (which one in "
             f"brackets); the onset is the first snapshot where it reaches {ONSET_THRESHOLD}. Passes: tokens "
             f"seen over the {train_tokens:,} train tokens. Losses where an evaluation fell on the "
-            "snapshot.\n",
+            "snapshot. The two published measures: the share of the variance along t at 1-"
+            f"{LOW_FREQUENCIES} cycles over the table's rows (Yamamoto & Matsuzaki 2023; independent random "
+            f"rows: {study['chance']['low_freq_share']:.3f}) and the mean absolute error, in positions, of "
+            "Wang & Chen (2020)'s linear probe from a row to its position, cross-validated over 5 folds of "
+            f"shuffled rows (independent random rows: {study['chance']['probe_mae']:.1f}).\n",
             f"Onset: W_pos {onset_when(records, study['onset_iter'])}; its learned part "
             f"{onset_when(records, study['onset_iter_learned'])}.\n",
             '### W_pos\n', table(header, onset_rows(records, 'W_pos') + reference),
@@ -352,7 +363,7 @@ def onset_figure(records, first, report_dir):
     for ax, key, title in zip(axes, ('W_pos', 'learned'), ('W_pos', f'learned part W_pos - W_pos({first})')):
         kept = [r for r in records if r[key] is not None]
         for k, (s, label) in enumerate(ONSET_STATISTICS.items()):
-            if s != 'mean_norm':
+            if s not in ('mean_norm', 'probe_mae'):  # the others are on one scale, from -1 to 1
                 ax.plot([r['iter'] for r in kept], [r[key][s] for r in kept], 'o-', ms=3, color=f'C{k}',
                         label=label)
         ax.axhline(ONSET_THRESHOLD, color='grey', ls=':')
@@ -365,6 +376,57 @@ def onset_figure(records, first, report_dir):
             loss_axis.set_ylabel('val loss (dashed)')
     axes[0].legend(fontsize=8)
     return save(fig, report_dir, 'onset.png')
+
+
+# ---- the gradient of W_pos: signal and noise -----------------------------------------------------
+
+def gradient_noise_study(model, tokens, n_batches, batch_size, objective, seed=0):
+    """The gradient of W_pos split into signal and noise, at the model's weights: n_batches
+    independent batches of the run's shape (batch_size windows of block_size tokens at random
+    offsets of the train tokens), each batch's gradient g_i and their mean G_bar
+    (geometry.gradient_noise gives the formulas). For W_pos: the smoothness along t
+    (geometry.smoothness) of G_bar and of one batch's g_1, the signal-to-noise ratio of each row at
+    the run's batch, and B_simple, the batch in sequences at which a step's noise equals its signal;
+    B_simple of W_E (tied with the head) and of layer 0's W_QKV beside it."""
+    rng = np.random.default_rng(seed)
+    T, vocab_size = model.config.block_size, model.config.vocab_size
+    windows = lambda: batch_at(tokens, random_offsets(rng, len(tokens), T, batch_size), T, objective, rng,
+                               vocab_size)
+    device = next(model.parameters()).device
+    batches = (tuple(torch.from_numpy(a).to(device) for a in windows()) for _ in range(n_batches))
+    names = {'W_pos': model.transformer.wpe.weight, 'W_E': model.transformer.wte.weight,
+             'layer 0 W_QKV': model.transformer.h[0].attn.c_attn.weight}
+    with torch.enable_grad():
+        grads, k = batch_gradients(model, batches, names)
+    rows = gradient_noise(grads['W_pos']['mean'], grads['W_pos']['mean_sq_rows'], k, batch_size)
+    return {'batches': k, 'batch_shape': [batch_size, T],
+            'b_simple': {label: float(gradient_noise(g['mean'], g['mean_sq'], k, batch_size)['b_simple'])
+                         for label, g in grads.items()},
+            'snr': rows['snr'], 'mean_gradient': smoothness(grads['W_pos']['mean']),
+            'single_batch': smoothness(grads['W_pos']['first'])}
+
+
+def gradient_noise_markdown(study):
+    """The tables and text of gradient_noise_study."""
+    snr, (B, T) = np.asarray(study['snr']), study['batch_shape']
+    smooth = [('mean cos of neighbouring rows', 'cos_k1'), ('mean cos(delta_t, delta_t+1)', 'cos_delta'),
+              (f'share of the variance at 1-{LOW_FREQUENCIES} cycles over the {T} rows', 'low_freq_share')]
+    b_simple = [[f'B_simple of {label} (sequences)', value] for label, value in study['b_simple'].items()]
+    return ['## The gradient of W_pos: signal and noise\n',
+            f"{study['batches']} independent batches of the run's shape ({B} sequences of {T} tokens at "
+            "random offsets), each batch's gradient g_i and their mean G_bar, at this checkpoint's weights. "
+            "The noise of one batch S = K/(K-1) (mean |g_i|^2 - |G_bar|^2), the signal |G|^2 = |G_bar|^2 - "
+            "S/K; B_simple = B S / |G|^2 is the batch, in sequences, at which a step's noise equals its "
+            f"signal (independent random rows score {low_frequency_chance(T):.3f} on the low-frequency "
+            "share).\n",
+            table(['W_pos gradient', 'mean over the batches, G_bar', 'one batch, g_1'],
+                  [[label, study['mean_gradient'][key], study['single_batch'][key]]
+                   for label, key in smooth]),
+            table(['', 'value'], b_simple + [
+                ["signal-to-noise of a W_pos row at the run's batch: median", float(np.nanmedian(snr))],
+                ['... rows with a signal above their noise', f'{int((snr > 1).sum())} of {len(snr)}'],
+                ['... row 0, row 1, the mean of the rest',
+                 ', '.join(f'{v:.3g}' for v in (snr[0], snr[1], float(np.nanmean(snr[2:]))))]])]
 
 
 # ---- across seeds: this run against another ---------------------------------------------------
