@@ -200,6 +200,43 @@ def test_independent_random_matrices_are_unrelated():
     assert 0.5 < linear_cka(A, noisy) < 0.95 and 0.2 < nn_overlap(A, noisy) < 0.9
 
 
+def test_rsa_is_a_rank_correlation_of_the_cosines():
+    # B's cosines are A's cubed, a monotone function of them: B exists because the elementwise cube of
+    # a cosine matrix is positive semi-definite (Schur's product theorem) with a unit diagonal, so
+    # B = V sqrt(L) from its eigendecomposition. The ranks agree: Spearman's rho is 1, Pearson's r 0.84
+    def cosines(X):  # every pair i < j, independently of geometry.py
+        unit = X / np.linalg.norm(X, axis=1, keepdims=True)
+        return (unit @ unit.T)[np.triu_indices(len(X), 1)]
+    rng = np.random.default_rng(7)
+    A = rng.standard_normal((40, 8))
+    unit = A / np.linalg.norm(A, axis=1, keepdims=True)
+    eigenvalues, V = np.linalg.eigh((unit @ unit.T) ** 3)
+    B = V * np.sqrt(eigenvalues.clip(0))
+    assert np.allclose(cosines(B), cosines(A) ** 3, atol=1e-12) and np.corrcoef(cosines(A), cosines(B))[0, 1] < 0.9
+    assert rsa(A, B) == pytest.approx(1, abs=1e-12)
+    # and on a noisy copy: the Pearson correlation of the cosines' ranks (a double argsort: no ties)
+    noisy = A + rng.standard_normal(A.shape)
+    ranks = lambda X: cosines(X).argsort().argsort()
+    assert rsa(A, noisy) == pytest.approx(np.corrcoef(ranks(A), ranks(noisy))[0, 1], abs=1e-12)
+
+
+def test_procrustes_aligns_by_an_orthogonal_map_alone():
+    # B: A's rows stretched 10 times along one axis, then rotated. A general linear map (least squares)
+    # would undo most of the stretch (mean cos 0.96); an orthogonal R cannot (0.70). The reference: R is
+    # the orthogonal polar factor M (M^T M)^(-1/2) of M = Au^T Bu, here from the eigendecomposition of M^T M
+    rng = np.random.default_rng(8)
+    A = rng.standard_normal((200, 6))
+    B = (A * [1, 1, 1, 1, 1, 10]) @ random_orthogonal(6, rng)
+    Au, Bu = (X / np.linalg.norm(X, axis=1, keepdims=True) for X in (A, B))
+    M = Au.T @ Bu
+    eigenvalues, Q = np.linalg.eigh(M.T @ M)
+    R = M @ Q @ np.diag(eigenvalues ** -0.5) @ Q.T
+    assert np.allclose(R.T @ R, np.eye(6), atol=1e-12)
+    mapped = Au @ R
+    expected = ((mapped / np.linalg.norm(mapped, axis=1, keepdims=True)) * Bu).sum(1).mean()
+    assert procrustes_cos(A, B) == pytest.approx(expected, abs=1e-12) and expected < 0.75
+
+
 def test_analogy_and_neighbours_on_a_constructed_embedding():
     rng = np.random.default_rng(6)
     royal, person, male, female = 4 * random_orthogonal(32, rng)[:4]

@@ -127,6 +127,22 @@ def test_glove_loss_is_zero_at_a_perfect_fit_and_weighted():
     assert glove_loss(w_i, w_j, b_i, b_j, torch.tensor([3.25]), torch.tensor([0.3])) == pytest.approx(0.3 * 4)
 
 
+def test_glove_loss_and_its_gradient_are_sums_over_the_pairs_of_a_batch():
+    # J = Σ_n f_n e_n^2, e_n = w_n·w~_n + b_n + b~_n - log X_n: a sum (run_epochs divides an epoch's total
+    # by its pairs), so dJ/dw_n = 2 f_n e_n w~_n and dJ/db_n = 2 f_n e_n, whatever the batch's size
+    g = torch.Generator().manual_seed(3)
+    w_i, w_j = (torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    b_i, b_j = (torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    log_x, f = torch.randn(6, generator=g, dtype=torch.float64), torch.rand(6, generator=g, dtype=torch.float64)
+    loss = glove_loss(w_i, w_j, b_i, b_j, log_x, f)
+    loss.backward()
+    Wi, Wj, Bi, Bj, logX, fX = (t.detach().numpy() for t in (w_i, w_j, b_i, b_j, log_x, f))
+    error = np.einsum('nd,nd->n', Wi, Wj) + Bi + Bj - logX
+    assert loss.item() == pytest.approx((fX * error ** 2).sum(), rel=1e-12)
+    assert np.allclose(w_i.grad.numpy(), 2 * (fX * error)[:, None] * Wj, rtol=1e-12, atol=0)
+    assert np.allclose(b_j.grad.numpy(), 2 * fX * error, rtol=1e-12, atol=0)
+
+
 # --- the trainers on tiny data --------------------------------------------------
 
 GROUP_A, GROUP_B = np.arange(100, 105), np.arange(200, 205)  # never within a window of each other...

@@ -37,13 +37,35 @@ def test_parameter_count_and_loss_at_init():
     assert abs(loss.item() - expected) < 0.05 and abs(loss.item() - math.log(50257)) < 0.2
 
 
+def dominant_padding(model):
+    """Padding rows of W_E that would win any softmax they reached. LN_f's bias is set to 10 u (u a unit
+    vector), so that every final hidden state is 10 u plus the normalised state (length sqrt(d), ~N(0, 1)
+    along u), and the padding rows are 10 u: their logits are ~100, the real ones' ~N(0, 0.2^2). (Rows
+    along LN_f's weight, all ones at init, would not do: LayerNorm's output sums to 0, so their logits are ~0.)"""
+    u = F.normalize(torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(1)), dim=0)
+    with torch.no_grad():
+        model.transformer.ln_f.bias.copy_(10 * u)
+        model.transformer.wte.weight[model.config.vocab_size:] = 10 * u
+
+
 def test_padded_vocab_never_reaches_the_logits():
     model = tiny(pad_vocab_to=64)
     assert model.transformer.wte.weight.shape[0] == 50304 and model.W_E.shape == (50257, 32)
-    with torch.no_grad():  # padding rows aligned with every hidden state: a leaked column would win every draw
-        model.transformer.wte.weight[50257:] = 1e3 * model.transformer.ln_f.weight
-    logits, _ = model(torch.randint(0, 50257, (1, 8)))
-    assert logits.shape == (1, 8, 50257) and logits.abs().max() < 100
+    dominant_padding(model)
+    x, y = torch.randint(0, 50257, (2, 2, 8))
+    with torch.no_grad():
+        hidden = model.trunk(x)
+        padding_rows = model.transformer.wte.weight[50257:]
+        # the control: a padding row's logit is > 40, every real one's < 5, at every position
+        assert (hidden @ padding_rows.T).min() > 40 and (hidden @ model.W_E.T).abs().max() < 5
+        logits, loss = model(x, y)
+        full = model.lm_head(hidden)  # the head's padded width: the padding columns are -inf, whatever their rows
+    assert logits.shape == (2, 8, 50257) and logits.abs().max() < 5
+    # the loss is the cross-entropy over the vocabulary: padding columns in its softmax would add ~90 nats
+    # (measured without the -inf padding bias: 103.3 against 10.9)
+    reference = F.cross_entropy(logits.reshape(-1, 50257), y.reshape(-1))
+    assert torch.allclose(loss, reference, rtol=1e-6), f"loss {loss.item():.4f}, over the vocabulary {reference.item():.4f}"
+    assert torch.isneginf(full[..., 50257:]).all() and torch.equal(logits, full[..., :50257])
     out = model.generate(torch.zeros(1, 1, dtype=torch.long), 50, temperature=1.0)
     assert out.max() < 50257
 
@@ -65,8 +87,7 @@ class LargeTensors(TorchDispatchMode):
 
 def test_loss_over_the_padded_head_equals_the_loss_over_the_vocabulary_without_copying_the_logits():
     model = tiny(pad_vocab_to=64).train()
-    with torch.no_grad():  # padding rows that would dominate any softmax they reached
-        model.transformer.wte.weight[50257:] = 1e3 * model.transformer.ln_f.weight
+    dominant_padding(model)
     x, y = torch.randint(0, 50257, (2, 4, 32))
     y[0, :5] = -1
     # a copy is an op that writes a tensor as large as the logits from another: a clone, or a kernel
@@ -186,11 +207,18 @@ def test_kv_cache_equals_recompute(pos_emb):
     mixed = stepped(model.new_cache(2, torch.float32, 'cpu'))
     assert mixed.dtype == torch.bfloat16 and (mixed.float() - model.trunk(idx).float()).abs().max() < 0.05
     model.float()
-    # greedy decoding, past block_size (32) too, where the context is cropped and recomputed
+    # greedy decoding, past block_size (32) too, where the context is cropped and recomputed: at init, then with
+    # W_QKV and W_O 10 times larger (scores 100 times): at init the next token hardly depends on the others,
+    # and a decode position off by one went unseen under RoPE, ALiBi or none
     prompt = torch.randint(0, 50257, (1, 5))
-    with_cache = model.generate(prompt, 40, temperature=0, kv_cache=True)
-    without = model.generate(prompt, 40, temperature=0, kv_cache=False)
-    assert torch.equal(with_cache, without)
+    for sharpened in (False, True):
+        with_cache = model.generate(prompt, 40, temperature=0, kv_cache=True)
+        without = model.generate(prompt, 40, temperature=0, kv_cache=False)
+        assert torch.equal(with_cache, without), f"sharpened: {sharpened}"
+        with torch.no_grad():
+            for block in model.transformer.h:
+                block.attn.c_attn.weight.mul_(10)
+                block.attn.c_proj.weight.mul_(10)
 
 
 def test_compiled_decode_on_the_static_cache_equals_recomputation():
@@ -406,6 +434,35 @@ def test_save_pretrained_opens_in_transformers(tmp_path):
     idx = torch.randint(0, 50257, (2, 20))
     with torch.no_grad():
         assert torch.allclose(model(idx)[0], hf(idx).logits, atol=1e-4)
+
+
+def test_the_mlp_uses_gpt2s_tanh_gelu_as_transformers_does(tmp_path):
+    # At init the MLP's inputs have std ~0.11, where GELU's tanh approximation and the exact erf form
+    # differ by < 3e-6: an exact GELU moves the logits by ~2e-6, far inside a tolerance of 1e-4. With
+    # c_fc and c_proj scaled by 10 (inputs of std ~1.1: the two GELUs differ by up to 4.7e-4, at |x| ~ 2.7)
+    # and W_E by 10 (logits of std ~1.1), measured: tanh GELU (right) 1.4e-6 from transformers'
+    # gelu_new, exact GELU (the slip) 1.9e-3
+    transformers = require('transformers')
+    model = tiny()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.mlp.c_fc.weight.mul_(10)
+            block.mlp.c_proj.weight.mul_(10)
+        model.transformer.wte.weight.mul_(10)
+    model.save_pretrained(tmp_path)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert hf.config.activation_function == 'gelu_new'  # GPT-2's tanh approximation
+    gelu_inputs = []  # what each block's GELU is applied to: c_fc's output
+    hooks = [block.mlp.c_fc.register_forward_hook(lambda module, args, out: gelu_inputs.append(out))
+             for block in model.transformer.h]
+    idx = torch.randint(0, 50257, (2, 20))
+    with torch.no_grad():
+        ours, theirs = model(idx)[0], hf(idx).logits
+    for hook in hooks:
+        hook.remove()
+    assert min(x.std() for x in gelu_inputs) > 0.9 and theirs.std() > 1  # where the two GELUs part
+    difference = (ours - theirs).abs().max().item()
+    assert difference < 2e-5, f"the logits are {difference:.1e} from transformers' (tanh GELU: ~1.4e-6)"
 
 
 def hub_style_file(folder, extra=None, drop=None):
