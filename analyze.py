@@ -41,11 +41,11 @@ from gulliver.download import DownloadError
 from gulliver.pretrained import PRETRAINED
 from gulliver.report import figures_shown, plain
 from gulliver.runlog import read_events
+from gulliver.onset import gradient_noise_markdown, gradient_noise_study, onset_markdown, onset_study
 from gulliver.sections import (MIN_COUNT, MIN_POSITIONS, PROBE_WORDS, attention_markdown, dynamics_markdown,
-                               dynamics_study, frequent_tokens, gradient_noise_markdown, gradient_noise_study,
-                               logit_lens_markdown, logit_lens_study,
-                               loss_markdown, loss_study, onset_markdown, onset_study, positional_markdown,
-                               stability_markdown, stability_study, token_markdown, token_study)
+                               dynamics_study, frequent_tokens, logit_lens_markdown, logit_lens_study,
+                               loss_markdown, loss_study, positional_markdown, stability_markdown,
+                               stability_study, token_markdown, token_study)
 from gulliver.tokenizer import VOCAB_SIZE, get_tokenizer
 
 # -----------------------------------------------------------------------------

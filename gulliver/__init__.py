@@ -10,6 +10,7 @@ Nothing here is run directly, and nothing here imports a script.
     data          token files, the training sampler, evaluation batches, bits per byte
     download      one careful HTTP download (timeouts, retries, no partial file)
     machine       what this machine does fastest, measured: matmul peak, CPU dtype, decode dtype
+    onset         when and why W_pos takes shape: its snapshots, and its gradient's signal and noise
     optim         Muon, and the optimizer step that a non-finite gradient skips on the device
     pretrained    GPT-2 in the Hugging Face format, read and written
     processes     torchrun's ranks, the clock and stop they agree on, the signals that stop a run

@@ -17,7 +17,8 @@ from geometry import (analogy, anisotropy, contextual_geometry, cosine_matrix, d
 from model import GPT, GPTConfig
 from gulliver.report import save
 from gulliver.comparison import seed_replicas, training_markdown, training_study
-from gulliver.sections import dynamics_markdown, loss_markdown, loss_study, onset_markdown, onset_study
+from gulliver.onset import onset_markdown, onset_study
+from gulliver.sections import dynamics_markdown, loss_markdown, loss_study
 from gulliver.tokenizer import VOCAB_SIZE, get_tokenizer
 
 POSITIONAL_KEYS = {'norms', 'mean_cos_by_distance', 'exp_fit', 'pca_explained_variance', 'n_components_80',
